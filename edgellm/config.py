@@ -1,0 +1,190 @@
+"""Configuration: one TOML file -> frozen dataclasses.
+
+Every key has a default, so an empty file (or none) is a valid configuration.
+Every error names the key and the file, because the operator reading it may be
+looking at a serial console on a board with no other way to debug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the package requires 3.11, tomli keeps older tools working
+    import tomli as tomllib
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line for the operator."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    api_key_file: str = ""
+    max_body_bytes: int = 4 * 1024 * 1024
+    state_dir: str = ".edgellm"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    id: str = ""
+    chat_template: str = ""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0
+    n_gpu_layers: int = -1
+    flash_attn: str = "auto"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    prompts: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "defaults"
+
+    def with_overrides(self, **sections: dict[str, object]) -> Config:
+        """Return a copy with command-line values (None = not given) applied over the file."""
+        replaced = {}
+        for name, values in sections.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            replaced[name] = dataclasses.replace(getattr(self, name), **given)
+        return dataclasses.replace(self, **replaced)
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "model": ModelConfig,
+    "engine": EngineConfig,
+    "log": LogConfig,
+}
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("engine", "flash_attn"): ("auto", "on", "off"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+}
+
+_RANGES: dict[tuple[str, str], tuple[int, int]] = {
+    ("server", "port"): (0, 65535),
+    ("server", "max_body_bytes"): (1024, 1 << 30),
+    ("engine", "n_ctx"): (16, 1 << 20),
+    ("engine", "n_batch"): (1, 1 << 16),
+    ("engine", "n_ubatch"): (1, 1 << 16),
+    ("engine", "n_threads"): (0, 1024),
+    ("engine", "n_gpu_layers"): (-1, 10000),
+}
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return from_dict(data, source)
+
+
+def from_dict(data: dict, source: str) -> Config:
+    sections = {}
+    for name, table in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section or key '{name}' (known: {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table: write [{name}] above its keys")
+        sections[name] = _section(_SECTIONS[name], name, table, source)
+    return Config(**sections, source=source)
+
+
+def _section(cls: type, name: str, table: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"{source}: [{name}] {key}: unknown key (known: {known})")
+        values[key] = _check(hints[key], value, f"{source}: [{name}] {key}")
+        if (name, key) in _CHOICES and value not in _CHOICES[name, key]:
+            choices = ", ".join(_CHOICES[name, key])
+            raise ConfigError(f"{source}: [{name}] {key}: must be one of {choices}, got {value!r}")
+        low, high = _RANGES.get((name, key), (None, None))
+        if low is not None and not low <= value <= high:
+            raise ConfigError(f"{source}: [{name}] {key}: must be from {low} to {high}, got {value}")
+    return cls(**values)
+
+
+def _check(hint: object, value: object, where: str) -> object:
+    """Check one value against its field type; TOML arrays become tuples."""
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:  # pragma: no cover - a field type this module does not know yet
+        raise TypeError(f"unsupported config field type {hint!r}")
+    if not ok:
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {_describe(type(value))}")
+    return value
+
+
+def _describe(t: object) -> str:
+    if typing.get_origin(t) is tuple:
+        return "an array of strings"
+    names = {bool: "a boolean", int: "an integer", str: "a string", float: "a number",
+             list: "an array", dict: "a table"}
+    return names.get(t, getattr(t, "__name__", str(t)))
+
+
+def is_loopback(host: str) -> bool:
+    """True when binding `host` keeps the service on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_keys(server: ServerConfig, source: str) -> frozenset[str]:
+    """Keys from the config plus the key file (one per line, '#' comments)."""
+    keys = {k for k in server.api_keys if k}
+    if server.api_key_file:
+        try:
+            text = Path(server.api_key_file).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: [server] api_key_file: cannot read {server.api_key_file}: {e.strerror}") from None
+        keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    return frozenset(keys)

@@ -1,0 +1,129 @@
+"""A loaded GGUF model: weights and vocabulary.
+
+The model is read-only once loaded, so any thread may tokenize with it or read
+its metadata. The llama *context* (KV cache, decoding) is different: only the
+runner's scheduler thread touches it (see runner.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import llama_cpp.llama_cpp as C
+
+log = logging.getLogger("edgellm.engine")
+_llama_log = logging.getLogger("edgellm.llama")
+
+# ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+_init_lock = threading.Lock()
+_initialized = False
+
+
+@C.llama_log_callback
+def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty while loading: its info lines are our debug lines.
+    py_level = _LEVELS.get(level, logging.DEBUG)
+    if _llama_log.isEnabledFor(py_level):
+        _llama_log.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+
+def init_llama() -> None:
+    """Process-wide llama.cpp set-up: backends and log routing, once."""
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            C.llama_log_set(_on_llama_log, None)
+            C.llama_backend_init()
+            _initialized = True
+
+
+class ModelLoadError(Exception):
+    """llama.cpp could not load a model file."""
+
+
+class Model:
+    """Weights and vocabulary of one GGUF file, safe to share between threads."""
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = -1) -> None:
+        init_llama()
+        self.path = Path(path)
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log above for its reason)")
+        self.ptr = ptr
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(ptr)
+        self.architecture: str = self.meta("general.architecture") or "unknown"
+        self.bos: int = C.llama_vocab_bos(self.vocab)
+        self.eos: int = C.llama_vocab_eos(self.vocab)
+        self.bos_text: str = self.token_text(self.bos)
+        template = C.llama_model_chat_template(ptr, None)
+        self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
+        pooling = self.meta(f"{self.architecture}.pooling_type")
+        # A model that declares a pooling type is an embedding model.
+        self.is_embedding: bool = pooling not in (None, "0")
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as a string, or None when the file does not have the key."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Tokens for `text`, special tokens parsed, BOS/EOS added as the model wants.
+
+        Text that already starts with the BOS token (chat templates write it)
+        gets no second one.
+        """
+        if add_special and self.bos_text and text.startswith(self.bos_text):
+            add_special = False
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (C.llama_token * capacity)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            buf = (C.llama_token * capacity)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token contributes to the output (control tokens give none)."""
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        """A token's vocabulary entry, special tokens included (for chat templates)."""
+        if token < 0 or token >= self.n_vocab:
+            return ""
+        return C.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def has_token(self, text: str) -> bool:
+        """True when `text` is a single token of the vocabulary (used to recognise chat formats)."""
+        tokens = self.tokenize(text, add_special=False)
+        return len(tokens) == 1 and self.token_text(tokens[0]) == text
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,87 @@
+"""Per-request sampler chains and grammars for JSON output.
+
+A chain is built when a request is prepared, so a bad grammar is a 400 before
+anything is queued; the scheduler thread then owns it and frees it when the
+sequence ends. Samplers hold no reference to the llama context, so building
+one outside the scheduler thread is safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import llama_cpp.llama_cpp as C
+
+from edgellm.engine.grammar import SchemaError, to_gbnf
+from edgellm.engine.model import Model
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What shapes the choice of each token. Defaults: OpenAI's for its knobs, llama.cpp's for the rest."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: dict | None = None  # {} means any JSON object (response_format json_object)
+
+
+class Sampler:
+    """One llama_sampler chain; whoever holds it last calls close()."""
+
+    def __init__(self, model: Model, params: SamplingParams) -> None:
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        self.ptr = chain
+        try:
+            self._build(model, params)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, sampler) -> None:
+        C.llama_sampler_chain_add(self.ptr, sampler)
+
+    def _build(self, model: Model, p: SamplingParams) -> None:
+        if p.logit_bias:
+            biases = (C.llama_logit_bias * len(p.logit_bias))(
+                *(C.llama_logit_bias(token, bias) for token, bias in p.logit_bias.items())
+            )
+            self._add(C.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            self._add(C.llama_sampler_init_penalties(
+                model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.json_schema is not None:
+            self._add(_grammar(model, p.json_schema))
+        if p.temperature <= 0:
+            self._add(C.llama_sampler_init_greedy())
+            return
+        if p.top_k > 0:
+            self._add(C.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            self._add(C.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            self._add(C.llama_sampler_init_min_p(p.min_p, 1))
+        self._add(C.llama_sampler_init_temp(p.temperature))
+        seed = C.LLAMA_DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        self._add(C.llama_sampler_init_dist(seed))
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def _grammar(model: Model, schema: dict):
+    """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""
+    gbnf = to_gbnf(schema or {"type": "object"})
+    sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+    if not sampler:
+        raise SchemaError("llama.cpp could not parse the grammar made from this JSON schema")
+    return sampler

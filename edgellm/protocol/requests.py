@@ -1,0 +1,260 @@
+"""Request bodies of the OpenAI API: parse, validate, and turn into plain values.
+
+Everything here is pure: a dict goes in, a dataclass or a 400 comes out. Fields
+edgellm does not know are ignored, as SDKs add new ones often; fields it knows
+but cannot honour (n > 1, logprobs, tools) are refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgellm.engine.sampling import SamplingParams
+from edgellm.protocol.errors import invalid
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOPS = 16
+MAX_EMBEDDING_INPUTS = 2048
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What chat and text completions share."""
+
+    model: str | None
+    max_tokens: int | None
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    options: GenerationOptions
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str | list[int]
+    options: GenerationOptions
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str | None
+    inputs: list[str | list[int]]
+    encoding_format: str
+
+
+_MISSING = object()
+_KINDS = {
+    "number": ((int, float), "a number"),
+    "integer": ((int,), "an integer"),
+    "string": ((str,), "a string"),
+    "boolean": ((bool,), "a boolean"),
+    "object": ((dict,), "an object"),
+    "array": ((list,), "an array"),
+}
+
+
+def _get(body: dict, name: str, kind: str, default=None, *, minimum=None, maximum=None, param: str | None = None):
+    """One field, type- and range-checked; null counts as absent, as in OpenAI's API."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    types, described = _KINDS[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
+        raise invalid(f"'{param or name}' must be {described}, got {_json_type(value)}", param or name)
+    if minimum is not None and value < minimum:
+        raise invalid(f"'{param or name}' must be at least {minimum}, got {value}", param or name)
+    if maximum is not None and value > maximum:
+        raise invalid(f"'{param or name}' must be at most {maximum}, got {value}", param or name)
+    return value
+
+
+def _json_type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _refuse_unless(condition: bool, param: str, message: str) -> None:
+    if not condition:
+        raise invalid(message, param, code="unsupported_parameter")
+
+
+def _options(body: dict, *, chat: bool) -> GenerationOptions:
+    n = _get(body, "n", "integer", 1)
+    _refuse_unless(n == 1, "n", "n must be 1: edgellm generates one choice per request")
+    if chat:
+        _refuse_unless(not _get(body, "logprobs", "boolean", False), "logprobs", "logprobs are not supported")
+        _refuse_unless(_get(body, "top_logprobs", "integer") is None, "top_logprobs", "logprobs are not supported")
+        _refuse_unless(not _get(body, "tools", "array"), "tools", "tool calling is not supported yet")
+    else:
+        _refuse_unless(_get(body, "logprobs", "integer") is None, "logprobs", "logprobs are not supported")
+        _refuse_unless(not _get(body, "echo", "boolean", False), "echo", "echo is not supported")
+        _refuse_unless(not _get(body, "suffix", "string"), "suffix", "suffix (fill-in-the-middle) is not supported")
+        _refuse_unless(_get(body, "best_of", "integer", 1) == 1, "best_of", "best_of must be 1")
+
+    max_tokens = _get(body, "max_tokens", "integer", minimum=1)
+    max_completion = _get(body, "max_completion_tokens", "integer", minimum=1)
+    stream = _get(body, "stream", "boolean", False)
+    stream_options = _get(body, "stream_options", "object", {})
+    include_usage = _get(stream_options, "include_usage", "boolean", False, param="stream_options.include_usage")
+    return GenerationOptions(
+        model=_get(body, "model", "string"),
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        stops=_stops(body),
+        stream=stream,
+        include_usage=include_usage,
+        sampling=_sampling(body),
+    )
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("'stop' must be a string or an array of strings", "stop")
+    if len(stop) > MAX_STOPS:
+        raise invalid(f"'stop' may hold at most {MAX_STOPS} strings, got {len(stop)}", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _sampling(body: dict) -> SamplingParams:
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=_get(body, "temperature", "number", defaults.temperature, minimum=0, maximum=2),
+        top_p=_get(body, "top_p", "number", defaults.top_p, minimum=0, maximum=1),
+        top_k=_get(body, "top_k", "integer", defaults.top_k, minimum=0),
+        min_p=_get(body, "min_p", "number", defaults.min_p, minimum=0, maximum=1),
+        seed=_get(body, "seed", "integer"),
+        presence_penalty=_get(body, "presence_penalty", "number", 0.0, minimum=-2, maximum=2),
+        frequency_penalty=_get(body, "frequency_penalty", "number", 0.0, minimum=-2, maximum=2),
+        repeat_penalty=_get(body, "repeat_penalty", "number", defaults.repeat_penalty, minimum=0.01, maximum=10),
+        logit_bias=_logit_bias(body),
+        json_schema=_response_format(body),
+    )
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    raw = _get(body, "logit_bias", "object", {})
+    biases = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if token < 0:
+            raise invalid(f"'logit_bias' token id {token} is negative", "logit_bias")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise invalid(f"'logit_bias' values must be numbers from -100 to 100, got {value!r} for {key}",
+                          "logit_bias")
+        biases[token] = float(value)
+    return biases
+
+
+def _response_format(body: dict) -> dict | None:
+    """None for free text, {} for any JSON object, else the JSON schema to follow."""
+    fmt = _get(body, "response_format", "object")
+    if fmt is None:
+        return None
+    kind = _get(fmt, "type", "string", param="response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = _get(fmt, "json_schema", "object", param="response_format.json_schema")
+        if spec is None:
+            raise invalid("response_format json_schema needs a 'json_schema' object", "response_format.json_schema")
+        schema = _get(spec, "schema", "object", {}, param="response_format.json_schema.schema")
+        return schema or {}
+    raise invalid(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                  "response_format.type")
+
+
+def _content(message: dict, where: str) -> str:
+    """A message's content as text: a string, or the text parts of an array."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid(f"'{where}.content[{i}]' must be an object with a 'type'", f"{where}.content[{i}]")
+        if part["type"] != "text":
+            raise invalid(f"content parts of type '{part['type']}' are not supported; only 'text' is",
+                          f"{where}.content[{i}].type", code="unsupported_content")
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"'{where}.content[{i}].text' must be a string", f"{where}.content[{i}].text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty array of messages", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"'{where}' must be an object", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+        if message.get("tool_calls"):
+            raise invalid("tool calls are not supported yet", f"{where}.tool_calls", code="unsupported_parameter")
+        entry = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        parsed.append(entry)
+    return ChatRequest(messages=parsed, options=_options(body, chat=True))
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    prompt = body.get("prompt")
+    # A one-element array is the same prompt; several prompts would need several choices.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        pass
+    elif _is_token_list(prompt) and prompt:
+        pass
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        raise invalid("only one prompt per request is supported", "prompt", code="unsupported_parameter")
+    else:
+        raise invalid("'prompt' must be a string or an array of token ids", "prompt")
+    return CompletionRequest(prompt=prompt, options=_options(body, chat=False))
+
+
+def parse_embeddings(body: dict) -> EmbeddingRequest:
+    raw = body.get("input")
+    if isinstance(raw, str) or _is_token_list(raw):
+        inputs = [raw]
+    elif isinstance(raw, list) and all(isinstance(x, str) or _is_token_list(x) for x in raw):
+        inputs = raw
+    else:
+        raise invalid("'input' must be a string, an array of strings, or token ids", "input")
+    if not inputs or any(len(x) == 0 for x in inputs):
+        raise invalid("'input' must not be empty", "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} items, got {len(inputs)}", "input")
+    encoding = _get(body, "encoding_format", "string", "float")
+    if encoding not in ("float", "base64"):
+        raise invalid(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    _refuse_unless(_get(body, "dimensions", "integer") is None, "dimensions", "'dimensions' is not supported")
+    return EmbeddingRequest(model=_get(body, "model", "string"), inputs=inputs, encoding_format=encoding)
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)

@@ -1,0 +1,1 @@
+"""The HTTP layer: routes, auth, and the mapping of failures to OpenAI-shaped errors."""

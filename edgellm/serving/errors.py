@@ -1,0 +1,59 @@
+"""Every failure becomes an OpenAI-shaped error with the right status, in one place.
+
+Routes raise; the engine's exceptions are translated here, so neither the
+engine nor the protocol layer knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from edgellm.engine.chat import TemplateError
+from edgellm.engine.grammar import SchemaError
+from edgellm.engine.pool import ModelNotFound, NotReady
+from edgellm.engine.stream import EngineError
+from edgellm.protocol.errors import APIError, invalid
+
+
+def to_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, NotReady):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+        return APIError(503, str(exc), code="model_not_ready", headers=headers)
+    if isinstance(exc, SchemaError):
+        return invalid(str(exc), "response_format", code="invalid_json_schema")
+    if isinstance(exc, TemplateError):
+        return invalid(str(exc), "messages", code="chat_template_error")
+    if isinstance(exc, EngineError):
+        return APIError(500, f"generation failed: {exc}", code="engine_error")
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return APIError(404, "no such endpoint", code="not_found")
+        if exc.status_code == 405:
+            return APIError(405, "method not allowed on this endpoint", code="method_not_allowed",
+                            headers=dict(exc.headers or {}))
+        return APIError(exc.status_code, str(exc.detail))
+    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
+    return APIError(500, "internal server error", code="internal_error")
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    error = to_api_error(exc)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+HANDLERS = {
+    Exception: _handle,
+    HTTPException: _handle,
+    APIError: _handle,
+    ModelNotFound: _handle,
+    NotReady: _handle,
+    SchemaError: _handle,
+    TemplateError: _handle,
+    EngineError: _handle,
+}

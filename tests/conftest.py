@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny GGUF models and real edgellm servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tiny_models import CHATML, SPACE, write_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / ".edgellm" / "demo" / "gemma-3-270m-q4_k_m.gguf"
+
+# Greedy decoding of the scripted models follows these successors exactly.
+SCRIPT = {
+    SPACE + "Hello": SPACE + "wor", SPACE + "wor": "ld", "ld": "!", "!": "</s>",
+    SPACE + "euro": "<0xE2>", "<0xE2>": "<0x82>", "<0x82>": "<0xAC>", "<0xAC>": "</s>",
+    SPACE + "tick": SPACE + "tock", SPACE + "tock": SPACE + "tick",
+    # Chat: the chatml prompt ends with "assistant\n", the built-in llama2 one with "[/INST]".
+    "\n": "Once", "Once": SPACE + "upon", SPACE + "upon": SPACE + "a", SPACE + "a": SPACE + "time",
+    SPACE + "time": "</s>",
+    "]": SPACE + "yes", SPACE + "yes": "</s>",
+}
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class Server:
+    """`python -m edgellm serve` in a subprocess, on a free loopback port."""
+
+    def __init__(self, model: Path, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
+                 api_key: str | None = None) -> None:
+        self.log_path = tmp / "server.log"
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", "0",
+               "--state-dir", str(tmp / "state")]
+        if config:
+            (tmp / "edgellm.toml").write_text(config)
+            cmd += ["--config", str(tmp / "edgellm.toml")]
+        self.api_key = api_key
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
+        try:
+            self.url = wait_until(self._listening_url, 30, message="the server to listen")
+            wait_until(self._healthy, 60, message="the model to load")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _listening_url(self) -> str | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{self.log()}")
+        for line in self.log().splitlines():
+            if "listening on " in line:
+                return line.split("listening on ")[1].split()[0]
+        return None
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{self.log()}")
+        return httpx.get(self.url + "/health").status_code == 200
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return httpx.get(self.url + path, headers=headers, timeout=60, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "scripted": write_model(d / "scripted.gguf", script=SCRIPT),
+        "scripted-chatml": write_model(d / "scripted-chatml.gguf", script=SCRIPT, chat_template=CHATML),
+        "random": write_model(d / "random.gguf", seed=1),
+        "embedding": write_model(d / "embedding.gguf", seed=2, pooling=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory) -> Iterator:
+    """Start servers for one test module; all are stopped at its end."""
+    started: list[Server] = []
+
+    def start(model: Path, **kwargs) -> Server:
+        server = Server(model, tmp_path_factory.mktemp("server"), **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> Path:
+    if not DEMO_MODEL.exists():
+        pytest.skip(f"demo model not installed at {DEMO_MODEL} (make test installs it)")
+    return DEMO_MODEL
+
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
