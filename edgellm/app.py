@@ -32,4 +32,5 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset()) -> Starle
     )
     app.state.pool = pool
     app.state.max_body_bytes = config.server.max_body_bytes
+    app.state.log_prompts = config.log.prompts
     return app

@@ -89,6 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from edgellm.app import create_app
 
+    if not is_loopback(host) and not keys:
+        log.warning("no API keys on %s (--insecure-no-auth): anyone on the network can use this service", host)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,

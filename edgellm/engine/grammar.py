@@ -43,7 +43,14 @@ _PRIMITIVES = {
     "value": "object | array | string | number | boolean | null",
     "object": '"{" ws (string ":" ws value ("," ws string ":" ws value)*)? "}" ws',
     "array": '"[" ws (value ("," ws value)*)? "]" ws',
-    "date": '[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [1-2] [0-9] | "3" [0-1])',
+    # Calendar dates: 30- and 31-day months, and 29 February only in leap years.
+    "date": 'year "-" (("0" [13578] | "1" [02]) "-" day31 | ("0" [469] | "11") "-" day30 | "02-" day28) '
+            '| leap-year "-02-29"',
+    "year": '"000" [1-9] | "00" [1-9] [0-9] | "0" [1-9] [0-9]{2} | [1-9] [0-9]{3}',  # year 0 trips validators
+    "leap-year": '[0-9]{2} ("0" [48] | [2468] [048] | [13579] [26]) | ("0" [48] | [2468] [048] | [13579] [26]) "00"',
+    "day28": '"0" [1-9] | "1" [0-9] | "2" [0-8]',
+    "day30": 'day28 | "29" | "30"',
+    "day31": 'day30 | "31"',
     "time": '([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,6})? '
             '("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])',
     "date-time": 'date "T" time',
@@ -54,6 +61,7 @@ _PRIMITIVES = {
 _USES = {"value": ("object", "array", "string", "number", "boolean", "null"), "object": ("string", "value", "ws"),
          "array": ("value", "ws"), "string": ("char", "ws"), "integer": ("ws",), "number": ("ws",),
          "nonneg-number": ("ws",), "boolean": ("ws",), "null": ("ws",), "date-time": ("date", "time"),
+         "date": ("year", "leap-year", "day28", "day30", "day31"), "day30": ("day28",), "day31": ("day30",),
          "uuid": ("hex",)}
 _FORMATS = ("date", "time", "date-time", "uuid", "email")
 
@@ -155,11 +163,15 @@ class _Converter:
         if not isinstance(parts, list) or not parts:
             raise SchemaError(f"{where}: 'allOf' must be a non-empty array")
         merged: dict = {k: v for k, v in schema.items() if k != "allOf"}
+        # Merging is only faithful for plain property lists: additionalProperties in any
+        # part would judge the other parts' keys as extra, which a merge cannot express.
+        if merged.get("additionalProperties", True) is not True:
+            raise SchemaError(f"{where}: 'allOf' together with 'additionalProperties' is not supported")
         for i, part in enumerate(parts):
             if isinstance(part, dict) and "$ref" in part:
                 part = self._resolve(part["$ref"], f"{where}/allOf/{i}")
             if not isinstance(part, dict) or not set(part) <= {"type", "properties", "required", "title",
-                                                                "description", "additionalProperties"}:
+                                                                "description"}:
                 raise SchemaError(f"{where}/allOf/{i}: 'allOf' is supported only for merging object properties")
             merged.setdefault("properties", {}).update(part.get("properties", {}))
             merged["required"] = list(dict.fromkeys([*merged.get("required", []), *part.get("required", [])]))

@@ -70,10 +70,12 @@ class Runner:
         self.settings = settings
         self.n_threads = settings.n_threads or physical_cores()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._closing = False
+        ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
-        self.n_ctx: int = ready.result()
+        # llama.cpp adjusts both (n_ctx is padded, n_batch capped at n_ctx): use what it chose.
+        self.n_ctx, self.n_batch = ready.result()
 
     # --- called from the event loop -------------------------------------------------
 
@@ -90,7 +92,8 @@ class Runner:
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
-        """Stop the thread after the job in hand; queued jobs are ended, the context freed."""
+        """Stop the thread: the job in hand and queued jobs end with an error, the context is freed."""
+        self._closing = True
         self._jobs.put(None)
         self._thread.join()
 
@@ -120,8 +123,9 @@ class Runner:
         if not ctx:
             ready.set_exception(EngineError("llama.cpp could not create a context (not enough memory for n_ctx?)"))
             return
-        batch = C.llama_batch_init(self.settings.n_batch, 0, 1)
-        ready.set_result(C.llama_n_ctx(ctx))
+        n_batch = C.llama_n_batch(ctx)
+        batch = C.llama_batch_init(n_batch, 0, 1)
+        ready.set_result((C.llama_n_ctx(ctx), n_batch))
         try:
             while (job := self._jobs.get()) is not None:
                 try:
@@ -171,15 +175,16 @@ class Runner:
     def _generate(self, ctx, batch, job: _Job) -> None:
         request, stream = job.request, job.stream
         try:
-            if stream.cancelled:
+            if self._stopped(stream):
                 return
             C.llama_memory_clear(C.llama_get_memory(ctx), True)
             started = time.perf_counter()
-            prompt, n_batch = request.prompt, self.settings.n_batch
-            for start in range(0, len(prompt), n_batch):
-                if stream.cancelled:
+            prompt = request.prompt
+            # Never more than n_batch tokens per decode: llama.cpp aborts the process otherwise.
+            for start in range(0, len(prompt), self.n_batch):
+                if self._stopped(stream):
                     return
-                chunk = prompt[start:start + n_batch]
+                chunk = prompt[start:start + self.n_batch]
                 last = start + len(chunk) == len(prompt)
                 self._decode(ctx, batch, chunk, start, "last" if last else "none")
             prefilled = time.perf_counter()
@@ -191,7 +196,7 @@ class Runner:
             text = TextAssembler(request.stops)
             generated = 0
             finish = "length"
-            while generated < limit and not stream.cancelled:
+            while generated < limit and not self._stopped(stream):
                 token = C.llama_sampler_sample(request.sampler.ptr, ctx, -1)
                 if self.model.is_eog(token):
                     finish = "stop"
@@ -206,13 +211,19 @@ class Runner:
                 if generated < limit:
                     self._decode(ctx, batch, [token], n_past, "last")
                     n_past += 1
-            if stream.cancelled:
+            if self._stopped(stream):
+                log.info("generation cancelled after %d tokens", generated)
                 return
             stream.put(Piece(text.finish(), finish_reason=finish, usage=Usage(len(prompt), generated)))
             self._log_done(len(prompt), generated, finish, started, prefilled)
         finally:
             request.sampler.close()
+            if self._closing and not stream.cancelled:
+                stream.put(EngineError("the server is shutting down"))
             stream.end()
+
+    def _stopped(self, stream: Stream) -> bool:
+        return stream.cancelled or self._closing
 
     def _log_done(self, n_prompt: int, n_gen: int, finish: str, started: float, prefilled: float) -> None:
         done = time.perf_counter()

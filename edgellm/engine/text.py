@@ -8,8 +8,52 @@ complete it, and a stop string never appears in the output).
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Sequence
+
+# Sequence length by the lead byte's high nibble, as llama.cpp's grammar engine reads UTF-8
+# (0: a continuation byte, which cannot start a character).
+_LENGTH = (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 2, 2, 3, 4)
+
+
+class Utf8Decoder:
+    """Incremental UTF-8 decoding where each malformed sequence becomes exactly one U+FFFD.
+
+    Python's decoder replaces some malformed sequences (overlong forms,
+    surrogates) byte by byte. llama.cpp's grammar counts such a sequence as
+    one character, so a string constrained to n characters must decode to n
+    characters: sequences are delimited here the way the grammar delimits them.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        if not self._buf:
+            try:
+                return data.decode("utf-8")  # the common case: whole characters
+            except UnicodeDecodeError:
+                pass
+        buf = self._buf
+        buf += data
+        out = []
+        i = 0
+        while i < len(buf):
+            n = _LENGTH[buf[i] >> 4]
+            end = i + 1
+            while end < len(buf) and end < i + n and buf[end] >> 6 == 2:
+                end += 1
+            if n > 1 and end == len(buf) and end - i < n and not final:
+                break  # the rest of this character is in the next token
+            if end - i == max(n, 1):
+                try:
+                    out.append(bytes(buf[i:end]).decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd")
+            else:
+                out.append("\ufffd")
+            i = end
+        del buf[:i]
+        return "".join(out)
 
 
 class TextAssembler:
@@ -17,7 +61,7 @@ class TextAssembler:
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self._stops = tuple(s for s in stops if s)
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder = Utf8Decoder()
         self._pending = ""
         self.stopped = False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from edgellm.protocol.responses import SSE_DONE, Reply, embeddings_body, model_o
 from edgellm.serving.errors import to_api_error
 
 T = TypeVar("T")
+log = logging.getLogger("edgellm.serving")
 
 # Headers that keep proxies (nginx and friends) from buffering a token stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -101,6 +103,7 @@ async def get_model(request: Request) -> JSONResponse:
 async def chat_completions(request: Request) -> Response:
     parsed = proto.parse_chat(await read_json(request))
     loaded = _generative(_pool(request), parsed.options.model)
+    _log_prompt(request, parsed.messages)
     render = loaded.template.render
     prompt = await run_in_threadpool(lambda: loaded.model.tokenize(render(parsed.messages)))
     return await _generate(request, loaded, prompt, parsed.options, chat=True)
@@ -109,11 +112,18 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     parsed = proto.parse_completion(await read_json(request))
     loaded = _generative(_pool(request), parsed.options.model)
+    _log_prompt(request, parsed.prompt)
     if isinstance(parsed.prompt, str):
         prompt = await run_in_threadpool(loaded.model.tokenize, parsed.prompt)
     else:
         prompt = _checked_tokens(loaded, parsed.prompt, "prompt")
     return await _generate(request, loaded, prompt, parsed.options, chat=False)
+
+
+def _log_prompt(request: Request, prompt: object) -> None:
+    """Prompts are the users' business: logged only when [log] prompts = true."""
+    if request.app.state.log_prompts:
+        log.info("prompt for %s: %s", request.url.path, json.dumps(prompt, ensure_ascii=False))
 
 
 def _generative(pool: Pool, name: str | None) -> Loaded:
@@ -205,7 +215,7 @@ async def embeddings(request: Request) -> Response:
     inputs = await run_in_threadpool(
         lambda: [model.tokenize(x) if isinstance(x, str) else _checked_tokens(loaded, x, "input")
                  for x in parsed.inputs])
-    limit = min(loaded.runner.n_ctx, loaded.runner.settings.n_batch)
+    limit = loaded.runner.n_batch  # an embedding input is decoded in one batch
     for i, tokens in enumerate(inputs):
         if len(tokens) > limit:
             raise invalid(f"input {i} is {len(tokens)} tokens but this model embeds at most {limit} at once",

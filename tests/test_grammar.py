@@ -1,0 +1,173 @@
+"""JSON Schema -> GBNF: llama.cpp accepts every grammar, and what it lets a random model write validates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+
+from edgellm.config import EngineConfig
+from edgellm.engine.grammar import SchemaError, atoms_regex, int_range_atoms, to_gbnf
+from edgellm.engine.model import Model
+from edgellm.engine.runner import GenerationRequest, Runner
+from edgellm.engine.sampling import Sampler, SamplingParams
+
+
+def int_regex(low, high) -> re.Pattern:
+    return re.compile("(?:" + "|".join(atoms_regex(a) for a in int_range_atoms(low, high)) + r")\Z")
+
+
+@pytest.mark.parametrize("low,high", [
+    (0, 0), (0, 9), (0, 120), (1, 1), (7, 7), (17, 243), (99, 1000), (5, 5000), (-5, 5), (-120, -3),
+    (-1000, 0), (3, None), (0, None), (10, None), (None, 0), (None, 42), (None, -7), (-15, None), (None, None),
+])
+def test_integer_ranges_match_exactly_the_integers_in_range(low, high):
+    pattern = int_regex(low, high)
+    lo_probe = (low if low is not None else -2000) - 150
+    hi_probe = (high if high is not None else 2000) + 150
+    for n in range(lo_probe, hi_probe + 1):
+        inside = (low is None or n >= low) and (high is None or n <= high)
+        assert bool(pattern.match(str(n))) == inside, (n, low, high)
+    for text in ("007", "-0", "00", "+5", ""):
+        assert not pattern.match(text), text
+
+
+def test_unbounded_integers_stay_within_fifteen_digits():
+    pattern = int_regex(0, None)
+    assert pattern.match("9" * 15) and not pattern.match("9" * 16)
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    m = Model(models["random"])
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def runner(model):
+    r = Runner(model, EngineConfig(n_ctx=1024))
+    yield r
+    r.close()
+
+
+SCHEMAS = {
+    "flat": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 6},
+                       "age": {"type": "integer", "minimum": 18, "maximum": 65},
+                       "score": {"type": "number", "minimum": 0},
+                       "admin": {"type": "boolean"}},
+        "required": ["name", "age", "score", "admin"],
+    },
+    "optional-only": {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3},
+                       "b": {"enum": ["x", 2, None, True]}, "c": {"const": "fixed"}},
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"enum": ["red", "green"]}, "minItems": 1, "maxItems": 3},
+                       "pair": {"type": "array", "prefixItems": [{"type": "integer", "maximum": 9, "minimum": 0},
+                                                                 {"type": "boolean"}], "items": False},
+                       "empty": {"type": "array", "maxItems": 0}},
+        "required": ["tags", "pair", "empty"],
+    },
+    "union-and-null": {
+        "type": "object",
+        "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 100, "maximum": 200}, {"type": "null"}]},
+                       "w": {"type": ["boolean", "null"]}, "d": {"type": "string", "format": "date"}},
+        "required": ["v", "w", "d"],
+        "additionalProperties": False,
+    },
+    "refs-and-recursion": {
+        "$defs": {"node": {"type": "object",
+                           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},
+                                          "child": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
+                           "required": ["id", "child"]}},
+        "$ref": "#/$defs/node",
+    },
+    "all-of": {
+        "allOf": [{"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]},
+                  {"properties": {"y": {"type": "string", "format": "uuid"}}, "required": ["y"]}],
+    },
+    "typed-extras": {
+        "type": "object",
+        "properties": {"x": {"type": "boolean"}},
+        "required": ["x"],
+        "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 3},
+    },
+    "array-root": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 4},
+    "formats": {"type": "object", "properties": {"t": {"type": "string", "format": "date-time"},
+                                                 "e": {"type": "string", "format": "email"}},
+                "required": ["t", "e"]},
+    "any-object": {},
+}
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_llama_cpp_accepts_the_grammar(model, name):
+    sampler = Sampler(model, SamplingParams(json_schema=SCHEMAS[name]))
+    assert sampler.ptr
+    sampler.close()
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_random_model_output_validates(runner, model, name):
+    schema = SCHEMAS[name] or {"type": "object"}
+
+    async def generate(seed: int) -> tuple[str, str]:
+        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema=SCHEMAS[name]))
+        parts, finish = [], None
+        async for piece in runner.submit(GenerationRequest(model.tokenize("json:"), sampler, 400)):
+            parts.append(piece.text)
+            finish = piece.finish_reason or finish
+        return "".join(parts), finish
+
+    completed = 0
+    for seed in range(6):
+        text, finish = asyncio.run(generate(seed))
+        if finish == "length":
+            continue  # cut short by max_tokens: not the grammar's fault
+        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
+        completed += 1
+    assert completed >= 3, "too few outputs finished to check the grammar"
+
+
+@pytest.mark.parametrize("schema,keyword", [
+    ({"type": "string", "pattern": "^a+$"}, "'pattern'"),
+    ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
+    ({"type": "integer", "multipleOf": 5}, "'multipleOf'"),
+    ({"not": {"type": "null"}}, "'not'"),
+    ({"type": "object", "properties": {"a": {"if": {}}}}, "#/properties/a: 'if'"),
+    ({"type": "string", "format": "hostname"}, "format 'hostname'"),
+    ({"type": "number", "maximum": 5}, "bounds on 'number'"),
+    ({"$ref": "https://example.com/schema.json"}, "local $ref"),
+    ({"$ref": "#/$defs/missing"}, "points nowhere"),
+    ({"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}, "required"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "maxLength"),
+    ({"type": "tuple"}, "unknown type"),
+    ({"allOf": [{"properties": {"a": {}}}], "additionalProperties": False}, "'allOf' together"),
+    ({"enum": []}, "'enum'"),
+])
+def test_what_cannot_be_enforced_is_refused_by_name(schema, keyword):
+    with pytest.raises(SchemaError, match=re.escape(keyword)):
+        to_gbnf(schema)
+
+
+def test_annotations_are_ignored():
+    plain = to_gbnf({"type": "boolean"})
+    annotated = to_gbnf({"type": "boolean", "title": "T", "description": "d", "examples": [True], "default": False})
+    assert plain == annotated
+
+
+def test_literals_escape_quotes_backslashes_and_control_characters(model):
+    schema = {"const": 'say "hi"\\\n\t\x01'}
+    grammar = to_gbnf(schema)
+    assert '\\"' in grammar and "\\\\" in grammar
+    sampler = Sampler(model, SamplingParams(json_schema=schema))
+    sampler.close()
