@@ -198,3 +198,10 @@ def test_penalties_are_accepted(client):
                                   presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9,
                                   extra_body={"top_k": 10, "min_p": 0.1, "repeat_penalty": 1.1})
     assert r.usage.completion_tokens == 4
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client):
+    r = client.completions.create(model="scripted-chatml", prompt="Hello", temperature=0, max_tokens=6,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text.startswith(" world!")
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"

@@ -8,6 +8,7 @@ runner's scheduler thread touches it (see runner.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -122,6 +123,11 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (a model may have several: <eos>, <end_of_turn>, ...)."""
+        return tuple(t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t))
 
     def close(self) -> None:
         if self.ptr:

@@ -128,17 +128,10 @@ class Runner:
         ready.set_result((C.llama_n_ctx(ctx), n_batch))
         try:
             while (job := self._jobs.get()) is not None:
-                try:
-                    if isinstance(job, _EmbedJob):
-                        self._embed(ctx, batch, job)
-                    else:
-                        self._generate(ctx, batch, job)
-                except Exception as e:  # one bad request must not take the thread down
-                    log.exception("request failed in the engine")
-                    if isinstance(job, _EmbedJob):
-                        job.future.set_exception(EngineError(str(e)))
-                    else:
-                        job.stream.put(EngineError(str(e)))
+                if isinstance(job, _EmbedJob):
+                    self._embed(ctx, batch, job)
+                else:
+                    self._generate(ctx, batch, job)
         finally:
             self._drain()
             C.llama_batch_free(batch)
@@ -216,6 +209,9 @@ class Runner:
                 return
             stream.put(Piece(text.finish(), finish_reason=finish, usage=Usage(len(prompt), generated)))
             self._log_done(len(prompt), generated, finish, started, prefilled)
+        except Exception as e:  # one failed request must not take the thread down
+            log.exception("generation failed")
+            stream.put(e if isinstance(e, EngineError) else EngineError(str(e)))
         finally:
             request.sampler.close()
             if self._closing and not stream.cancelled:
@@ -234,16 +230,19 @@ class Runner:
 
     def _embed(self, ctx, batch, job: _EmbedJob) -> None:
         if not job.future.set_running_or_notify_cancel():
-            return
-        vectors = []
-        n_embd = C.llama_model_n_embd(self.model.ptr)
-        for tokens in job.inputs:
-            C.llama_memory_clear(C.llama_get_memory(ctx), True)
-            self._decode(ctx, batch, tokens, 0, "all")
-            ptr = C.llama_get_embeddings_seq(ctx, 0)
-            if not ptr:
-                raise EngineError("the model produced no pooled embedding")
-            vector = ptr[:n_embd]
-            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-            vectors.append([v / norm for v in vector])
-        job.future.set_result(vectors)
+            return  # the client went away while this waited
+        try:
+            job.future.set_result([self._embedding(ctx, batch, tokens) for tokens in job.inputs])
+        except Exception as e:
+            log.exception("embedding failed")
+            job.future.set_exception(e if isinstance(e, EngineError) else EngineError(str(e)))
+
+    def _embedding(self, ctx, batch, tokens: list[int]) -> list[float]:
+        C.llama_memory_clear(C.llama_get_memory(ctx), True)
+        self._decode(ctx, batch, tokens, 0, "all")
+        ptr = C.llama_get_embeddings_seq(ctx, 0)
+        if not ptr:
+            raise EngineError("the model produced no pooled embedding")
+        vector = ptr[:C.llama_model_n_embd(self.model.ptr)]
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        return [v / norm for v in vector]

@@ -8,6 +8,7 @@ one outside the scheduler thread is safe.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
@@ -30,6 +31,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64
     logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False  # llama-server's extension: generate exactly max_tokens (benchmarks)
     json_schema: dict | None = None  # {} means any JSON object (response_format json_object)
 
 
@@ -49,9 +51,12 @@ class Sampler:
         C.llama_sampler_chain_add(self.ptr, sampler)
 
     def _build(self, model: Model, p: SamplingParams) -> None:
-        if p.logit_bias:
-            biases = (C.llama_logit_bias * len(p.logit_bias))(
-                *(C.llama_logit_bias(token, bias) for token, bias in p.logit_bias.items())
+        bias = dict(p.logit_bias)
+        if p.ignore_eos:
+            bias.update((token, -math.inf) for token in model.eog_tokens)
+        if bias:
+            biases = (C.llama_logit_bias * len(bias))(
+                *(C.llama_logit_bias(token, value) for token, value in bias.items())
             )
             self._add(C.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:

@@ -137,6 +137,7 @@ def _sampling(body: dict) -> SamplingParams:
         frequency_penalty=_get(body, "frequency_penalty", "number", 0.0, minimum=-2, maximum=2),
         repeat_penalty=_get(body, "repeat_penalty", "number", defaults.repeat_penalty, minimum=0.01, maximum=10),
         logit_bias=_logit_bias(body),
+        ignore_eos=_get(body, "ignore_eos", "boolean", False),
         json_schema=_response_format(body),
     )
 
