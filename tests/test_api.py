@@ -7,6 +7,7 @@ import json
 
 import jsonschema
 import openai
+import psutil
 import pytest
 
 from tiny_models import SPACE, vocabulary
@@ -205,3 +206,9 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text.startswith(" world!")
     assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+
+
+def test_context_is_set_up_explicitly(server):
+    # Threads = physical cores (llama-cpp-python's high-level default would halve them); flash attention auto.
+    physical = psutil.cpu_count(logical=False)
+    assert f"(context 4096 tokens, batch 512, {physical} threads, flash attention auto)" in server.log()

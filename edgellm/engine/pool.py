@@ -73,8 +73,10 @@ class Pool:
             self._error = str(e)
             log.error("model %s failed to load: %s", self.id, e)
             return
-        log.info("model %s ready in %.1f s (context %d tokens, %d threads)", self.id,
-                 time.monotonic() - started, self._loaded.runner.n_ctx, self._loaded.runner.n_threads)
+        runner = self._loaded.runner
+        log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d threads, flash attention %s)",
+                 self.id, time.monotonic() - started, runner.n_ctx, runner.n_batch, runner.n_threads,
+                 self._engine.flash_attn)
 
     def _load_blocking(self) -> Loaded:
         model = Model(self.path, n_gpu_layers=self._engine.n_gpu_layers)
