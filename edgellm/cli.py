@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -95,8 +96,16 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
              "required" if keys else "not required")
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config, keys), log_config=None, timeout_graceful_shutdown=5, server_header=False))
+    app = create_app(config, keys)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            # End running generations at once (from the loop, not inside the signal handler),
+            # so open streams finish with an error event instead of being cut off later.
+            asyncio.get_event_loop().call_soon_threadsafe(app.state.pool.interrupt)
+
+    server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False))
     server.run(sockets=[sock])
     return 0
 

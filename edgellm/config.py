@@ -111,6 +111,8 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not valid TOML: the file is not UTF-8 text") from None
     return from_dict(data, source)
 
 
@@ -186,5 +188,7 @@ def read_api_keys(server: ServerConfig, source: str) -> frozenset[str]:
             text = Path(server.api_key_file).read_text()
         except OSError as e:
             raise ConfigError(f"{source}: [server] api_key_file: cannot read {server.api_key_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: [server] api_key_file: {server.api_key_file} is not UTF-8 text") from None
         keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     return frozenset(keys)

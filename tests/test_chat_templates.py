@@ -89,3 +89,14 @@ def test_the_log_says_which_template_was_chosen(server_factory, models):
     assert "using the built-in 'llama2' format for llama" in server.log()
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert r.json()["choices"][0]["message"]["content"] == " yes"  # the script answers "]" with " yes"
+
+
+def test_a_template_that_does_not_compile_falls_back_to_a_builtin(server_factory, tmp_path):
+    from conftest import SCRIPT
+    from tiny_models import write_model
+
+    broken = write_model(tmp_path / "broken-template.gguf", script=SCRIPT, chat_template="{% for m in %}")
+    server = server_factory(broken)
+    assert "falling back to a built-in format" in server.log()
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+    assert r.status_code == 200

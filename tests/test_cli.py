@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -175,3 +176,30 @@ def test_lan_bind_with_insecure_no_auth_starts_and_warns(netns, models):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_config_file_that_is_not_utf8(tmp_path, models):
+    config = tmp_path / "edgellm.toml"
+    config.write_bytes(b"[server]\nhost = \"\xff\xfe\"\n")
+    result = edgellm("serve", "--config", str(config), "--model", str(models["scripted"]))
+    assert_one_line_error(result, str(config), "not UTF-8")
+
+
+def test_sigterm_during_a_stream_shuts_down_promptly(server_factory, models):
+    import httpx
+
+    server = server_factory(models["scripted"], config="[engine]\nn_ctx = 32768\n")
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"prompt": "tick", "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        started = time.monotonic()
+        server.proc.terminate()
+        try:  # the stream ends, with an error event or a closed connection, instead of hanging
+            for _ in lines:
+                pass
+        except httpx.HTTPError:
+            pass
+    assert server.proc.wait(15) is not None
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in server.log()

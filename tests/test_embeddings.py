@@ -71,3 +71,31 @@ def test_input_longer_than_a_batch(server):
     r = server.post("/v1/embeddings", {"input": "the cat sat on the mat " * 30})
     error = assert_error(r, 400, param="input", code="context_length_exceeded")
     assert "at most 64" in error["message"]
+
+
+def test_inputs_are_limited_to_the_trained_positions(server_factory, tmp_path):
+    from tiny_models import write_model
+
+    short = write_model(tmp_path / "short-embedding.gguf", seed=3, pooling=1, n_ctx_train=128)
+    server = server_factory(short, config="[engine]\nn_batch = 512\n")
+    r = server.post("/v1/embeddings", {"input": "the cat sat on the mat " * 30})
+    error = assert_error(r, 400, param="input", code="context_length_exceeded")
+    assert "at most 128" in error["message"]
+
+
+def test_disconnect_stops_a_long_embedding_job(server):
+    import time
+
+    import httpx
+
+    from conftest import wait_until
+
+    inputs = [[1] + [300 + i % 100] * 63 for i in range(2048)]  # 64 tokens each: seconds of work
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/embeddings", json={"input": inputs}, timeout=0.5)
+    started = time.monotonic()
+    assert server.post("/v1/embeddings", {"input": "quick"}).status_code == 200
+    assert time.monotonic() - started < 2.0
+    line = wait_until(lambda: next((l for l in server.log().splitlines() if "embedding cancelled after" in l), None),
+                      5, message="the cancellation log line")
+    assert int(line.split("after ")[1].split()[0]) < 2048

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 
@@ -220,3 +221,56 @@ def test_503_with_retry_after_while_the_model_loads(models, monkeypatch):
         gate.set()
         server.should_exit = True
         thread.join(15)
+
+
+@pytest.mark.usefixtures("still_serving")
+class TestHostileBodies:
+    def test_lone_surrogate_escape(self, server):
+        body = b'{"messages": [{"role": "user", "content": "bad \\ud800 text"}]}'
+        r = server.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert_error(r, 400, code="invalid_json", says="surrogate")
+
+    @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+    def test_non_finite_numbers(self, server, literal):
+        body = b'{"prompt": "Hello", "temperature": ' + literal + b"}"
+        r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert_error(r, 400, code="invalid_json", says="not valid JSON")
+
+    def test_deeply_nested_body(self, server):
+        body = b'{"prompt": "x", "extra": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        r = server.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 413)
+        assert_error(r, r.status_code)
+
+    @pytest.mark.parametrize("schema,says", [
+        ('{"type": "integer", "minimum": 1e400}', "finite"),
+        ('{"allOf": [{"properties": ["a"]}]}', "'properties' must be an object"),
+        ('{"allOf": [{"required": 5}]}', "'required' an array"),
+    ])
+    def test_hostile_schemas(self, server, schema, says):
+        body = ('{"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", '
+                f'"json_schema": {{"name": "x", "schema": {schema}}}}}}}')
+        r = server.post("/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+        assert_error(r, 400, param="response_format", says=says)
+
+    def test_ignore_eos_with_a_grammar_still_ends_the_json(self, server):
+        # ignore_eos must not forbid the end of a finished JSON document (llama.cpp would abort).
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        r = server.post("/v1/chat/completions", {**CHAT, "ignore_eos": True, "max_tokens": 50, "temperature": 0,
+                                                 "response_format": {"type": "json_schema", "json_schema": {
+                                                     "name": "ok", "schema": schema}}})
+        assert r.status_code == 200
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert isinstance(json.loads(choice["message"]["content"])["ok"], bool)
+
+
+def test_reranking_models_are_refused_at_load(server_factory, tmp_path):
+    from tiny_models import write_model
+
+    reranker = write_model(tmp_path / "reranker.gguf", pooling=4)
+    server = server_factory(reranker, wait_ready=False)
+    r = wait_until(lambda: (r := server.get("/health")).status_code == 503 and "rerank" in r.text and r, 30,
+                   message="the load to fail")
+    assert_error(r, 503, says="reranking model")

@@ -137,6 +137,11 @@ def test_random_model_output_validates(runner, model, name):
     assert completed >= 3, "too few outputs finished to check the grammar"
 
 
+NESTED: dict = {}
+for _ in range(120):
+    NESTED = {"type": "object", "properties": {"a": NESTED}}
+
+
 @pytest.mark.parametrize("schema,keyword", [
     ({"type": "string", "pattern": "^a+$"}, "'pattern'"),
     ({"type": "array", "uniqueItems": True}, "'uniqueItems'"),
@@ -153,6 +158,7 @@ def test_random_model_output_validates(runner, model, name):
     ({"type": "tuple"}, "unknown type"),
     ({"allOf": [{"properties": {"a": {}}}], "additionalProperties": False}, "'allOf' together"),
     ({"enum": []}, "'enum'"),
+    (NESTED, "nested too deeply"),
 ])
 def test_what_cannot_be_enforced_is_refused_by_name(schema, keyword):
     with pytest.raises(SchemaError, match=re.escape(keyword)):

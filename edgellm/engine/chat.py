@@ -148,7 +148,10 @@ class ChatTemplate:
             log.info("chat template: %s (from the config)", name)
             return cls(source, name, bos_token=bos, eos_token=eos)
         if model.chat_template:
-            return cls(model.chat_template, "from the GGUF file", bos_token=bos, eos_token=eos)
+            try:
+                return cls(model.chat_template, "from the GGUF file", bos_token=bos, eos_token=eos)
+            except TemplateError as e:
+                log.warning("%s; falling back to a built-in format", e)
         name = builtin_for(model)
         log.info("chat template: the model file has none; using the built-in '%s' format for %s",
                  name, model.architecture)

@@ -18,6 +18,7 @@ import math
 import re
 
 MAX_INT_DIGITS = 15
+MAX_DEPTH = 100  # path segments: keeps deep schemas from exhausting the Python stack
 
 
 class SchemaError(ValueError):
@@ -109,6 +110,8 @@ class _Converter:
 
     def visit(self, schema: object, where: str) -> str:
         """A GBNF expression for values matching `schema` at JSON pointer `where`."""
+        if where.count("/") > MAX_DEPTH:
+            raise SchemaError(f"{where[:80]}...: the schema is nested too deeply")
         if schema is True or schema == {}:
             return "value"
         if not isinstance(schema, dict):
@@ -173,6 +176,8 @@ class _Converter:
             if not isinstance(part, dict) or not set(part) <= {"type", "properties", "required", "title",
                                                                 "description"}:
                 raise SchemaError(f"{where}/allOf/{i}: 'allOf' is supported only for merging object properties")
+            if not isinstance(part.get("properties", {}), dict) or not isinstance(part.get("required", []), list):
+                raise SchemaError(f"{where}/allOf/{i}: 'properties' must be an object and 'required' an array")
             merged.setdefault("properties", {}).update(part.get("properties", {}))
             merged["required"] = list(dict.fromkeys([*merged.get("required", []), *part.get("required", [])]))
             merged.setdefault("type", "object")
@@ -312,8 +317,8 @@ def _int_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
         value = schema.get(key)
         if value is None:
             return None
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise SchemaError(f"{where}: '{key}' must be a number")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise SchemaError(f"{where}: '{key}' must be a finite number")
         return value
 
     low, high = number("minimum"), number("maximum")

@@ -68,8 +68,11 @@ class Model:
         template = C.llama_model_chat_template(ptr, None)
         self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
         pooling = self.meta(f"{self.architecture}.pooling_type")
-        # A model that declares a pooling type is an embedding model.
-        self.is_embedding: bool = pooling not in (None, "0")
+        if pooling == str(C.LLAMA_POOLING_TYPE_RANK):
+            self.close()
+            raise ModelLoadError(f"{self.path} is a reranking model; edgellm does not serve those yet")
+        # A model that declares a pooling type (mean, cls, last) is an embedding model.
+        self.is_embedding: bool = pooling not in (None, str(C.LLAMA_POOLING_TYPE_NONE))
 
     def meta(self, key: str) -> str | None:
         """A metadata value as a string, or None when the file does not have the key."""

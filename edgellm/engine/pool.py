@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgellm.config import EngineConfig
@@ -35,14 +37,42 @@ class NotReady(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
 class Loaded:
-    """A model ready to serve: weights, the scheduler that runs it, and how to prompt it."""
+    """A model ready to serve: weights, the scheduler that runs it, and how to prompt it.
 
-    id: str
-    model: Model
-    runner: Runner
-    template: ChatTemplate | None  # None for embedding models
+    Requests hold it while they use it (on the event loop or in a worker
+    thread); the weights are freed only when nobody holds them.
+    """
+
+    def __init__(self, model_id: str, model: Model, runner: Runner, template: ChatTemplate | None) -> None:
+        self.id = model_id
+        self.model = model
+        self.runner = runner
+        self.template = template  # None for embedding models
+        self._users = 0
+        self._idle = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._idle:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.notify_all()
+
+    @contextmanager
+    def held(self) -> Iterator[Loaded]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._users == 0, timeout)
 
 
 def model_id_for(path: Path) -> str:
@@ -60,6 +90,7 @@ class Pool:
         self._loaded: Loaded | None = None
         self._error: str | None = None
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def start(self) -> None:
         """Begin loading in a worker thread; the event loop stays free."""
@@ -99,16 +130,30 @@ class Pool:
         """The loaded model for a request's `model` field (None means the default)."""
         if name is not None and name != self.id:
             raise ModelNotFound(name, self.ids())
+        if self._closing:
+            raise NotReady("the server is shutting down", None)
         if self._loaded is None:
             if self._error:
                 raise NotReady(f"model '{self.id}' failed to load: {self._error}", None)
             raise NotReady(f"model '{self.id}' is loading", 2)
         return self._loaded
 
+    def interrupt(self) -> None:
+        """Shutdown has begun: refuse new requests and end running ones now, so their
+        clients get an answer instead of being cut off when the server's grace period ends."""
+        self._closing = True
+        if self._loaded is not None:
+            self._loaded.runner.stop()
+
     async def close(self) -> None:
+        """Refuse new requests, end the running ones, and free the model once nobody holds it."""
+        self._closing = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._loaded is not None:
             loaded, self._loaded = self._loaded, None
             await asyncio.to_thread(loaded.runner.close)
-            loaded.model.close()
+            if await asyncio.to_thread(loaded.wait_idle, 10):
+                loaded.model.close()
+            else:  # a worker thread still tokenizes with it: leaking beats a use-after-free
+                log.warning("model %s is still in use at shutdown; not freeing it", loaded.id)

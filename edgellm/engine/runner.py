@@ -24,7 +24,7 @@ import psutil
 from edgellm.config import EngineConfig
 from edgellm.engine.model import Model
 from edgellm.engine.sampling import Sampler
-from edgellm.engine.stream import EngineError, Piece, Stream, Usage
+from edgellm.engine.stream import EngineError, Piece, ShuttingDown, Stream, Usage
 from edgellm.engine.text import TextAssembler
 
 log = logging.getLogger("edgellm.engine")
@@ -56,6 +56,7 @@ class _Job:
 class _EmbedJob:
     inputs: list[list[int]]
     future: concurrent.futures.Future
+    cancelled: bool = False
 
 
 def physical_cores() -> int:
@@ -71,30 +72,49 @@ class Runner:
         self.n_threads = settings.n_threads or physical_cores()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False
+        self._closing_lock = threading.Lock()  # nothing is queued after the stop sentinel
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
-        # llama.cpp adjusts both (n_ctx is padded, n_batch capped at n_ctx): use what it chose.
+        # llama.cpp adjusts both (n_ctx is padded to 256, n_batch capped at n_ctx for causal
+        # models): use what it chose.
         self.n_ctx, self.n_batch = ready.result()
 
     # --- called from the event loop -------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Queue a generation; iterate the returned Stream for its pieces."""
+        """Queue a generation; iterate the returned Stream for its pieces. Takes over the sampler."""
         stream = Stream()
-        self._jobs.put(_Job(request, stream))
+        self._enqueue(_Job(request, stream), on_refusal=request.sampler.close)
         return stream
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """L2-normalised embeddings, one per tokenized input."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put(_EmbedJob(inputs, future))
-        return await asyncio.wrap_future(future)
+        """L2-normalised embeddings, one per tokenized input; cancelling stops between inputs."""
+        job = _EmbedJob(inputs, concurrent.futures.Future())
+        self._enqueue(job)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    def _enqueue(self, job: _Job | _EmbedJob, on_refusal=lambda: None) -> None:
+        with self._closing_lock:
+            if self._closing:
+                on_refusal()
+                raise ShuttingDown("the server is shutting down")
+            self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Take no more work; the job in hand and queued jobs end with ShuttingDown. Does not wait."""
+        with self._closing_lock:
+            if not self._closing:
+                self._closing = True
+                self._jobs.put(None)
 
     def close(self) -> None:
-        """Stop the thread: the job in hand and queued jobs end with an error, the context is freed."""
-        self._closing = True
-        self._jobs.put(None)
+        """stop(), then wait for the thread to free the context."""
+        self.stop()
         self._thread.join()
 
     # --- the scheduler thread ---------------------------------------------------------
@@ -107,9 +127,13 @@ class Runner:
             log.warning("n_ctx %d is larger than the model was trained for; using %d", n_ctx, self.model.n_ctx_train)
             n_ctx = self.model.n_ctx_train
         params.n_ctx = n_ctx
-        params.n_batch = s.n_batch
-        # Embedding models attend over the whole input at once: it must fit one micro-batch.
-        params.n_ubatch = s.n_batch if self.model.is_embedding else min(s.n_ubatch, s.n_batch)
+        if self.model.is_embedding:
+            # Non-causal models see a whole input in one micro-batch, and llama.cpp does not
+            # cap their batch at the context as it does for causal ones.
+            params.n_batch = params.n_ubatch = min(s.n_batch, n_ctx)
+        else:
+            params.n_batch = s.n_batch
+            params.n_ubatch = min(s.n_ubatch, s.n_batch)
         params.n_seq_max = 1
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
@@ -123,9 +147,10 @@ class Runner:
         if not ctx:
             ready.set_exception(EngineError("llama.cpp could not create a context (not enough memory for n_ctx?)"))
             return
-        n_batch = C.llama_n_batch(ctx)
+        n_ctx = C.llama_n_ctx(ctx)
+        n_batch = min(C.llama_n_batch(ctx), n_ctx)
         batch = C.llama_batch_init(n_batch, 0, 1)
-        ready.set_result((C.llama_n_ctx(ctx), n_batch))
+        ready.set_result((n_ctx, n_batch))
         try:
             while (job := self._jobs.get()) is not None:
                 if isinstance(job, _EmbedJob):
@@ -148,11 +173,13 @@ class Runner:
                 job.future.cancel()
             elif job is not None:
                 job.request.sampler.close()
-                job.stream.put(EngineError("the server is shutting down"))
+                job.stream.put(ShuttingDown("the server is shutting down"))
 
     def _decode(self, ctx, batch, tokens: list[int], start: int, outputs: str) -> None:
         """One llama_decode of `tokens` at positions start.. ; outputs: 'last' or 'all'."""
         n = len(tokens)
+        if not 0 < n <= self.n_batch:  # llama.cpp aborts the process on a batch over n_batch
+            raise EngineError(f"cannot decode {n} tokens at once (batch size {self.n_batch})")
         for i, token in enumerate(tokens):
             batch.token[i] = token
             batch.pos[i] = start + i
@@ -215,7 +242,7 @@ class Runner:
         finally:
             request.sampler.close()
             if self._closing and not stream.cancelled:
-                stream.put(EngineError("the server is shutting down"))
+                stream.put(ShuttingDown("the server is shutting down"))
             stream.end()
 
     def _stopped(self, stream: Stream) -> bool:
@@ -232,7 +259,15 @@ class Runner:
         if not job.future.set_running_or_notify_cancel():
             return  # the client went away while this waited
         try:
-            job.future.set_result([self._embedding(ctx, batch, tokens) for tokens in job.inputs])
+            vectors = []
+            for tokens in job.inputs:
+                if job.cancelled or self._closing:
+                    log.info("embedding cancelled after %d of %d inputs", len(vectors), len(job.inputs))
+                    job.future.set_exception(ShuttingDown("the server is shutting down") if self._closing
+                                             else EngineError("cancelled"))
+                    return
+                vectors.append(self._embedding(ctx, batch, tokens))
+            job.future.set_result(vectors)
         except Exception as e:
             log.exception("embedding failed")
             job.future.set_exception(e if isinstance(e, EngineError) else EngineError(str(e)))
@@ -243,6 +278,6 @@ class Runner:
         ptr = C.llama_get_embeddings_seq(ctx, 0)
         if not ptr:
             raise EngineError("the model produced no pooled embedding")
-        vector = ptr[:C.llama_model_n_embd(self.model.ptr)]
+        vector = ptr[:C.llama_model_n_embd_out(self.model.ptr)]
         norm = math.sqrt(sum(v * v for v in vector)) or 1.0
         return [v / norm for v in vector]

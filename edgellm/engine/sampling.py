@@ -52,7 +52,10 @@ class Sampler:
 
     def _build(self, model: Model, p: SamplingParams) -> None:
         bias = dict(p.logit_bias)
-        if p.ignore_eos:
+        # With a grammar, the end of the document must stay possible: once the JSON is
+        # complete the grammar allows only end tokens, and forbidding those too makes
+        # llama.cpp abort the process.
+        if p.ignore_eos and p.json_schema is None:
             bias.update((token, -math.inf) for token in model.eog_tokens)
         if bias:
             biases = (C.llama_logit_bias * len(bias))(
@@ -85,7 +88,10 @@ class Sampler:
 
 def _grammar(model: Model, schema: dict):
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""
-    gbnf = to_gbnf(schema or {"type": "object"})
+    try:
+        gbnf = to_gbnf(schema or {"type": "object"})
+    except (RecursionError, TypeError, ValueError) as e:  # a schema shape the checks did not foresee
+        raise SchemaError(e if isinstance(e, SchemaError) else f"unsupported JSON schema: {e!r}") from None
     sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
     if not sampler:
         raise SchemaError("llama.cpp could not parse the grammar made from this JSON schema")

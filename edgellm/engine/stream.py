@@ -37,6 +37,10 @@ class EngineError(Exception):
     """Generation failed inside llama.cpp; the request ends, the service goes on."""
 
 
+class ShuttingDown(EngineError):
+    """The engine is stopping and takes no more work."""
+
+
 class Stream:
     """Async iterator over the pieces of one generation."""
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from edgellm.engine.chat import TemplateError
 from edgellm.engine.grammar import SchemaError
 from edgellm.engine.pool import ModelNotFound, NotReady
-from edgellm.engine.stream import EngineError
+from edgellm.engine.stream import EngineError, ShuttingDown
 from edgellm.protocol.errors import APIError, invalid
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were working for it: nobody is left to answer."""
 
 
 def to_api_error(exc: Exception) -> APIError:
@@ -29,6 +33,8 @@ def to_api_error(exc: Exception) -> APIError:
         return invalid(str(exc), "response_format", code="invalid_json_schema")
     if isinstance(exc, TemplateError):
         return invalid(str(exc), "messages", code="chat_template_error")
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), code="shutting_down")
     if isinstance(exc, EngineError):
         return APIError(500, f"generation failed: {exc}", code="engine_error")
     if isinstance(exc, HTTPException):
@@ -42,7 +48,9 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-async def _handle(request: Request, exc: Exception) -> JSONResponse:
+async def _handle(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
     error = to_api_error(exc)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -56,4 +64,5 @@ HANDLERS = {
     SchemaError: _handle,
     TemplateError: _handle,
     EngineError: _handle,
+    ClientGone: _handle,
 }

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from edgellm.engine.pool import Loaded, Pool
 from edgellm.engine.runner import GenerationRequest
@@ -25,7 +26,7 @@ from edgellm.engine.stream import EngineError, Piece, Stream
 from edgellm.protocol import requests as proto
 from edgellm.protocol.errors import APIError, invalid
 from edgellm.protocol.responses import SSE_DONE, Reply, embeddings_body, model_object, sse
-from edgellm.serving.errors import to_api_error
+from edgellm.serving.errors import ClientGone, to_api_error
 
 T = TypeVar("T")
 log = logging.getLogger("edgellm.serving")
@@ -34,12 +35,12 @@ log = logging.getLogger("edgellm.serving")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class ClientGone(Exception):
-    """The client disconnected while we were working for it."""
-
-
 def _pool(request: Request) -> Pool:
     return request.app.state.pool
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 async def read_json(request: Request) -> dict:
@@ -50,12 +51,22 @@ async def read_json(request: Request) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
     try:
-        data = json.loads(body)
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:
+        raise ClientGone from None
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+        if b"\\u" in body:  # an escaped lone surrogate is valid JSON but not text: it fails here
+            json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError:
+        raise invalid("the request body is nested too deeply", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise invalid("the request body contains a lone UTF-16 surrogate escape, which is not text",
+                      code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -104,20 +115,23 @@ async def chat_completions(request: Request) -> Response:
     parsed = proto.parse_chat(await read_json(request))
     loaded = _generative(_pool(request), parsed.options.model)
     _log_prompt(request, parsed.messages)
-    render = loaded.template.render
-    prompt = await run_in_threadpool(lambda: loaded.model.tokenize(render(parsed.messages)))
-    return await _generate(request, loaded, prompt, parsed.options, chat=True)
+    template = loaded.template
+    return await _generate(request, loaded, lambda: loaded.model.tokenize(template.render(parsed.messages)),
+                           parsed.options, chat=True)
 
 
 async def completions(request: Request) -> Response:
     parsed = proto.parse_completion(await read_json(request))
     loaded = _generative(_pool(request), parsed.options.model)
     _log_prompt(request, parsed.prompt)
-    if isinstance(parsed.prompt, str):
-        prompt = await run_in_threadpool(loaded.model.tokenize, parsed.prompt)
+    prompt = parsed.prompt
+    if isinstance(prompt, str):
+        def tokenize() -> list[int]:
+            return loaded.model.tokenize(prompt)
     else:
-        prompt = _checked_tokens(loaded, parsed.prompt, "prompt")
-    return await _generate(request, loaded, prompt, parsed.options, chat=False)
+        def tokenize() -> list[int]:
+            return _checked_tokens(loaded, prompt, "prompt")
+    return await _generate(request, loaded, tokenize, parsed.options, chat=False)
 
 
 def _log_prompt(request: Request, prompt: object) -> None:
@@ -141,34 +155,61 @@ def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-async def _generate(request: Request, loaded: Loaded, prompt: list[int], options: proto.GenerationOptions,
-                    *, chat: bool) -> Response:
-    n_ctx = loaded.runner.n_ctx
-    if not prompt:
-        raise invalid("the prompt is empty", "messages" if chat else "prompt")
-    if len(prompt) >= n_ctx:
-        raise invalid(f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} tokens "
-                      "(and needs room for at least one generated token)",
-                      "messages" if chat else "prompt", code="context_length_exceeded")
-    _checked_tokens(loaded, list(options.sampling.logit_bias), "logit_bias")
-    sampler = await run_in_threadpool(Sampler, loaded.model, options.sampling)
-    stream = loaded.runner.submit(GenerationRequest(prompt, sampler, options.max_tokens, options.stops))
+async def _generate(request: Request, loaded: Loaded, tokenize: Callable[[], list[int]],
+                    options: proto.GenerationOptions, *, chat: bool) -> Response:
+    param = "messages" if chat else "prompt"
+
+    def prepare() -> GenerationRequest:
+        """Tokens and a sampler, built in a worker thread (it may take milliseconds)."""
+        with loaded.held():
+            prompt = tokenize()
+            n_ctx = loaded.runner.n_ctx
+            if not prompt:
+                raise invalid("the prompt is empty", param)
+            if len(prompt) >= n_ctx:
+                raise invalid(f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} tokens "
+                              "(and needs room for at least one generated token)", param,
+                              code="context_length_exceeded")
+            _checked_tokens(loaded, list(options.sampling.logit_bias), "logit_bias")
+            sampler = Sampler(loaded.model, options.sampling)
+            return GenerationRequest(prompt, sampler, options.max_tokens, options.stops)
+
     reply = Reply(model=loaded.id, chat=chat)
+    stream: Stream | None = None
+    handed_over = False
+    loaded.acquire()
     try:
+        stream = loaded.runner.submit(await run_in_threadpool(prepare))
         if not options.stream:
             text, last = await _unless_disconnected(request, _collect(stream))
             return JSONResponse(reply.body(text, last.finish_reason, last.usage))
         # Wait for the first piece before answering, so a failure before the first
         # byte still gets a proper status code instead of a broken 200 stream.
         first = await _unless_disconnected(request, anext(stream))
-    except ClientGone:
-        stream.cancel()
-        return Response(status_code=499)
-    except BaseException:
-        stream.cancel()
-        raise
-    return StreamingResponse(_events(stream, first, reply, options.include_usage),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+        handed_over = True  # from here the response cancels the stream and releases the model
+        return GenerationResponse(_events(stream, first, reply, options.include_usage), stream, loaded.release)
+    finally:
+        if not handed_over:
+            if stream is not None:
+                stream.cancel()  # a no-op once the generation has finished
+            loaded.release()
+
+
+class GenerationResponse(StreamingResponse):
+    """SSE for one generation. However the response ends (done, error, client gone,
+    cancelled before it started), the generation is cancelled and the model released."""
+
+    def __init__(self, events: AsyncIterator[bytes], stream: Stream, release: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._stream = stream
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel()
+            self._release()
 
 
 async def _collect(stream: Stream) -> tuple[str, Piece]:
@@ -181,7 +222,7 @@ async def _collect(stream: Stream) -> tuple[str, Piece]:
 
 
 async def _events(stream: Stream, first: Piece, reply: Reply, include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE for one generation; leaving early (the client went away) cancels it."""
+    """The server-sent events of one generation, starting from its first piece."""
     try:
         if reply.chat:
             yield sse(reply.chunk("", first=True))
@@ -199,8 +240,6 @@ async def _events(stream: Stream, first: Piece, reply: Reply, include_usage: boo
         yield sse(to_api_error(EngineError("the generation ended without a result")).body())
     except EngineError as e:
         yield sse(to_api_error(e).body())
-    finally:
-        stream.cancel()
 
 
 # --- embeddings --------------------------------------------------------------------------
@@ -211,19 +250,24 @@ async def embeddings(request: Request) -> Response:
     if not loaded.model.is_embedding:
         raise invalid(f"model '{loaded.id}' does not support embeddings (it declares no pooling type)", "model",
                       code="model_not_supported")
-    model = loaded.model
-    inputs = await run_in_threadpool(
-        lambda: [model.tokenize(x) if isinstance(x, str) else _checked_tokens(loaded, x, "input")
-                 for x in parsed.inputs])
-    limit = loaded.runner.n_batch  # an embedding input is decoded in one batch
-    for i, tokens in enumerate(inputs):
-        if len(tokens) > limit:
-            raise invalid(f"input {i} is {len(tokens)} tokens but this model embeds at most {limit} at once",
-                          "input", code="context_length_exceeded")
-    try:
+    # One input is decoded in one batch, and never past the positions the model was trained for.
+    limit = min(loaded.runner.n_batch, loaded.model.n_ctx_train or loaded.runner.n_batch)
+
+    def prepare() -> list[list[int]]:
+        with loaded.held():
+            inputs = [loaded.model.tokenize(x) if isinstance(x, str) else _checked_tokens(loaded, x, "input")
+                      for x in parsed.inputs]
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise invalid(f"input {i} is empty once tokenized", "input")
+            if len(tokens) > limit:
+                raise invalid(f"input {i} is {len(tokens)} tokens but this model embeds at most {limit} at once",
+                              "input", code="context_length_exceeded")
+        return inputs
+
+    with loaded.held():
+        inputs = await run_in_threadpool(prepare)
         vectors = await _unless_disconnected(request, loaded.runner.embed(inputs))
-    except ClientGone:
-        return Response(status_code=499)
     return JSONResponse(embeddings_body(loaded.id, vectors, parsed.encoding_format, sum(map(len, inputs))))
 
 

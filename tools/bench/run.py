@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -81,8 +82,13 @@ class Server:
     def __init__(self, name: str, cmd: list[str], port: int, log: Path) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
+        with socket.socket() as probe:  # a leftover server on the port would answer in our place
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"port {port} is already in use; stop whatever listens there first")
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own session, so stop() can end a wrapper (BENCH_WRAP) and what it started together.
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -96,30 +102,35 @@ class Server:
         raise SystemExit(f"{name} did not become ready; see {log}")
 
     def peak_rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return float("nan")
+        """Peak RSS of the server (the largest process in its tree, in case BENCH_WRAP wraps it)."""
+        peaks = [0.0]
+        root = psutil.Process(self.proc.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]) / 1024)
+        return round(max(peaks), 1)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
 
 
-def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, out: Path) -> Server:
-    log = out / f"{name}.log"
+def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, out: Path,
+          rnd: int) -> Server:
+    log = out / f"{name}-round{rnd + 1}.log"
     if name == "edgellm":
         config = out / "edgellm.toml"
         config.write_text(f"[engine]\nn_ctx = {args.ctx}\nn_threads = {args.threads}\n")
         cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", str(port),
                "--config", str(config), "--state-dir", str(out / "state")]
     else:
-        cmd = [str(bin_dir / "llama-server"), "-m", str(model), "--port", str(port), "-c", str(args.ctx),
+        cmd = [*os.environ.get("BENCH_WRAP", "").split(), str(bin_dir / "llama-server"), "-m", str(model), "--port", str(port), "-c", str(args.ctx),
                "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.slots), "--no-webui"]
     return Server(name, cmd, port, log)
 
@@ -159,15 +170,23 @@ async def measure(server: Server, n_tokens: int, concurrency: int, repeats: int,
 
 
 def run_round(name: str, model: Path, args: argparse.Namespace, bin_dir: Path, out: Path, rnd: int) -> dict:
-    server = start(name, model, args.port + (rnd % 2), args, bin_dir, out)
-    try:
-        result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100))}
-        for c in args.concurrency:
-            result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50))
-        result["peak_rss_mib"] = server.peak_rss_mib()
-        return result
-    finally:
-        server.stop()
+    """One server's measurements; repeated (at most twice) if the server dies under us."""
+    for attempt in range(3):
+        server = start(name, model, args.port + (rnd % 2), args, bin_dir, out, rnd)
+        try:
+            result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100))}
+            for c in args.concurrency:
+                result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50))
+            result["peak_rss_mib"] = server.peak_rss_mib()
+            result["restarts"] = attempt
+            return result
+        except httpx.HTTPError as e:
+            if server.proc.poll() is None:
+                raise
+            print(f"{name} exited during round {rnd + 1} ({e!r}, status {server.proc.returncode}); repeating")
+        finally:
+            server.stop()
+    raise SystemExit(f"{name} kept exiting during round {rnd + 1}; see its log in {out}")
 
 
 # --- report ----------------------------------------------------------------------------------
