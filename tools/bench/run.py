@@ -153,7 +153,9 @@ async def stream_once(client: httpx.AsyncClient, url: str, i: int, n_tokens: int
 
 
 async def measure(server: Server, n_tokens: int, concurrency: int, repeats: int, start_index: int) -> dict:
-    async with httpx.AsyncClient(timeout=300) as client:
+    # A fresh connection per request: llama-server's HTTP library closes kept-alive
+    # connections after a few requests, and reusing one it just closed fails the request.
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         await stream_once(client, server.url, -1, 16)  # warm-up
         if concurrency == 1:
             runs = [await stream_once(client, server.url, start_index + k, n_tokens) for k in range(repeats)]
@@ -170,23 +172,15 @@ async def measure(server: Server, n_tokens: int, concurrency: int, repeats: int,
 
 
 def run_round(name: str, model: Path, args: argparse.Namespace, bin_dir: Path, out: Path, rnd: int) -> dict:
-    """One server's measurements; repeated (at most twice) if the server dies under us."""
-    for attempt in range(3):
-        server = start(name, model, args.port + (rnd % 2), args, bin_dir, out, rnd)
-        try:
-            result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100))}
-            for c in args.concurrency:
-                result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50))
-            result["peak_rss_mib"] = server.peak_rss_mib()
-            result["restarts"] = attempt
-            return result
-        except httpx.HTTPError as e:
-            if server.proc.poll() is None:
-                raise
-            print(f"{name} exited during round {rnd + 1} ({e!r}, status {server.proc.returncode}); repeating")
-        finally:
-            server.stop()
-    raise SystemExit(f"{name} kept exiting during round {rnd + 1}; see its log in {out}")
+    server = start(name, model, args.port + (rnd % 2), args, bin_dir, out, rnd)
+    try:
+        result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100))}
+        for c in args.concurrency:
+            result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50))
+        result["peak_rss_mib"] = server.peak_rss_mib()
+        return result
+    finally:
+        server.stop()
 
 
 # --- report ----------------------------------------------------------------------------------
