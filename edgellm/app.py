@@ -10,13 +10,15 @@ from starlette.middleware import Middleware
 
 from edgellm.config import Config
 from edgellm.engine.pool import Pool
-from edgellm.serving import health, openai
+from edgellm.metrics import Metrics
+from edgellm.serving import health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset()) -> Starlette:
-    pool = Pool(config.model.path, config.model.id, config.engine, config.model.chat_template)
+    stats = Metrics()
+    pool = Pool(config.model.path, config.model.id, config.engine, config.model.chat_template, stats)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -25,12 +27,13 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset()) -> Starle
         await pool.close()
 
     app = Starlette(
-        routes=[*health.routes, *openai.routes],
+        routes=[*health.routes, *metrics.routes, *openai.routes],
         middleware=[Middleware(APIKeyAuth, keys=api_keys)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
     app.state.pool = pool
+    app.state.metrics = stats
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.log_prompts = config.log.prompts
     return app

@@ -49,6 +49,8 @@ class EngineConfig:
     n_threads: int = 0
     n_gpu_layers: int = -1
     flash_attn: str = "auto"
+    parallel: int = 4
+    max_queue: int = 16
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ _RANGES: dict[tuple[str, str], tuple[int, int]] = {
     ("engine", "n_ubatch"): (1, 1 << 16),
     ("engine", "n_threads"): (0, 1024),
     ("engine", "n_gpu_layers"): (-1, 10000),
+    ("engine", "parallel"): (1, 256),
+    ("engine", "max_queue"): (0, 100000),
 }
 
 
@@ -124,7 +128,11 @@ def from_dict(data: dict, source: str) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: '{name}' must be a table: write [{name}] above its keys")
         sections[name] = _section(_SECTIONS[name], name, table, source)
-    return Config(**sections, source=source)
+    config = Config(**sections, source=source)
+    if config.engine.parallel > config.engine.n_batch:
+        raise ConfigError(f"{source}: [engine] parallel ({config.engine.parallel}) cannot exceed n_batch "
+                          f"({config.engine.n_batch}): every running sequence needs a place in each batch")
+    return config
 
 
 def _section(cls: type, name: str, table: dict, source: str):

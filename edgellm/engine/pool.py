@@ -19,6 +19,7 @@ from edgellm.config import EngineConfig
 from edgellm.engine.chat import ChatTemplate
 from edgellm.engine.model import Model
 from edgellm.engine.runner import Runner
+from edgellm.metrics import Metrics
 
 log = logging.getLogger("edgellm.engine")
 
@@ -81,12 +82,14 @@ def model_id_for(path: Path) -> str:
 
 
 class Pool:
-    def __init__(self, path: str, model_id: str, engine: EngineConfig, chat_template: str = "") -> None:
+    def __init__(self, path: str, model_id: str, engine: EngineConfig, chat_template: str = "",
+                 metrics: Metrics | None = None) -> None:
         self.path = Path(path)
         self.id = model_id or model_id_for(self.path)
         self.created = int(self.path.stat().st_mtime)
         self._engine = engine
         self._chat_template = chat_template
+        self._metrics = metrics or Metrics()
         self._loaded: Loaded | None = None
         self._error: str | None = None
         self._task: asyncio.Task | None = None
@@ -105,15 +108,15 @@ class Pool:
             log.error("model %s failed to load: %s", self.id, e)
             return
         runner = self._loaded.runner
-        log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d threads, flash attention %s)",
-                 self.id, time.monotonic() - started, runner.n_ctx, runner.n_batch, runner.n_threads,
-                 self._engine.flash_attn)
+        log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d parallel, %d threads, "
+                 "flash attention %s)", self.id, time.monotonic() - started, runner.n_ctx, runner.n_batch,
+                 runner.parallel, runner.n_threads, self._engine.flash_attn)
 
     def _load_blocking(self) -> Loaded:
         model = Model(self.path, n_gpu_layers=self._engine.n_gpu_layers)
         try:
             template = None if model.is_embedding else ChatTemplate.for_model(model, self._chat_template)
-            runner = Runner(model, self._engine)
+            runner = Runner(model, self._engine, model_id=self.id, metrics=self._metrics)
         except BaseException:
             model.close()
             raise

@@ -1,10 +1,9 @@
-"""The scheduler thread: the only code that touches a llama context.
+"""The runner: one thread that owns a llama context, fed through a queue.
 
-Requests arrive on a thread-safe queue; the thread creates the context, runs
-each request's prefill and decode steps, and hands text back through the
-request's Stream. One sequence runs at a time for now; callers only see
-submit() -> Stream and Stream.cancel(), so batching can replace the loop
-without changing them.
+The event loop calls submit() (generation) or embed(); they only queue work.
+The thread creates the context, takes whatever has arrived before each
+scheduler step, runs the step (scheduler.py: continuous batching), and hands
+the results back through an Outbox in one event-loop wake-up per step.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as C
@@ -23,9 +21,9 @@ import psutil
 
 from edgellm.config import EngineConfig
 from edgellm.engine.model import Model
-from edgellm.engine.sampling import Sampler
-from edgellm.engine.stream import EngineError, Piece, ShuttingDown, Stream, Usage
-from edgellm.engine.text import TextAssembler
+from edgellm.engine.scheduler import GenerationRequest, Job, Scheduler
+from edgellm.engine.stream import EngineError, Outbox, QueueFull, ShuttingDown, Stream
+from edgellm.metrics import Metrics
 
 log = logging.getLogger("edgellm.engine")
 
@@ -34,22 +32,6 @@ _FLASH_ATTN = {
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
-
-
-@dataclass
-class GenerationRequest:
-    """A tokenized prompt ready to run; the runner takes ownership of `sampler`."""
-
-    prompt: list[int]
-    sampler: Sampler
-    max_tokens: int | None = None
-    stops: tuple[str, ...] = ()
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    stream: Stream
 
 
 @dataclass
@@ -66,13 +48,20 @@ def physical_cores() -> int:
 class Runner:
     """Owns one llama context on its own thread."""
 
-    def __init__(self, model: Model, settings: EngineConfig) -> None:
+    def __init__(self, model: Model, settings: EngineConfig, *, model_id: str = "", metrics: Metrics | None = None
+                 ) -> None:
         self.model = model
         self.settings = settings
+        self.model_id = model_id or model.path.stem
+        self.metrics = metrics or Metrics()
         self.n_threads = settings.n_threads or physical_cores()
+        # Embedding models run one input at a time; generation runs `parallel` sequences.
+        self.parallel = 1 if model.is_embedding else settings.parallel
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False
         self._closing_lock = threading.Lock()  # nothing is queued after the stop sentinel
+        self._outbox = Outbox()
+        self._scheduler: Scheduler | None = None
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
@@ -83,9 +72,20 @@ class Runner:
     # --- called from the event loop -------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Queue a generation; iterate the returned Stream for its pieces. Takes over the sampler."""
+        """Queue a generation; iterate the returned Stream for its pieces. Takes over the sampler.
+
+        Raises QueueFull (with a Retry-After estimate) when all `parallel` places are taken and
+        max_queue requests already wait for one.
+        """
+        scheduler = self._scheduler
+        in_flight = self._jobs.qsize() + scheduler.queued + len(scheduler.running)
+        if in_flight >= self.parallel + self.settings.max_queue:
+            request.sampler.close()
+            waiting = in_flight - self.parallel
+            retry = math.ceil(scheduler.mean_duration * (waiting + 1) / self.parallel)
+            raise QueueFull(waiting, max(1, retry))
         stream = Stream()
-        self._enqueue(_Job(request, stream), on_refusal=request.sampler.close)
+        self._enqueue(Job(request, stream), on_refusal=request.sampler.close)
         return stream
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
@@ -98,7 +98,7 @@ class Runner:
             job.cancelled = True
             raise
 
-    def _enqueue(self, job: _Job | _EmbedJob, on_refusal=lambda: None) -> None:
+    def _enqueue(self, job: Job | _EmbedJob, on_refusal=lambda: None) -> None:
         with self._closing_lock:
             if self._closing:
                 on_refusal()
@@ -106,7 +106,7 @@ class Runner:
             self._jobs.put(job)
 
     def stop(self) -> None:
-        """Take no more work; the job in hand and queued jobs end with ShuttingDown. Does not wait."""
+        """Take no more work; running and queued requests end with ShuttingDown. Does not wait."""
         with self._closing_lock:
             if not self._closing:
                 self._closing = True
@@ -117,7 +117,7 @@ class Runner:
         self.stop()
         self._thread.join()
 
-    # --- the scheduler thread ---------------------------------------------------------
+    # --- the thread -------------------------------------------------------------------
 
     def _context_params(self):
         s = self.settings
@@ -134,7 +134,8 @@ class Runner:
         else:
             params.n_batch = s.n_batch
             params.n_ubatch = min(s.n_ubatch, s.n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = self.parallel
+        params.kv_unified = True  # all sequences share the cells: one long request may use them all
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.flash_attn_type = _FLASH_ATTN[s.flash_attn]
@@ -150,17 +151,40 @@ class Runner:
         n_ctx = C.llama_n_ctx(ctx)
         n_batch = min(C.llama_n_batch(ctx), n_ctx)
         batch = C.llama_batch_init(n_batch, 0, 1)
+        scheduler = self._scheduler = Scheduler(
+            ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch, parallel=self.parallel,
+            outbox=self._outbox, metrics=self.metrics)
         ready.set_result((n_ctx, n_batch))
         try:
-            while (job := self._jobs.get()) is not None:
-                if isinstance(job, _EmbedJob):
-                    self._embed(ctx, batch, job)
-                else:
-                    self._generate(ctx, batch, job)
+            while self._take_jobs(scheduler, ctx, batch):
+                try:
+                    scheduler.step()
+                except Exception as e:  # a bug must end the requests in hand, not the service
+                    log.exception("scheduler step failed")
+                    scheduler.stop_all(EngineError(str(e)))
+                self._outbox.flush()
         finally:
+            scheduler.stop_all(ShuttingDown("the server is shutting down"))
             self._drain()
+            self._outbox.flush()
             C.llama_batch_free(batch)
             C.llama_free(ctx)
+
+    def _take_jobs(self, scheduler: Scheduler, ctx, batch) -> bool:
+        """Move what has arrived into the scheduler (waiting when idle); False once stopping."""
+        block = not scheduler.busy
+        while True:
+            try:
+                job = self._jobs.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if job is None:
+                return False
+            if isinstance(job, _EmbedJob):
+                self._embed(ctx, batch, job)
+            else:
+                scheduler.add(job)
 
     def _drain(self) -> None:
         """End whatever is still queued at shutdown, so no client waits forever."""
@@ -173,87 +197,8 @@ class Runner:
                 job.future.cancel()
             elif job is not None:
                 job.request.sampler.close()
-                job.stream.put(ShuttingDown("the server is shutting down"))
-
-    def _decode(self, ctx, batch, tokens: list[int], start: int, outputs: str) -> None:
-        """One llama_decode of `tokens` at positions start.. ; outputs: 'last' or 'all'."""
-        n = len(tokens)
-        if not 0 < n <= self.n_batch:  # llama.cpp aborts the process on a batch over n_batch
-            raise EngineError(f"cannot decode {n} tokens at once (batch size {self.n_batch})")
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = outputs == "all"
-        batch.logits[n - 1] = outputs != "none"
-        batch.n_tokens = n
-        rc = C.llama_decode(ctx, batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with status {rc}")
-
-    def _generate(self, ctx, batch, job: _Job) -> None:
-        request, stream = job.request, job.stream
-        try:
-            if self._stopped(stream):
-                return
-            C.llama_memory_clear(C.llama_get_memory(ctx), True)
-            started = time.perf_counter()
-            prompt = request.prompt
-            # Never more than n_batch tokens per decode: llama.cpp aborts the process otherwise.
-            for start in range(0, len(prompt), self.n_batch):
-                if self._stopped(stream):
-                    return
-                chunk = prompt[start:start + self.n_batch]
-                last = start + len(chunk) == len(prompt)
-                self._decode(ctx, batch, chunk, start, "last" if last else "none")
-            prefilled = time.perf_counter()
-
-            n_past = len(prompt)
-            limit = self.n_ctx - n_past
-            if request.max_tokens is not None:
-                limit = min(limit, request.max_tokens)
-            text = TextAssembler(request.stops)
-            generated = 0
-            finish = "length"
-            while generated < limit and not self._stopped(stream):
-                token = C.llama_sampler_sample(request.sampler.ptr, ctx, -1)
-                if self.model.is_eog(token):
-                    finish = "stop"
-                    break
-                generated += 1
-                out = text.feed(self.model.piece(token))
-                if out:
-                    stream.put(Piece(out))
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if generated < limit:
-                    self._decode(ctx, batch, [token], n_past, "last")
-                    n_past += 1
-            if self._stopped(stream):
-                log.info("generation cancelled after %d tokens", generated)
-                return
-            stream.put(Piece(text.finish(), finish_reason=finish, usage=Usage(len(prompt), generated)))
-            self._log_done(len(prompt), generated, finish, started, prefilled)
-        except Exception as e:  # one failed request must not take the thread down
-            log.exception("generation failed")
-            stream.put(e if isinstance(e, EngineError) else EngineError(str(e)))
-        finally:
-            request.sampler.close()
-            if self._closing and not stream.cancelled:
-                stream.put(ShuttingDown("the server is shutting down"))
-            stream.end()
-
-    def _stopped(self, stream: Stream) -> bool:
-        return stream.cancelled or self._closing
-
-    def _log_done(self, n_prompt: int, n_gen: int, finish: str, started: float, prefilled: float) -> None:
-        done = time.perf_counter()
-        decode_s = done - prefilled
-        rate = n_gen / decode_s if decode_s > 0 else math.inf
-        log.info("generated %d tokens at %.1f tok/s after a %d-token prompt in %.0f ms (finish: %s)",
-                 n_gen, rate, n_prompt, (prefilled - started) * 1000, finish)
+                self._outbox.put(job.stream, ShuttingDown("the server is shutting down"))
+                self._outbox.end(job.stream)
 
     def _embed(self, ctx, batch, job: _EmbedJob) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -273,8 +218,20 @@ class Runner:
             job.future.set_exception(e if isinstance(e, EngineError) else EngineError(str(e)))
 
     def _embedding(self, ctx, batch, tokens: list[int]) -> list[float]:
+        n = len(tokens)
+        if not 0 < n <= self.n_batch:  # llama.cpp aborts the process on a batch over n_batch
+            raise EngineError(f"cannot embed {n} tokens at once (batch size {self.n_batch})")
         C.llama_memory_clear(C.llama_get_memory(ctx), True)
-        self._decode(ctx, batch, tokens, 0, "all")
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = True
+        batch.n_tokens = n
+        status = C.llama_decode(ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status}")
         ptr = C.llama_get_embeddings_seq(ctx, 0)
         if not ptr:
             raise EngineError("the model produced no pooled embedding")

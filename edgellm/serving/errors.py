@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from edgellm.engine.chat import TemplateError
 from edgellm.engine.grammar import SchemaError
 from edgellm.engine.pool import ModelNotFound, NotReady
-from edgellm.engine.stream import EngineError, ShuttingDown
+from edgellm.engine.stream import EngineError, QueueFull, ShuttingDown
 from edgellm.protocol.errors import APIError, invalid
 
 
@@ -33,6 +33,8 @@ def to_api_error(exc: Exception) -> APIError:
         return invalid(str(exc), "response_format", code="invalid_json_schema")
     if isinstance(exc, TemplateError):
         return invalid(str(exc), "messages", code="chat_template_error")
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), code="shutting_down")
     if isinstance(exc, EngineError):
@@ -52,7 +54,22 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ClientGone):
         return Response(status_code=499)  # nginx's "client closed request", for the access log
     error = to_api_error(exc)
+    if request.url.path.startswith("/v1/"):
+        _count(request, error, exc)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _count(request: Request, error: APIError, exc: Exception) -> None:
+    """Requests that never reached the engine; the engine counts the ones that did."""
+    if error.status in (429, 503):
+        outcome = "rejected"
+    elif error.status < 500:
+        outcome = "invalid"
+    elif not isinstance(exc, EngineError):
+        outcome = "failed"
+    else:
+        return
+    request.app.state.metrics.requests.labels(outcome).inc()
 
 
 HANDLERS = {
@@ -64,5 +81,6 @@ HANDLERS = {
     SchemaError: _handle,
     TemplateError: _handle,
     EngineError: _handle,
+    QueueFull: _handle,
     ClientGone: _handle,
 }

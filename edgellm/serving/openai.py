@@ -20,8 +20,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from edgellm.engine.pool import Loaded, Pool
-from edgellm.engine.runner import GenerationRequest
 from edgellm.engine.sampling import Sampler
+from edgellm.engine.scheduler import GenerationRequest
 from edgellm.engine.stream import EngineError, Piece, Stream
 from edgellm.protocol import requests as proto
 from edgellm.protocol.errors import APIError, invalid

@@ -1,0 +1,369 @@
+"""Continuous batching: what goes into each llama_decode.
+
+Each step builds one batch: first the next token of every generating sequence,
+then prompt chunks of admitted sequences in admission order, n_batch tokens at
+most in all, so a long prompt delays the others by one chunk per step. One
+llama_decode, then every sequence with an output samples its next token with
+its own sampler chain.
+
+Sequences run in slots (llama seq_ids) of one context with a unified KV cache.
+A finished sequence leaves its tokens in its slot's cells; a new prompt that
+starts with the same tokens (a shared system prompt, the next turn of a
+conversation) reuses them, copied between slots if need be, instead of
+computing them again. When the cache is full, idle slots give up their cells
+first, then prefill waits, then the newest sequence is preempted and later
+recomputed: llama_decode failing for lack of space never fails a request.
+
+Everything here runs on the runner's thread, the only one touching the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import llama_cpp.llama_cpp as C
+
+from edgellm.engine.model import Model
+from edgellm.engine.sampling import Sampler
+from edgellm.engine.stream import EngineError, Outbox, Piece, Stream, Usage
+from edgellm.engine.text import TextAssembler
+from edgellm.metrics import Metrics
+
+log = logging.getLogger("edgellm.engine")
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized prompt ready to run; the runner takes ownership of `sampler`."""
+
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int | None = None
+    stops: tuple[str, ...] = ()
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    stream: Stream
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Slot:
+    """One llama seq_id, and the tokens its KV cells hold, position by position."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.tokens: list[int] = []
+        self.sequence: Sequence | None = None
+        self.used_at = 0.0
+
+
+class Sequence:
+    """A request while it runs in a slot."""
+
+    def __init__(self, job: Job, limit: int) -> None:
+        self.job = job
+        self.stream = job.stream
+        self.sampler = job.request.sampler
+        self.prompt_len = len(job.request.prompt)
+        self.limit = limit  # tokens it may generate: max_tokens, and the context
+        self.text = TextAssembler(job.request.stops)
+        self.slot: Slot | None = None
+        self.resume: list[int] = job.request.prompt  # what to (re)compute when next admitted
+        self.pending: list[int] = []  # prompt tokens not decoded yet
+        self.next_token: int | None = None  # sampled, to be decoded in the next step
+        self.generated = 0
+        self.cached = 0
+        self.started = 0.0
+        self.last_token_at = 0.0
+
+
+@dataclass
+class _Plan:
+    """One batch: who has an output at which index, and what each sequence contributes."""
+
+    outputs: list[tuple[Sequence, int]] = field(default_factory=list)
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens taken)
+    generating: list[Sequence] = field(default_factory=list)
+    n_tokens: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, ctx, batch, model: Model, *, model_id: str, n_ctx: int, n_batch: int, parallel: int,
+                 outbox: Outbox, metrics: Metrics) -> None:
+        self.ctx = ctx
+        self.batch = batch
+        self.mem = C.llama_get_memory(ctx)
+        self.model = model
+        self.model_id = model_id
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: prefill is served first come, first served
+        self.outbox = outbox
+        self.metrics = metrics
+        # Read from the event loop for admission control: plain numbers, no lock needed.
+        self.queued = 0  # requests not yet admitted to a slot (preempted ones are not counted)
+        self.mean_duration = 2.0  # seconds a request runs, smoothed: for Retry-After
+        self._update_gauges()
+
+    # --- intake -----------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, job: Job) -> None:
+        limit = self.n_ctx - len(job.request.prompt)
+        if job.request.max_tokens is not None:
+            limit = min(limit, job.request.max_tokens)
+        self.waiting.append(Sequence(job, limit))
+        self.queued += 1
+        self.metrics.prompt_tokens.labels(self.model_id).inc(len(job.request.prompt))
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.running:
+            for sequence, index in self._decode():
+                self._sample(sequence, index)
+        self._update_gauges()
+
+    def stop_all(self, error: EngineError) -> None:
+        """End every sequence, running or waiting, with `error`."""
+        for sequence in [*self.running, *self.waiting]:
+            self.outbox.put(sequence.stream, error)
+            self._release(sequence, keep_cache=False)
+        self.waiting.clear()
+        self.queued = 0
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self.running if s.stream.cancelled]:
+            log.info("generation cancelled after %d tokens", sequence.generated)
+            self.metrics.requests.labels("cancelled").inc()
+            self._release(sequence, keep_cache=False)
+        for sequence in [s for s in self.waiting if s.stream.cancelled]:
+            self.waiting.remove(sequence)
+            if not sequence.started:
+                self.queued -= 1
+            self.metrics.requests.labels("cancelled").inc()
+            self._release(sequence, keep_cache=False)
+
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [s for s in self.slots if s.sequence is None]
+            if not free:
+                return
+            sequence = self.waiting.popleft()
+            first = not sequence.started  # not a preempted sequence coming back
+            kept = self._place(sequence, free)
+            if first:
+                self.queued -= 1
+                sequence.started = time.perf_counter()
+                sequence.cached = kept
+                self.metrics.cached_tokens.labels(self.model_id).inc(kept)
+
+    def _place(self, sequence: Sequence, free: list[Slot]) -> int:
+        """Put a sequence in the free slot that saves the most work, reusing cached cells."""
+        tokens = sequence.resume
+        # Longest shared prefix first; among equals, the least recently used slot.
+        slot = max(free, key=lambda s: (common_prefix(s.tokens, tokens), -s.used_at))
+        keep = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # one token must run for logits
+        donor = max(self.slots, key=lambda s: common_prefix(s.tokens, tokens))
+        donor_keep = min(common_prefix(donor.tokens, tokens), len(tokens) - 1)
+        if donor is not slot and donor_keep > keep:
+            # Another slot (maybe busy) holds a longer prefix: share its cells.
+            C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            C.llama_memory_seq_cp(self.mem, donor.seq_id, slot.seq_id, 0, donor_keep)
+            keep = donor_keep
+        elif not C.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1):
+            C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # this memory cannot cut a sequence short
+            keep = 0
+        slot.tokens = tokens[:keep]
+        slot.sequence = sequence
+        sequence.slot = slot
+        sequence.pending = tokens[keep:]
+        self.running.append(sequence)
+        return keep
+
+    # --- the batch ------------------------------------------------------------------------------
+
+    def _plan(self, with_prefill: bool) -> _Plan:
+        plan = _Plan()
+        batch = self.batch
+        n = 0
+        for sequence in self.running:
+            if sequence.next_token is not None:
+                self._put(n, sequence.next_token, len(sequence.slot.tokens), sequence.slot.seq_id, True)
+                plan.outputs.append((sequence, n))
+                plan.generating.append(sequence)
+                n += 1
+        if with_prefill:
+            for sequence in self.running:
+                if not sequence.pending or n >= self.n_batch:
+                    continue
+                take = min(len(sequence.pending), self.n_batch - n)
+                start = len(sequence.slot.tokens)
+                seq_id = sequence.slot.seq_id
+                for j in range(take):
+                    self._put(n + j, sequence.pending[j], start + j, seq_id, False)
+                n += take
+                if take == len(sequence.pending):  # the prompt's last token: its logits give the first token
+                    batch.logits[n - 1] = 1
+                    plan.outputs.append((sequence, n - 1))
+                plan.prefill.append((sequence, take))
+        batch.n_tokens = n
+        plan.n_tokens = n
+        return plan
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
+        batch = self.batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = output
+
+    def _decode(self) -> list[tuple[Sequence, int]]:
+        """One llama_decode; when the KV cache is full, make room and try again."""
+        with_prefill = True
+        while self.running:
+            plan = self._plan(with_prefill)
+            if plan.n_tokens == 0:
+                return []
+            status = C.llama_decode(self.ctx, self.batch)
+            if status == 0:
+                self._commit(plan)
+                return plan.outputs
+            if status != 1:
+                self._fail([*plan.generating, *(s for s, _ in plan.prefill)],
+                           EngineError(f"llama_decode failed with status {status}"))
+                continue
+            # No room in the KV cache (llama.cpp left it as it was): degrade, never fail.
+            if self._evict_idle_cache():
+                continue
+            if with_prefill and plan.prefill and plan.generating:
+                with_prefill = False  # prompts wait until generation frees cells
+                continue
+            if len(self.running) > 1:
+                self._preempt(self.running[-1])
+                continue
+            self._fail(self.running[:], EngineError("the KV cache is full (raise n_ctx)"))
+        return []
+
+    def _commit(self, plan: _Plan) -> None:
+        for sequence in plan.generating:
+            sequence.slot.tokens.append(sequence.next_token)
+            sequence.next_token = None
+        for sequence, take in plan.prefill:
+            sequence.slot.tokens.extend(sequence.pending[:take])
+            sequence.pending = sequence.pending[take:]
+        self.metrics.decode_steps.labels(self.model_id).inc()
+        self.metrics.batch_tokens.labels(self.model_id).observe(plan.n_tokens)
+
+    def _evict_idle_cache(self) -> bool:
+        idle = [s for s in self.slots if s.sequence is None and s.tokens]
+        if not idle:
+            return False
+        slot = min(idle, key=lambda s: s.used_at)
+        C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.tokens = []
+        return True
+
+    def _preempt(self, sequence: Sequence) -> None:
+        """Free a running sequence's cells and queue it first, to recompute them later."""
+        log.info("KV cache full: pausing a sequence after %d tokens; it resumes when there is room",
+                 sequence.generated)
+        slot = sequence.slot
+        sequence.resume = slot.tokens + ([sequence.next_token] if sequence.next_token is not None else []) \
+            + sequence.pending
+        sequence.next_token = None
+        sequence.pending = []
+        C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        slot.tokens = []
+        slot.sequence = None
+        sequence.slot = None
+        self.running.remove(sequence)
+        self.waiting.appendleft(sequence)
+
+    # --- sampling -------------------------------------------------------------------------------
+
+    def _sample(self, sequence: Sequence, index: int) -> None:
+        token = C.llama_sampler_sample(sequence.sampler.ptr, self.ctx, index)
+        now = time.perf_counter()
+        if sequence.last_token_at:
+            self.metrics.itl.labels(self.model_id).observe(now - sequence.last_token_at)
+        else:
+            self.metrics.ttft.labels(self.model_id).observe(now - sequence.job.submitted)
+        sequence.last_token_at = now
+        if self.model.is_eog(token):
+            self._finish(sequence, "stop")
+            return
+        sequence.generated += 1
+        self.metrics.generated_tokens.labels(self.model_id).inc()
+        text = sequence.text.feed(self.model.piece(token))
+        if text:
+            self.outbox.put(sequence.stream, Piece(text))
+        if sequence.text.stopped:
+            self._finish(sequence, "stop")
+        elif sequence.generated >= sequence.limit:
+            self._finish(sequence, "length")
+        else:
+            sequence.next_token = token
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        usage = Usage(sequence.prompt_len, sequence.generated, sequence.cached)
+        self.outbox.put(sequence.stream, Piece(sequence.text.finish(), finish_reason=reason, usage=usage))
+        self.metrics.requests.labels("completed").inc()
+        now = time.perf_counter()
+        self.mean_duration += 0.2 * (now - sequence.started - self.mean_duration)
+        elapsed = now - sequence.job.submitted
+        log.info("generated %d tokens in %.2f s (%.1f tok/s) after a %d-token prompt (%d cached); finish: %s",
+                 sequence.generated, elapsed, sequence.generated / elapsed if elapsed > 0 else math.inf,
+                 sequence.prompt_len, sequence.cached, reason)
+        self._release(sequence, keep_cache=True)
+
+    def _fail(self, sequences: list[Sequence], error: EngineError) -> None:
+        log.error("%s; ending %d request(s)", error, len(sequences))
+        for sequence in sequences:
+            self.outbox.put(sequence.stream, error)
+            self.metrics.requests.labels("failed").inc()
+            self._release(sequence, keep_cache=False)
+
+    def _release(self, sequence: Sequence, *, keep_cache: bool) -> None:
+        """End a sequence: its stream, its sampler, and its slot (whose cells stay as cache if kept)."""
+        slot = sequence.slot
+        if slot is not None:
+            if not keep_cache:
+                C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+                slot.tokens = []
+            slot.sequence = None
+            slot.used_at = time.perf_counter()
+            sequence.slot = None
+        if sequence in self.running:
+            self.running.remove(sequence)
+        sequence.sampler.close()
+        self.outbox.end(sequence.stream)
+
+    def _update_gauges(self) -> None:
+        m, model = self.metrics, self.model_id
+        m.queue_depth.labels(model).set(len(self.waiting))
+        m.running.labels(model).set(len(self.running))
+        m.kv_cells_used.labels(model).set(sum(len(s.slot.tokens) for s in self.running))
+        m.kv_cells_cached.labels(model).set(sum(len(s.tokens) for s in self.slots if s.sequence is None))

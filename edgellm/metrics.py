@@ -1,0 +1,46 @@
+"""Prometheus metrics, one registry per service (tests run several in one process).
+
+The scheduler thread updates most of them; prometheus-client's instruments
+are thread-safe, and each update is a lock and an addition.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OUTCOMES = ("completed", "cancelled", "failed", "rejected", "invalid")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("edgellm_requests", "Requests by outcome: completed, cancelled, failed, "
+                                "rejected (queue full or not ready), invalid (4xx)", ["outcome"], registry=r)
+        for outcome in OUTCOMES:  # every outcome is in the output from the start, at zero
+            self.requests.labels(outcome)
+        self.queue_depth = Gauge("edgellm_queue_depth", "Requests waiting for a sequence slot",
+                                 ["model"], registry=r)
+        self.running = Gauge("edgellm_running_sequences", "Sequences being prefilled or generated",
+                             ["model"], registry=r)
+        self.kv_cells_used = Gauge("edgellm_kv_cells_used", "KV cache cells held by running sequences",
+                                   ["model"], registry=r)
+        self.kv_cells_cached = Gauge("edgellm_kv_cells_cached", "KV cache cells kept by idle slots for "
+                                     "prefix reuse", ["model"], registry=r)
+        self.prompt_tokens = Counter("edgellm_prompt_tokens", "Prompt tokens of admitted requests",
+                                     ["model"], registry=r)
+        self.cached_tokens = Counter("edgellm_cached_prompt_tokens", "Prompt tokens reused from the KV cache",
+                                     ["model"], registry=r)
+        self.generated_tokens = Counter("edgellm_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("edgellm_time_to_first_token_seconds", "From submission to the first token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("edgellm_inter_token_latency_seconds", "Between consecutive tokens of a sequence",
+                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_steps = Counter("edgellm_decode_steps", "llama_decode calls", ["model"], registry=r)
+        self.batch_tokens = Histogram("edgellm_batch_tokens", "Tokens per llama_decode call", ["model"],
+                                      buckets=_BATCH_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
