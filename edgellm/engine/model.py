@@ -49,11 +49,13 @@ class ModelLoadError(Exception):
 class Model:
     """Weights and vocabulary of one GGUF file, safe to share between threads."""
 
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = -1) -> None:
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = False) -> None:
         init_llama()
         self.path = Path(path)
+        self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only  # metadata and tokenizer without the weights
         ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log above for its reason)")
@@ -106,12 +108,15 @@ class Model:
 
     def piece(self, token: int) -> bytes:
         """The bytes a generated token contributes to the output (control tokens give none)."""
-        buf = ctypes.create_string_buffer(64)
-        n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
 
     def token_text(self, token: int) -> str:
         """A token's vocabulary entry, special tokens included (for chat templates)."""

@@ -115,7 +115,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: prefill is served first come, first served
         self.outbox = outbox
-        self.metrics = metrics
+        self.metrics = metrics.for_model(model_id)
         # Read from the event loop for admission control: plain numbers, no lock needed.
         self.queued = 0  # requests not yet admitted to a slot (preempted ones are not counted)
         self.mean_duration = 2.0  # seconds a request runs, smoothed: for Retry-After
@@ -133,7 +133,7 @@ class Scheduler:
             limit = min(limit, job.request.max_tokens)
         self.waiting.append(Sequence(job, limit))
         self.queued += 1
-        self.metrics.prompt_tokens.labels(self.model_id).inc(len(job.request.prompt))
+        self.metrics.prompt_tokens.inc(len(job.request.prompt))
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -156,13 +156,13 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.running if s.stream.cancelled]:
             log.info("generation cancelled after %d tokens", sequence.generated)
-            self.metrics.requests.labels("cancelled").inc()
+            self.metrics.requests["cancelled"].inc()
             self._release(sequence, keep_cache=False)
         for sequence in [s for s in self.waiting if s.stream.cancelled]:
             self.waiting.remove(sequence)
             if not sequence.started:
                 self.queued -= 1
-            self.metrics.requests.labels("cancelled").inc()
+            self.metrics.requests["cancelled"].inc()
             self._release(sequence, keep_cache=False)
 
     def _admit(self) -> None:
@@ -177,7 +177,7 @@ class Scheduler:
                 self.queued -= 1
                 sequence.started = time.perf_counter()
                 sequence.cached = kept
-                self.metrics.cached_tokens.labels(self.model_id).inc(kept)
+                self.metrics.cached_tokens.inc(kept)
 
     def _place(self, sequence: Sequence, free: list[Slot]) -> int:
         """Put a sequence in the free slot that saves the most work, reusing cached cells."""
@@ -274,8 +274,8 @@ class Scheduler:
         for sequence, take in plan.prefill:
             sequence.slot.tokens.extend(sequence.pending[:take])
             sequence.pending = sequence.pending[take:]
-        self.metrics.decode_steps.labels(self.model_id).inc()
-        self.metrics.batch_tokens.labels(self.model_id).observe(plan.n_tokens)
+        self.metrics.decode_steps.inc()
+        self.metrics.batch_tokens.observe(plan.n_tokens)
 
     def _evict_idle_cache(self) -> bool:
         idle = [s for s in self.slots if s.sequence is None and s.tokens]
@@ -308,15 +308,15 @@ class Scheduler:
         token = C.llama_sampler_sample(sequence.sampler.ptr, self.ctx, index)
         now = time.perf_counter()
         if sequence.last_token_at:
-            self.metrics.itl.labels(self.model_id).observe(now - sequence.last_token_at)
+            self.metrics.itl.observe(now - sequence.last_token_at)
         else:
-            self.metrics.ttft.labels(self.model_id).observe(now - sequence.job.submitted)
+            self.metrics.ttft.observe(now - sequence.job.submitted)
         sequence.last_token_at = now
         if self.model.is_eog(token):
             self._finish(sequence, "stop")
             return
         sequence.generated += 1
-        self.metrics.generated_tokens.labels(self.model_id).inc()
+        self.metrics.generated_tokens.inc()
         text = sequence.text.feed(self.model.piece(token))
         if text:
             self.outbox.put(sequence.stream, Piece(text))
@@ -330,7 +330,7 @@ class Scheduler:
     def _finish(self, sequence: Sequence, reason: str) -> None:
         usage = Usage(sequence.prompt_len, sequence.generated, sequence.cached)
         self.outbox.put(sequence.stream, Piece(sequence.text.finish(), finish_reason=reason, usage=usage))
-        self.metrics.requests.labels("completed").inc()
+        self.metrics.requests["completed"].inc()
         now = time.perf_counter()
         self.mean_duration += 0.2 * (now - sequence.started - self.mean_duration)
         elapsed = now - sequence.job.submitted
@@ -343,7 +343,7 @@ class Scheduler:
         log.error("%s; ending %d request(s)", error, len(sequences))
         for sequence in sequences:
             self.outbox.put(sequence.stream, error)
-            self.metrics.requests.labels("failed").inc()
+            self.metrics.requests["failed"].inc()
             self._release(sequence, keep_cache=False)
 
     def _release(self, sequence: Sequence, *, keep_cache: bool) -> None:
@@ -362,8 +362,8 @@ class Scheduler:
         self.outbox.end(sequence.stream)
 
     def _update_gauges(self) -> None:
-        m, model = self.metrics, self.model_id
-        m.queue_depth.labels(model).set(len(self.waiting))
-        m.running.labels(model).set(len(self.running))
-        m.kv_cells_used.labels(model).set(sum(len(s.slot.tokens) for s in self.running))
-        m.kv_cells_cached.labels(model).set(sum(len(s.tokens) for s in self.slots if s.sequence is None))
+        m = self.metrics
+        m.queue_depth.set(len(self.waiting))
+        m.running.set(len(self.running))
+        m.kv_cells_used.set(sum(len(s.slot.tokens) for s in self.running))
+        m.kv_cells_cached.set(sum(len(s.tokens) for s in self.slots if s.sequence is None))

@@ -38,6 +38,14 @@ class Reply:
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        # Every text chunk is the same JSON but for the text: render that part per token only.
+        marker = "\u0000text\u0000"
+        head, tail = sse(self.chunk(marker)).split(json.dumps(marker).encode())
+        self._text_head, self._text_tail = head, tail
+
+    def text_event(self, text: str) -> bytes:
+        """sse(self.chunk(text)), without building and encoding the whole chunk each token."""
+        return self._text_head + json.dumps(text, ensure_ascii=False).encode() + self._text_tail
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

@@ -229,7 +229,7 @@ async def _events(stream: Stream, first: Piece, reply: Reply, include_usage: boo
         piece: Piece | None = first
         while piece is not None:
             if piece.text:
-                yield sse(reply.chunk(piece.text))
+                yield reply.text_event(piece.text)
             if piece.finish_reason:
                 yield sse(reply.chunk(None, piece.finish_reason))
                 if include_usage:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """edgellm against llama.cpp's own llama-server, built from the same vendored llama.cpp.
 
-Method (../../shared/BENCHMARKS.md in the project's notes; summarised in README.md here):
-same model, context, threads, prompts and forced reply length (ignore_eos),
+Method (README.md beside this file): the same model, context, threads, slots,
+prompts and reply length (end-of-generation tokens banned with logit_bias),
 temperature 0; servers run one at a time, alternating A B A B for --rounds
-rounds; medians per server and the edgellm/llama-server ratio per round.
-Also llama-bench's tg figure for the same model and threads.
+rounds; medians per server and the median of the per-round ratios
+edgellm / llama-server. Also llama-bench's figures for the same model and
+threads, and optionally (--tiny) the same comparison on a tiny random model,
+where Python's per-token overhead is all there is to see.
 
 Run on a quiet machine: OpenMP threads spin, and any other busy process on a
 two-core board cuts llama.cpp's speed several times over.
@@ -31,10 +33,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from edgellm.engine.model import Model  # noqa: E402  (the repository, not an installed copy)
+
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CACHE = Path(os.environ.get("EDGELLM_BENCH_CACHE", Path.home() / ".cache" / "edgellm-bench"))
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ("Request {i}. The history of the printing press begins in the fifteenth century, when a goldsmith "
           "in Mainz combined movable metal type, an oil-based ink and a wooden screw press. Within fifty years")
 
@@ -86,7 +91,8 @@ class Server:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 raise SystemExit(f"port {port} is already in use; stop whatever listens there first")
         self._log = open(log, "wb")
-        # Its own session, so stop() can end a wrapper (BENCH_WRAP) and what it started together.
+        # Its own session, so stop() ends a wrapper (BENCH_WRAP, e.g. perf) and what it started.
+        # stdin stays open: llama-server's child mode watches it for EOF.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 120
@@ -121,25 +127,25 @@ class Server:
         self._log.close()
 
 
-def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, out: Path,
-          rnd: int) -> Server:
-    log = out / f"{name}-round{rnd + 1}.log"
+def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path) -> Server:
     if name == "edgellm":
-        config = out / "edgellm.toml"
-        config.write_text(f"[engine]\nn_ctx = {args.ctx}\nn_threads = {args.threads}\n")
+        config = log.with_suffix(".toml")
+        config.write_text(f"[engine]\nn_ctx = {args.ctx}\nn_threads = {args.threads}\nparallel = {args.slots}\n"
+                          f"max_queue = 64\n")
         cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", str(port),
-               "--config", str(config), "--state-dir", str(out / "state")]
+               "--config", str(config), "--state-dir", str(log.parent / "state")]
     else:
-        cmd = [*os.environ.get("BENCH_WRAP", "").split(), str(bin_dir / "llama-server"), "-m", str(model), "--port", str(port), "-c", str(args.ctx),
-               "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.slots), "--no-webui"]
+        cmd = [*os.environ.get("BENCH_WRAP", "").split(), str(bin_dir / "llama-server"), "-m", str(model),
+               "--port", str(port), "-c", str(args.ctx), "-t", str(args.threads), "-tb", str(args.threads),
+               "-np", str(args.slots), "--kv-unified", "--no-webui"]
     return Server(name, cmd, port, log)
 
 
 # --- load ------------------------------------------------------------------------------------
 
-async def stream_once(client: httpx.AsyncClient, url: str, i: int, n_tokens: int) -> dict:
+async def stream_once(client: httpx.AsyncClient, url: str, i: int, n_tokens: int, ban: dict) -> dict:
     body = {"prompt": PROMPT.format(i=i), "max_tokens": n_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "cache_prompt": False}
+            "logit_bias": ban}
     times = []
     sent = time.perf_counter()
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -149,34 +155,36 @@ async def stream_once(client: httpx.AsyncClient, url: str, i: int, n_tokens: int
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
-    return {"sent": sent, "first": times[0], "last": times[-1], "chunks": len(times)}
+    return {"sent": sent, "first": times[0], "last": times[-1]}
 
 
-async def measure(server: Server, n_tokens: int, concurrency: int, repeats: int, start_index: int) -> dict:
+async def measure(server: Server, n_tokens: int, concurrency: int, repeats: int, start_index: int,
+                  ban: dict) -> dict:
     # A fresh connection per request: llama-server's HTTP library closes kept-alive
     # connections after a few requests, and reusing one it just closed fails the request.
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        await stream_once(client, server.url, -1, 16)  # warm-up
+        await stream_once(client, server.url, -1, 16, ban)  # warm-up
         if concurrency == 1:
-            runs = [await stream_once(client, server.url, start_index + k, n_tokens) for k in range(repeats)]
+            runs = [await stream_once(client, server.url, start_index + k, n_tokens, ban) for k in range(repeats)]
             return {
                 "decode_tps": statistics.median((n_tokens - 1) / (r["last"] - r["first"]) for r in runs),
                 "ttft_ms": statistics.median((r["first"] - r["sent"]) * 1000 for r in runs),
             }
         t0 = time.perf_counter()
-        runs = await asyncio.gather(*(stream_once(client, server.url, start_index + k, n_tokens)
+        runs = await asyncio.gather(*(stream_once(client, server.url, start_index + k, n_tokens, ban)
                                       for k in range(concurrency)))
         wall = max(r["last"] for r in runs) - t0
         return {"aggregate_tps": concurrency * n_tokens / wall,
                 "ttft_ms": statistics.median((r["first"] - r["sent"]) * 1000 for r in runs)}
 
 
-def run_round(name: str, model: Path, args: argparse.Namespace, bin_dir: Path, out: Path, rnd: int) -> dict:
-    server = start(name, model, args.port + (rnd % 2), args, bin_dir, out, rnd)
+def run_round(name: str, model: Path, args: argparse.Namespace, bin_dir: Path, out: Path, rnd: int,
+              ban: dict) -> dict:
+    server = start(name, model, args.port + (rnd % 2), args, bin_dir, out / f"{name}-round{rnd + 1}.log")
     try:
-        result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100))}
+        result = {"single": asyncio.run(measure(server, args.tokens, 1, args.repeats, rnd * 100, ban))}
         for c in args.concurrency:
-            result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50))
+            result[f"c{c}"] = asyncio.run(measure(server, args.tokens, c, 1, rnd * 100 + 50, ban))
         result["peak_rss_mib"] = server.peak_rss_mib()
         return result
     finally:
@@ -185,64 +193,111 @@ def run_round(name: str, model: Path, args: argparse.Namespace, bin_dir: Path, o
 
 # --- report ----------------------------------------------------------------------------------
 
-def summarise(rounds: list[dict], concurrency: list[int]) -> list[tuple[str, float, float, float]]:
-    """(metric, edgellm median, llama-server median, median of per-round ratios)."""
-    metrics = [("single-stream decode tok/s", lambda r: r["single"]["decode_tps"]),
-               ("single-stream TTFT ms", lambda r: r["single"]["ttft_ms"])]
-    metrics += [(f"{c} streams aggregate tok/s", lambda r, c=c: r[f"c{c}"]["aggregate_tps"]) for c in concurrency]
-    metrics += [("peak RSS MiB", lambda r: r["peak_rss_mib"])]
+def metrics(concurrency: list[int]) -> list[tuple[str, callable]]:
+    rows = [("single-stream decode tok/s", lambda r: r["single"]["decode_tps"]),
+            ("single-stream TTFT ms", lambda r: r["single"]["ttft_ms"])]
+    rows += [(f"{c} streams aggregate tok/s", lambda r, c=c: r[f"c{c}"]["aggregate_tps"]) for c in concurrency]
+    rows += [("peak RSS MiB", lambda r: r["peak_rss_mib"])]
+    return rows
+
+
+def summarise(rounds: list[dict], concurrency: list[int]) -> list[dict]:
+    """Per metric: both servers' medians, the median per-round ratio, and (TTFT) the difference."""
     rows = []
-    for label, get in metrics:
+    for label, get in metrics(concurrency):
         ours = [get(r["edgellm"]) for r in rounds]
         theirs = [get(r["llama-server"]) for r in rounds]
-        ratios = [a / b for a, b in zip(ours, theirs)]
-        rows.append((label, statistics.median(ours), statistics.median(theirs), statistics.median(ratios)))
+        rows.append({"metric": label, "edgellm": statistics.median(ours), "llama_server": statistics.median(theirs),
+                     "ratio": statistics.median(a / b for a, b in zip(ours, theirs)),
+                     "difference": statistics.median(a - b for a, b in zip(ours, theirs)),
+                     "edgellm_rounds": ours, "llama_server_rounds": theirs})
     return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| metric | edgellm | llama-server | edgellm / llama-server | difference |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['metric']} | {r['edgellm']:.1f} | {r['llama_server']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['difference']:+.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6))
+    for ax, row in zip(axes, rows):
+        for x, (name, key, colour) in enumerate((("edgellm", "edgellm", "tab:blue"),
+                                                 ("llama-server", "llama_server", "tab:grey"))):
+            ax.bar(x, row[key], color=colour, alpha=0.6)
+            ax.plot([x] * len(row[f"{key}_rounds"]), row[f"{key}_rounds"], "o", color="black", markersize=3)
+        ax.set_xticks([0, 1], ["edgellm", "llama-server"], fontsize=8)
+        ax.set_title(f"{row['metric']}\nratio {row['ratio']:.2f}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path, out: Path) -> dict:
+    out.mkdir(parents=True)
+    ban = {str(t): -100 for t in Model(model, vocab_only=True).eog_tokens}  # both generate exactly --tokens
+    bench = llama_bench(bin_dir, model, args.threads, args.tokens)
+    print(f"{model.name}: llama-bench {bench}")
+    rounds = []
+    for rnd in range(args.rounds):
+        order = ["edgellm", "llama-server"] if rnd % 2 == 0 else ["llama-server", "edgellm"]
+        rounds.append({name: run_round(name, model, args, bin_dir, out, rnd, ban) for name in order})
+        print(f"  round {rnd + 1}: " + json.dumps(rounds[-1]))
+    rows = summarise(rounds, args.concurrency)
+    title = (f"{model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, {args.tokens} tokens; "
+             f"llama-bench " + ", ".join(f"{k} {v} t/s" for k, v in bench.items()))
+    (out / "results.json").write_text(json.dumps({"model": model.name, "llama_bench": bench, "rounds": rounds,
+                                                  "summary": rows}, indent=2))
+    (out / "results.md").write_text(f"{title}\n\n{markdown(rows)}\n")
+    plot(rows, title, out / "results.png")
+    print(markdown(rows))
+    return {"model": model.name, "llama_bench": bench, "summary": rows}
+
+
+def tiny_model(path: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import write_model
+
+    return write_model(path, seed=1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="also compare on a tiny random model")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="single-stream requests per round")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--slots", type=int, default=4, help="llama-server -np")
+    parser.add_argument("--slots", type=int, default=4, help="parallel sequences on both sides")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--port", type=int, default=18480)
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
     args = parser.parse_args()
 
-    load1 = os.getloadavg()[0]
-    print(f"load average before: {load1:.2f}" + ("  (NOT QUIET: results will be unreliable)" if load1 > 0.5 else ""))
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  (NOT QUIET: results will be unreliable)" if load[0] > 0.5 else ""))
     bin_dir = build_llama_cpp(os.cpu_count() or 1)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out / stamp
-    out.mkdir(parents=True)
-
-    bench = llama_bench(bin_dir, args.model, args.threads, args.tokens)
-    print(f"llama-bench: {bench}")
-    rounds = []
-    for rnd in range(args.rounds):
-        order = ["edgellm", "llama-server"] if rnd % 2 == 0 else ["llama-server", "edgellm"]
-        rounds.append({name: run_round(name, args.model, args, bin_dir, out, rnd) for name in order})
-        print(f"round {rnd + 1}: " + json.dumps(rounds[-1]))
-
-    rows = summarise(rounds, args.concurrency)
-    result = {
-        "when": stamp, "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_before": load1,
-        "model": args.model.name, "threads": args.threads, "ctx": args.ctx, "tokens": args.tokens,
-        "llama_server_slots": args.slots, "llama_bench": bench, "rounds": rounds,
-        "summary": [{"metric": m, "edgellm": a, "llama_server": b, "ratio": r} for m, a, b, r in rows],
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    table = ["| metric | edgellm | llama-server | edgellm / llama-server |", "| --- | ---: | ---: | ---: |"]
-    table += [f"| {m} | {a:.1f} | {b:.1f} | {r:.2f} |" for m, a, b, r in rows]
-    table += ["", f"llama-bench ({args.threads} threads): " + ", ".join(f"{k} {v} t/s" for k, v in bench.items()),
-              f"load average before: {load1:.2f}; {args.rounds} rounds, A/B alternating; model {args.model.name}"]
-    (out / "results.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    results = [bench_model(args.model, args, bin_dir, out / args.model.stem)]
+    if args.tiny:
+        results.append(bench_model(tiny_model(out / "tiny-random.gguf"), args, bin_dir, out / "tiny-random"))
+    summary = {"when": out.name, "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": load,
+               "threads": args.threads, "slots": args.slots, "ctx": args.ctx, "tokens": args.tokens,
+               "rounds": args.rounds, "results": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwritten to {out}")
     return 0
 
