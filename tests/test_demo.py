@@ -59,3 +59,21 @@ def test_readme_quotes_the_make_targets_the_makefile_has():
     for target in ("run", "test"):
         assert re.search(rf"^{target}:", makefile, re.M)
         assert f"make {target}" in (ROOT / "README.md").read_text()
+
+
+def test_prefix_reuse_on_a_sliding_window_model_keeps_the_output(server):
+    # Gemma 3 attends through a 512-token sliding window in most layers: a reused prefix
+    # longer than the window must give exactly what recomputing it gives.
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    system = "You help on a farm. " + " ".join(f"Field {i} grows wheat and barley." for i in range(150))
+
+    def ask(question: str):
+        return client.chat.completions.create(
+            model="gemma-3-270m-q4_k_m", temperature=0, max_tokens=12,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+    first = ask("What grows in field 7?")
+    ask("What grows in field 9?")
+    again = ask("What grows in field 7?")
+    assert again.usage.prompt_tokens_details.cached_tokens > 1000
+    assert again.choices[0].message.content == first.choices[0].message.content

@@ -55,11 +55,17 @@ class Runner:
         self.model_id = model_id or model.path.stem
         self.metrics = metrics or Metrics()
         self.n_threads = settings.n_threads or physical_cores()
-        # Embedding models run one input at a time; generation runs `parallel` sequences.
-        self.parallel = 1 if model.is_embedding else settings.parallel
+        self._n_ctx_wanted = min(settings.n_ctx, model.n_ctx_train or settings.n_ctx)
+        if self._n_ctx_wanted < settings.n_ctx:
+            log.warning("n_ctx %d is larger than the model was trained for; using %d",
+                        settings.n_ctx, self._n_ctx_wanted)
+        # Embedding models run one input at a time; generation runs `parallel` sequences, each
+        # of which needs a place in every batch (llama.cpp caps the batch at the context).
+        self.parallel = 1 if model.is_embedding else min(settings.parallel, settings.n_batch, self._n_ctx_wanted)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False
-        self._closing_lock = threading.Lock()  # nothing is queued after the stop sentinel
+        self._in_flight = 0  # accepted generations not yet ended: running, queued, or on their way
+        self._lock = threading.Lock()  # guards both; nothing is queued after the stop sentinel
         self._outbox = Outbox()
         self._scheduler: Scheduler | None = None
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
@@ -77,37 +83,40 @@ class Runner:
         Raises QueueFull (with a Retry-After estimate) when all `parallel` places are taken and
         max_queue requests already wait for one.
         """
-        scheduler = self._scheduler
-        in_flight = self._jobs.qsize() + scheduler.queued + len(scheduler.running)
-        if in_flight >= self.parallel + self.settings.max_queue:
-            request.sampler.close()
-            waiting = in_flight - self.parallel
-            retry = math.ceil(scheduler.mean_duration * (waiting + 1) / self.parallel)
-            raise QueueFull(waiting, max(1, retry))
         stream = Stream()
-        self._enqueue(Job(request, stream), on_refusal=request.sampler.close)
+        with self._lock:
+            if self._closing:
+                request.sampler.close()
+                raise ShuttingDown("the server is shutting down")
+            if self._in_flight >= self.parallel + self.settings.max_queue:
+                request.sampler.close()
+                waiting = self._in_flight - self.parallel
+                retry = math.ceil(self._scheduler.mean_duration * (waiting + 1) / self.parallel)
+                raise QueueFull(waiting, max(1, retry))
+            self._in_flight += 1
+            self._jobs.put(Job(request, stream))
         return stream
+
+    def _released(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """L2-normalised embeddings, one per tokenized input; cancelling stops between inputs."""
         job = _EmbedJob(inputs, concurrent.futures.Future())
-        self._enqueue(job)
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            self._jobs.put(job)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
             job.cancelled = True
             raise
 
-    def _enqueue(self, job: Job | _EmbedJob, on_refusal=lambda: None) -> None:
-        with self._closing_lock:
-            if self._closing:
-                on_refusal()
-                raise ShuttingDown("the server is shutting down")
-            self._jobs.put(job)
-
     def stop(self) -> None:
         """Take no more work; running and queued requests end with ShuttingDown. Does not wait."""
-        with self._closing_lock:
+        with self._lock:
             if not self._closing:
                 self._closing = True
                 self._jobs.put(None)
@@ -122,11 +131,7 @@ class Runner:
     def _context_params(self):
         s = self.settings
         params = C.llama_context_default_params()
-        n_ctx = s.n_ctx
-        if self.model.n_ctx_train and n_ctx > self.model.n_ctx_train:
-            log.warning("n_ctx %d is larger than the model was trained for; using %d", n_ctx, self.model.n_ctx_train)
-            n_ctx = self.model.n_ctx_train
-        params.n_ctx = n_ctx
+        n_ctx = params.n_ctx = self._n_ctx_wanted
         if self.model.is_embedding:
             # Non-causal models see a whole input in one micro-batch, and llama.cpp does not
             # cap their batch at the context as it does for causal ones.
@@ -153,7 +158,7 @@ class Runner:
         batch = C.llama_batch_init(n_batch, 0, 1)
         scheduler = self._scheduler = Scheduler(
             ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch, parallel=self.parallel,
-            outbox=self._outbox, metrics=self.metrics)
+            outbox=self._outbox, metrics=self.metrics, on_release=self._released)
         ready.set_result((n_ctx, n_batch))
         try:
             while self._take_jobs(scheduler, ctx, batch):
@@ -163,7 +168,12 @@ class Runner:
                     log.exception("scheduler step failed")
                     scheduler.stop_all(EngineError(str(e)))
                 self._outbox.flush()
+        except BaseException:
+            log.exception("the engine thread failed; this model takes no more requests")
+            raise
         finally:
+            with self._lock:  # whatever ended the loop, later submits are refused, not left hanging
+                self._closing = True
             scheduler.stop_all(ShuttingDown("the server is shutting down"))
             self._drain()
             self._outbox.flush()
@@ -199,6 +209,7 @@ class Runner:
                 job.request.sampler.close()
                 self._outbox.put(job.stream, ShuttingDown("the server is shutting down"))
                 self._outbox.end(job.stream)
+                self._released()
 
     def _embed(self, ctx, batch, job: _EmbedJob) -> None:
         if not job.future.set_running_or_notify_cancel():

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
@@ -103,11 +104,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, ctx, batch, model: Model, *, model_id: str, n_ctx: int, n_batch: int, parallel: int,
-                 outbox: Outbox, metrics: Metrics) -> None:
+                 outbox: Outbox, metrics: Metrics, on_release: Callable[[], None]) -> None:
         self.ctx = ctx
         self.batch = batch
         self.mem = C.llama_get_memory(ctx)
         self.model = model
+        self.n_swa = C.llama_model_n_swa(model.ptr)
         self.model_id = model_id
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -116,9 +118,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: prefill is served first come, first served
         self.outbox = outbox
         self.metrics = metrics.for_model(model_id)
-        # Read from the event loop for admission control: plain numbers, no lock needed.
-        self.queued = 0  # requests not yet admitted to a slot (preempted ones are not counted)
-        self.mean_duration = 2.0  # seconds a request runs, smoothed: for Retry-After
+        self.on_release = on_release  # the runner's in-flight count
+        self.mean_duration = 2.0  # seconds a request runs, smoothed (read by the runner for Retry-After)
         self._update_gauges()
 
     # --- intake -----------------------------------------------------------------------------
@@ -132,8 +133,6 @@ class Scheduler:
         if job.request.max_tokens is not None:
             limit = min(limit, job.request.max_tokens)
         self.waiting.append(Sequence(job, limit))
-        self.queued += 1
-        self.metrics.prompt_tokens.inc(len(job.request.prompt))
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -151,7 +150,6 @@ class Scheduler:
             self.outbox.put(sequence.stream, error)
             self._release(sequence, keep_cache=False)
         self.waiting.clear()
-        self.queued = 0
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.running if s.stream.cancelled]:
@@ -160,8 +158,6 @@ class Scheduler:
             self._release(sequence, keep_cache=False)
         for sequence in [s for s in self.waiting if s.stream.cancelled]:
             self.waiting.remove(sequence)
-            if not sequence.started:
-                self.queued -= 1
             self.metrics.requests["cancelled"].inc()
             self._release(sequence, keep_cache=False)
 
@@ -174,9 +170,9 @@ class Scheduler:
             first = not sequence.started  # not a preempted sequence coming back
             kept = self._place(sequence, free)
             if first:
-                self.queued -= 1
                 sequence.started = time.perf_counter()
                 sequence.cached = kept
+                self.metrics.prompt_tokens.inc(sequence.prompt_len)
                 self.metrics.cached_tokens.inc(kept)
 
     def _place(self, sequence: Sequence, free: list[Slot]) -> int:
@@ -193,8 +189,11 @@ class Scheduler:
             C.llama_memory_seq_cp(self.mem, donor.seq_id, slot.seq_id, 0, donor_keep)
             keep = donor_keep
         elif not C.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1):
-            C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)  # this memory cannot cut a sequence short
+            keep = 0  # this memory cannot cut a sequence short (recurrent state)
+        if keep and not self._holds(slot.seq_id, keep):
             keep = 0
+        if keep == 0:
+            C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.tokens = tokens[:keep]
         slot.sequence = sequence
         sequence.slot = slot
@@ -202,9 +201,21 @@ class Scheduler:
         self.running.append(sequence)
         return keep
 
+    def _holds(self, seq_id: int, keep: int) -> bool:
+        """Whether the memory really holds positions [0, keep) of seq_id, as attention will need them.
+
+        Sliding-window layers may have dropped cells older than their window, and a
+        recurrent state copied from another slot covers all of that slot's tokens:
+        in both cases the cache cannot stand in for the prefix, and it is recomputed.
+        """
+        if C.llama_memory_seq_pos_max(self.mem, seq_id) != keep - 1:
+            return False
+        n_swa = self.n_swa
+        return not n_swa or C.llama_memory_seq_pos_min(self.mem, seq_id) <= max(0, keep - n_swa)
+
     # --- the batch ------------------------------------------------------------------------------
 
-    def _plan(self, with_prefill: bool) -> _Plan:
+    def _plan(self, prefill_budget: int) -> _Plan:
         plan = _Plan()
         batch = self.batch
         n = 0
@@ -214,20 +225,20 @@ class Scheduler:
                 plan.outputs.append((sequence, n))
                 plan.generating.append(sequence)
                 n += 1
-        if with_prefill:
-            for sequence in self.running:
-                if not sequence.pending or n >= self.n_batch:
-                    continue
-                take = min(len(sequence.pending), self.n_batch - n)
-                start = len(sequence.slot.tokens)
-                seq_id = sequence.slot.seq_id
-                for j in range(take):
-                    self._put(n + j, sequence.pending[j], start + j, seq_id, False)
-                n += take
-                if take == len(sequence.pending):  # the prompt's last token: its logits give the first token
-                    batch.logits[n - 1] = 1
-                    plan.outputs.append((sequence, n - 1))
-                plan.prefill.append((sequence, take))
+        limit = min(self.n_batch, n + prefill_budget)
+        for sequence in self.running:
+            if not sequence.pending or n >= limit:
+                continue
+            take = min(len(sequence.pending), limit - n)
+            start = len(sequence.slot.tokens)
+            seq_id = sequence.slot.seq_id
+            for j in range(take):
+                self._put(n + j, sequence.pending[j], start + j, seq_id, False)
+            n += take
+            if take == len(sequence.pending):  # the prompt's last token: its logits give the first token
+                batch.logits[n - 1] = 1
+                plan.outputs.append((sequence, n - 1))
+            plan.prefill.append((sequence, take))
         batch.n_tokens = n
         plan.n_tokens = n
         return plan
@@ -242,9 +253,9 @@ class Scheduler:
 
     def _decode(self) -> list[tuple[Sequence, int]]:
         """One llama_decode; when the KV cache is full, make room and try again."""
-        with_prefill = True
+        prefill_budget = self.n_batch
         while self.running:
-            plan = self._plan(with_prefill)
+            plan = self._plan(prefill_budget)
             if plan.n_tokens == 0:
                 return []
             status = C.llama_decode(self.ctx, self.batch)
@@ -258,8 +269,9 @@ class Scheduler:
             # No room in the KV cache (llama.cpp left it as it was): degrade, never fail.
             if self._evict_idle_cache():
                 continue
-            if with_prefill and plan.prefill and plan.generating:
-                with_prefill = False  # prompts wait until generation frees cells
+            if plan.prefill and plan.generating:
+                # Smaller prompt chunks first; at 0, prompts wait until generation frees cells.
+                prefill_budget = sum(take for _, take in plan.prefill) // 2
                 continue
             if len(self.running) > 1:
                 self._preempt(self.running[-1])
@@ -307,14 +319,14 @@ class Scheduler:
     def _sample(self, sequence: Sequence, index: int) -> None:
         token = C.llama_sampler_sample(sequence.sampler.ptr, self.ctx, index)
         now = time.perf_counter()
-        if sequence.last_token_at:
-            self.metrics.itl.observe(now - sequence.last_token_at)
-        else:
+        if not sequence.last_token_at:
             self.metrics.ttft.observe(now - sequence.job.submitted)
-        sequence.last_token_at = now
         if self.model.is_eog(token):
             self._finish(sequence, "stop")
             return
+        if sequence.last_token_at:
+            self.metrics.itl.observe(now - sequence.last_token_at)
+        sequence.last_token_at = now
         sequence.generated += 1
         self.metrics.generated_tokens.inc()
         text = sequence.text.feed(self.model.piece(token))
@@ -360,6 +372,7 @@ class Scheduler:
             self.running.remove(sequence)
         sequence.sampler.close()
         self.outbox.end(sequence.stream)
+        self.on_release()
 
     def _update_gauges(self) -> None:
         m = self.metrics
