@@ -212,3 +212,31 @@ def test_context_is_set_up_explicitly(server):
     # Threads = physical cores (llama-cpp-python's high-level default would halve them); flash attention auto.
     physical = psutil.cpu_count(logical=False)
     assert f"(context 4096 tokens, batch 512, 4 parallel, {physical} threads, flash attention auto)" in server.log()
+
+
+@pytest.mark.parametrize("bias", [{}, {"5": 3.5, "300": -100}])
+def test_greedy_fast_path_picks_what_llama_cpp_picks(random_server, bias):
+    # Temperature 0 takes an argmax over the logits; temperature 1 with top_k 1 runs
+    # llama.cpp's sampler chain. On the same logits they must choose the same tokens.
+    client = openai.OpenAI(base_url=random_server.base_url, api_key="unused", max_retries=0)
+
+    def complete(**sampling) -> str:
+        return client.completions.create(model="random", prompt="the cat sat", max_tokens=40, logit_bias=bias,
+                                         **sampling).choices[0].text
+
+    assert complete(temperature=0) == complete(temperature=1.0, extra_body={"top_k": 1}, seed=1)
+
+
+@pytest.mark.parametrize("bias", [
+    {"tock": -100},                 # the favourite itself is biased away
+    {"tock": -100, "Hello": 100},   # a biased token beats everything
+    {"cat": 0.5},                   # a small bias that does not change the favourite
+])
+def test_greedy_fast_path_handles_every_kind_of_bias(client, bias):
+    ids = {str(CHATML_VOCAB.index(SPACE + word)): value for word, value in bias.items()}
+
+    def complete(**sampling) -> str:
+        return client.completions.create(model="scripted-chatml", prompt="tick", max_tokens=6, logit_bias=ids,
+                                         **sampling).choices[0].text
+
+    assert complete(temperature=0) == complete(temperature=1.0, extra_body={"top_k": 1}, seed=1)

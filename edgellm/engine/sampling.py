@@ -8,10 +8,12 @@ one outside the scheduler thread is safe.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
+import numpy as np
 
 from edgellm.engine.grammar import SchemaError, to_gbnf
 from edgellm.engine.model import Model
@@ -36,27 +38,62 @@ class SamplingParams:
 
 
 class Sampler:
-    """One llama_sampler chain; whoever holds it last calls close()."""
+    """One request's way of picking tokens; whoever holds it last calls close().
+
+    Greedy decoding without a grammar or penalties skips llama.cpp's sampler
+    chain: an argmax over the logits picks the same token without first copying
+    the whole vocabulary into a candidate array, a tenth of the time on a
+    262k-token vocabulary. Everything else runs a llama_sampler chain.
+    """
 
     def __init__(self, model: Model, params: SamplingParams) -> None:
-        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        self.ptr = chain
+        self.ptr = None
+        self.n_vocab = model.n_vocab
+        bias = dict(params.logit_bias)
+        # With a grammar, the end of the document must stay possible: once the JSON is
+        # complete the grammar allows only end tokens, and forbidding those too makes
+        # llama.cpp abort the process.
+        if params.ignore_eos and params.json_schema is None:
+            bias.update((token, -math.inf) for token in model.eog_tokens)
+        penalties = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
+        if params.temperature <= 0 and params.json_schema is None and not penalties:
+            self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+            self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+            self._biased = frozenset(bias)
+            self._row = ctypes.c_float * model.n_vocab
+            return
+        self.ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         try:
-            self._build(model, params)
+            self._build(model, params, bias)
         except BaseException:
             self.close()
             raise
 
+    def sample(self, ctx, index: int) -> int:
+        """The next token from the logits of batch position `index` (the chain accepts it)."""
+        if self.ptr is not None:
+            return C.llama_sampler_sample(self.ptr, ctx, index)
+        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+        logits = np.frombuffer(self._row.from_address(address), dtype=np.float32)
+        best = int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler picks
+        if not len(self._bias_ids):
+            return best
+        if best in self._biased:  # rare: the favourite itself is biased; redo the argmax on a copy
+            logits = logits.copy()
+            logits[self._bias_ids] += self._bias_values
+            return int(logits.argmax())
+        # The favourite is unbiased, so only a biased token can beat it.
+        biased = logits[self._bias_ids] + self._bias_values
+        top = int(biased.argmax())
+        token, value = int(self._bias_ids[top]), biased[top]
+        if value > logits[best] or (value == logits[best] and token < best):
+            return token
+        return best
+
     def _add(self, sampler) -> None:
         C.llama_sampler_chain_add(self.ptr, sampler)
 
-    def _build(self, model: Model, p: SamplingParams) -> None:
-        bias = dict(p.logit_bias)
-        # With a grammar, the end of the document must stay possible: once the JSON is
-        # complete the grammar allows only end tokens, and forbidding those too makes
-        # llama.cpp abort the process.
-        if p.ignore_eos and p.json_schema is None:
-            bias.update((token, -math.inf) for token in model.eog_tokens)
+    def _build(self, model: Model, p: SamplingParams, bias: dict[int, float]) -> None:
         if bias:
             biases = (C.llama_logit_bias * len(bias))(
                 *(C.llama_logit_bias(token, value) for token, value in bias.items())

@@ -317,7 +317,7 @@ class Scheduler:
     # --- sampling -------------------------------------------------------------------------------
 
     def _sample(self, sequence: Sequence, index: int) -> None:
-        token = C.llama_sampler_sample(sequence.sampler.ptr, self.ctx, index)
+        token = sequence.sampler.sample(self.ctx, index)
         now = time.perf_counter()
         if not sequence.last_token_at:
             self.metrics.ttft.observe(now - sequence.job.submitted)
