@@ -25,12 +25,16 @@ def metric(server, name: str, labels: str = 'model="{model}"') -> float:
     raise AssertionError(f"{wanted} not in /metrics")
 
 
-async def _complete_all(base_url: str, prompts: list[str], max_tokens: int) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
-    results = await asyncio.gather(*(client.completions.create(
-        model="random", prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts))
-    await client.close()
-    return [r.choices[0].text for r in results]
+def complete_concurrently(server, model: str, prompts: list[str], max_tokens: int, max_retries: int = 0) -> list:
+    """Greedy completions of all `prompts` at once, through the async openai SDK."""
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=max_retries)
+        results = await asyncio.gather(*(client.completions.create(
+            model=model, prompt=p, max_tokens=max_tokens, temperature=0) for p in prompts))
+        await client.close()
+        return results
+
+    return asyncio.run(run())
 
 
 PROMPTS = ["the cat", "the mat sat on", "Hello world", "Once upon a time", "yes no yes", "tick tock",
@@ -44,7 +48,7 @@ def test_concurrent_greedy_equals_one_by_one(server_factory, models):
     one_by_one = [client.completions.create(model="random", prompt=p, max_tokens=24, temperature=0).choices[0].text
                   for p in PROMPTS]
     together = server_factory(models["random"], config=config)  # a fresh cache: nothing reused
-    concurrent = asyncio.run(_complete_all(together.base_url, PROMPTS, 24))
+    concurrent = [r.choices[0].text for r in complete_concurrently(together, "random", PROMPTS, 24)]
     assert concurrent == one_by_one
     # And they really ran together: far fewer decode steps than one at a time.
     assert metric(together, "edgellm_decode_steps_total") < 0.6 * metric(alone, "edgellm_decode_steps_total")
@@ -66,7 +70,9 @@ def test_sixteen_streams_with_random_cancellations(busy_server):
     max_tokens = 40
 
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str, str | None]:
-        body = {"prompt": "tick", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        # Streams to be cancelled ask for far more tokens, so they are still running when their client leaves.
+        body = {"prompt": "tick", "max_tokens": max_tokens if cancel_after[i] is None else 20000,
+                "temperature": 0, "stream": True}
         text, finish, chunks = "", None, 0
         async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -127,14 +133,8 @@ def test_sdk_retries_a_429_by_itself(server_factory, models):
     # and the openai SDK waits for Retry-After and tries again on its own.
     server = server_factory(models["scripted"], config="[engine]\nparallel = 1\nmax_queue = 0\n")
 
-    async def two():
-        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=3)
-        results = await asyncio.gather(*(client.completions.create(
-            model="scripted", prompt="tick", max_tokens=200, temperature=0) for _ in range(2)))
-        await client.close()
-        return results
-
-    assert [r.usage.completion_tokens for r in asyncio.run(two())] == [200, 200]
+    results = complete_concurrently(server, "scripted", ["tick"] * 2, 200, max_retries=3)
+    assert [r.usage.completion_tokens for r in results] == [200, 200]
     assert metric(server, "edgellm_requests_total", 'outcome="rejected"') >= 1
 
 
@@ -201,14 +201,7 @@ def test_a_full_kv_cache_pauses_sequences_instead_of_failing(server_factory, mod
     # 256 cells shared by four sequences that each need ~120: they cannot all fit at once.
     server = server_factory(models["scripted"], config="[engine]\nn_ctx = 256\nparallel = 4\nn_batch = 64\n")
 
-    async def four():
-        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
-        results = await asyncio.gather(*(client.completions.create(
-            model="scripted", prompt="tick", max_tokens=120, temperature=0) for _ in range(4)))
-        await client.close()
-        return results
-
-    results = asyncio.run(four())
+    results = complete_concurrently(server, "scripted", ["tick"] * 4, 120)
     assert [(r.choices[0].text, r.choices[0].finish_reason) for r in results] == [(expected_ticks(120), "length")] * 4
     assert "KV cache full: pausing a sequence" in server.log()
     assert metric(server, "edgellm_requests_total", 'outcome="failed"') == 0
