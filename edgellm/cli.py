@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import socket
 import sys
 from pathlib import Path
 
 from edgellm import __version__
-from edgellm.config import Config, ConfigError, is_loopback, load, read_api_keys
+from edgellm.config import Config, ConfigError, is_loopback, load, read_keys
+from edgellm.engine import gguf
+from edgellm.engine.gguf import GGUFError
+from edgellm.store.registry import Registry, StoreError
 
 log = logging.getLogger("edgellm")
 
@@ -48,6 +52,22 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow listening beyond loopback without API keys")
     serve.set_defaults(func=_serve)
+
+    models = commands.add_parser("models", help="the models installed in the state dir")
+    actions = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name, helptext in (("list", "list installed models"), ("add", "install a GGUF file (copy or hard link)"),
+                           ("remove", "uninstall a model"), ("show", "everything known about a model")):
+        action = actions.add_parser(name, help=helptext)
+        action.add_argument("--config", metavar="FILE", help="TOML config file (for its [server] state_dir)")
+        action.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
+        if name == "add":
+            action.add_argument("path", metavar="PATH", help="a .gguf file (the first part of a split model)")
+            action.add_argument("--alias", metavar="NAME", help="another name clients may use")
+        elif name in ("remove", "show"):
+            action.add_argument("model", metavar="ID", help="the model's id or alias")
+        if name in ("list", "show"):
+            action.add_argument("--json", action="store_true", help="machine-readable output")
+        action.set_defaults(func=_models)
     return parser
 
 
@@ -58,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (StoreError, GGUFError) as e:
+        print(f"edgellm: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
 
@@ -68,7 +91,9 @@ def _serve(args: argparse.Namespace) -> int:
         model={"path": args.model},
     )
     _check_model_file(config, from_flag=args.model is not None)
-    keys = read_api_keys(config.server, config.source)
+    keys = read_keys(config.server.api_keys, config.server.api_key_file, f"{config.source}: [server] api_key_file")
+    admin_keys = read_keys(config.server.admin_keys, config.server.admin_key_file,
+                           f"{config.source}: [server] admin_key_file")
     host, port = config.server.host, config.server.port
     if not is_loopback(host) and not keys and not args.insecure_no_auth:
         raise ConfigError(f"refusing to listen on {host} without API keys: set [server] api_keys or "
@@ -96,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
              "required" if keys else "not required")
-    app = create_app(config, keys)
+    app = create_app(config, keys, admin_keys)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -110,21 +135,87 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
+    registry = Registry(config.server.state_dir).open()
+    if args.action == "list":
+        entries = registry.entries()
+        if args.json:
+            print(json.dumps([e.record() for e in entries], indent=2))
+        else:
+            _table(["ID", "ALIASES", "ARCH", "QUANT", "PARAMS", "CONTEXT", "SIZE"],
+                   [[e.id, ",".join(e.aliases) or "-", e.architecture, e.quantization, _count(e.parameters),
+                     str(e.context_length), _bytes(e.size)] for e in entries])
+    elif args.action == "add":
+        entry, new = registry.add(args.path, alias=args.alias, progress=_progress(Path(args.path)))
+        verb = "installed" if new else "already installed as"
+        print(f"{verb} {entry.id} ({_bytes(entry.size)}, {entry.architecture} {entry.quantization}, "
+              f"sha256 {entry.sha256[:12]})")
+    elif args.action == "remove":
+        print(f"removed {registry.remove(args.model).id}")
+    else:
+        entry = registry.find(args.model)
+        if entry is None:
+            raise StoreError(f"no installed model is called {args.model!r}")
+        if args.json:
+            print(json.dumps({**entry.record(), "paths": [str(p) for p in entry.paths]}, indent=2))
+        else:
+            for key, value in entry.record().items():
+                if key == "files":
+                    value = ", ".join(f"{f['name']} ({_bytes(f['size'])}, sha256 {f['sha256'][:12]})" for f in value)
+                print(f"{key + ':':16}{value}")
+            print(f"{'paths:':16}{', '.join(str(p) for p in entry.paths)}")
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else str(n)
+
+
+def _progress(path: Path):
+    """A percentage on stderr while a large file is hashed and copied; nothing when not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    total = sum(p.stat().st_size for p in gguf.split_parts(path) if p.exists()) or 1
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        print(f"\r{path.name}: {100 * done // total}%", end="" if done < total else "\n", file=sys.stderr)
+
+    return advance
+
+
 def _check_model_file(config: Config, *, from_flag: bool) -> None:
-    """A missing or non-GGUF model file is a config error, named by where it came from."""
+    """A missing or unreadable --model file is a config error, named by where it came from."""
     path = config.model.path
-    where = "--model" if from_flag else f"{config.source}: [model] path"
     if not path:
-        raise ConfigError("no model to serve: pass --model PATH or set [model] path in a --config file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise ConfigError(f"{where}: {path} is not a GGUF file")
+        return
+    where = "--model" if from_flag else f"{config.source}: [model] path"
+    for part in gguf.split_parts(Path(path)):
+        try:
+            gguf.read(part)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file: {part}") from None
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read {part}: {e.strerror}") from None
+        except gguf.GGUFError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -133,6 +224,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # connections queue from now on, while start-up finishes
     except OSError:
         sock.close()
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class ServerConfig:
     api_key_file: str = ""
     max_body_bytes: int = 4 * 1024 * 1024
     state_dir: str = ".edgellm"
+    admin_keys: tuple[str, ...] = ()
+    admin_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,17 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    max_loaded: int = 2
+    memory_budget: str = ""  # empty: the RAM psutil says is available, minus memory_reserve
+    memory_reserve: str = "256MiB"
+    keep_alive: str = "5m"
+    load_timeout: str = "120s"
+    pinned: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     prompts: bool = False
@@ -64,6 +78,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -80,6 +95,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "model": ModelConfig,
     "engine": EngineConfig,
+    "models": ModelsConfig,
     "log": LogConfig,
 }
 
@@ -98,6 +114,40 @@ _RANGES: dict[tuple[str, str], tuple[int, int]] = {
     ("engine", "n_gpu_layers"): (-1, 10000),
     ("engine", "parallel"): (1, 256),
     ("engine", "max_queue"): (0, 100000),
+    ("models", "max_loaded"): (1, 64),
+}
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+               "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '1.5GB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 512MiB or 2GB, got {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+def parse_duration(text: str | int | float) -> float | None:
+    """Ollama's keep_alive: '5m', '1h', '30s', or seconds; 0 is now; negative is forever (None)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
+        if not match:
+            raise ValueError(f"expected a duration such as 30s, 5m or 1h (negative: forever), got {text!r}")
+        seconds = float(match[1]) * _TIME_UNITS[match[2]]
+    return None if seconds < 0 else seconds
+
+
+_PARSED = {
+    ("models", "memory_budget"): parse_size,
+    ("models", "memory_reserve"): parse_size,
+    ("models", "keep_alive"): parse_duration,
+    ("models", "load_timeout"): parse_duration,
 }
 
 
@@ -149,6 +199,12 @@ def _section(cls: type, name: str, table: dict, source: str):
         low, high = _RANGES.get((name, key), (None, None))
         if low is not None and not low <= value <= high:
             raise ConfigError(f"{source}: [{name}] {key}: must be from {low} to {high}, got {value}")
+        parse = _PARSED.get((name, key))
+        if parse is not None and value != "":
+            try:
+                parse(value)
+            except ValueError as e:
+                raise ConfigError(f"{source}: [{name}] {key}: {e}") from None
     return cls(**values)
 
 
@@ -188,15 +244,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_api_keys(server: ServerConfig, source: str) -> frozenset[str]:
-    """Keys from the config plus the key file (one per line, '#' comments)."""
-    keys = {k for k in server.api_keys if k}
-    if server.api_key_file:
+def read_keys(keys: tuple[str, ...], key_file: str, where: str) -> frozenset[str]:
+    """Keys given inline plus those in a key file (one per line, '#' comments)."""
+    found = {k for k in keys if k}
+    if key_file:
         try:
-            text = Path(server.api_key_file).read_text()
+            text = Path(key_file).read_text()
         except OSError as e:
-            raise ConfigError(f"{source}: [server] api_key_file: cannot read {server.api_key_file}: {e.strerror}") from None
+            raise ConfigError(f"{where}: cannot read {key_file}: {e.strerror}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"{source}: [server] api_key_file: {server.api_key_file} is not UTF-8 text") from None
-        keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
-    return frozenset(keys)
+            raise ConfigError(f"{where}: {key_file} is not UTF-8 text") from None
+        found.update(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    return frozenset(found)

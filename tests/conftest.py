@@ -45,11 +45,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, message: str =
 class Server:
     """`python -m edgellm serve` in a subprocess, on a free loopback port."""
 
-    def __init__(self, model: Path, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
+    def __init__(self, model: Path | None, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
                  api_key: str | None = None, wait_ready: bool = True) -> None:
         self.log_path = tmp / "server.log"
-        cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", "0",
-               "--state-dir", str(tmp / "state")]
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--state-dir", str(tmp / "state"),
+               *(["--model", str(model)] if model else [])]
         if config:
             (tmp / "edgellm.toml").write_text(config)
             cmd += ["--config", str(tmp / "edgellm.toml")]

@@ -88,8 +88,19 @@ def test_a_file_that_is_not_gguf(tmp_path):
     assert_one_line_error(edgellm("serve", "--model", str(fake)), "--model", "not a GGUF file")
 
 
-def test_no_model_at_all(tmp_path):
-    assert_one_line_error(edgellm("serve", cwd=tmp_path), "no model to serve", "--model")
+def test_a_file_with_a_damaged_header(tmp_path):
+    damaged = tmp_path / "model.gguf"
+    damaged.write_bytes(b"GGUF" + b"\x07\x00\x00\x00" + b"\x00" * 32)
+    assert_one_line_error(edgellm("serve", "--model", str(damaged)), "--model", "GGUF version 7 is not supported")
+
+
+def test_serving_with_no_model_yet(server_factory, tmp_path):
+    # An appliance starts before its first model arrives: it serves, and says what to do.
+    server = server_factory(None)
+    assert server.get("/v1/models").json()["data"] == []
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "edgellm models add" in r.json()["error"]["message"]
+    assert "no models yet" in server.log()
 
 
 @pytest.mark.parametrize("args,fragment", [

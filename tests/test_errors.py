@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
+import time
 
 import httpx
 import openai
@@ -175,33 +177,36 @@ def test_chat_on_an_embedding_model_is_refused(server_factory, models):
     assert_error(server.post("/v1/chat/completions", CHAT), 400, param="model", code="model_not_supported")
 
 
-def test_a_model_that_fails_to_load_is_a_503_with_the_reason(server_factory, tmp_path):
+def test_a_model_that_fails_to_load_is_a_503_with_the_reason(server_factory, models, tmp_path):
+    # A sound header with its tensor data cut short: the CLI's header check passes, llama.cpp refuses.
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"GGUF" + b"\x00" * 64)  # passes the CLI's magic check, fails in llama.cpp
+    broken.write_bytes(models["scripted"].read_bytes()[:-4096])
     server = server_factory(broken, wait_ready=False)
     r = wait_until(lambda: (r := server.get("/health")).status_code == 503 and "failed" in r.text and r, 30,
                    message="the load to fail")
     assert_error(r, 503, code="model_not_ready", says="failed to load")
     assert "retry-after" not in r.headers  # retrying will not help
+    assert "not within the file bounds" in r.text  # llama.cpp's own reason reaches the operator
     assert_error(server.post("/v1/completions", {"prompt": "x"}), 503, says="failed to load")
     assert server.get("/v1/models").status_code == 200  # and the service is still up
 
 
-def test_503_with_retry_after_while_the_model_loads(models, monkeypatch):
+def test_requests_wait_for_a_loading_model_within_a_bound(models, monkeypatch, tmp_path):
     """The real app on a real socket, with the real load held back until the test has looked."""
     from edgellm.app import create_app
-    from edgellm.config import Config, ModelConfig
+    from edgellm.config import Config, ModelConfig, ModelsConfig, ServerConfig
     from edgellm.engine.pool import Pool
 
     gate = threading.Event()
     real_load = Pool._load_blocking
 
-    def held_load(self):
+    def held_load(self, managed):
         gate.wait(30)
-        return real_load(self)
+        return real_load(self, managed)
 
     monkeypatch.setattr(Pool, "_load_blocking", held_load)
-    app = create_app(Config(model=ModelConfig(path=str(models["scripted"]))))
+    app = create_app(Config(server=ServerConfig(state_dir=str(tmp_path)), models=ModelsConfig(load_timeout="1s"),
+                            model=ModelConfig(path=str(models["scripted"]))))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -213,9 +218,16 @@ def test_503_with_retry_after_while_the_model_loads(models, monkeypatch):
         r = httpx.get(url + "/health")
         assert_error(r, 503, code="model_not_ready", says="loading")
         assert r.headers["retry-after"] == "2"
-        assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 503, code="model_not_ready")
+        # A request waits for the load, but no longer than load_timeout (1 s here): then 503 + Retry-After.
+        started = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hello"}, timeout=30)
+        assert_error(r, 503, code="model_not_ready", says="still loading")
+        assert 0.9 < time.monotonic() - started < 5 and r.headers["retry-after"] == "5"
+        # Once the load goes on, a waiting request gets its answer.
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            httpx.post, url + "/v1/completions", json={"prompt": "Hello", "temperature": 0}, timeout=30)
         gate.set()
-        wait_until(lambda: httpx.get(url + "/health").status_code == 200, 30, message="the model to load")
+        assert waiting.result(30).json()["choices"][0]["text"] == " world!"
         assert httpx.get(url + "/health").json() == {"status": "ok"}
     finally:
         gate.set()

@@ -24,12 +24,18 @@ _init_lock = threading.Lock()
 _initialized = False
 
 
+_errors = threading.local()  # llama.cpp's error lines during a load on this thread: the reason it failed
+
+
 @C.llama_log_callback
 def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp is chatty while loading: its info lines are our debug lines.
     py_level = _LEVELS.get(level, logging.DEBUG)
+    line = text.decode("utf-8", "replace").rstrip("\n")
+    if py_level == logging.ERROR and hasattr(_errors, "lines"):
+        _errors.lines.append(line)
     if _llama_log.isEnabledFor(py_level):
-        _llama_log.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+        _llama_log.log(py_level, "%s", line)
 
 
 def init_llama() -> None:
@@ -49,16 +55,28 @@ class ModelLoadError(Exception):
 class Model:
     """Weights and vocabulary of one GGUF file, safe to share between threads."""
 
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = -1, vocab_only: bool = False) -> None:
+    def __init__(self, path: str | Path | list[Path], *, n_gpu_layers: int = -1, vocab_only: bool = False) -> None:
+        """`path`: a GGUF file, or the parts of a split model in order."""
         init_llama()
-        self.path = Path(path)
+        parts = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
+        self.path = parts[0]
         self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only  # metadata and tokenizer without the weights
-        ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        _errors.lines = []
+        try:
+            if len(parts) == 1:
+                ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+            else:
+                paths = (ctypes.c_char_p * len(parts))(*(str(p).encode() for p in parts))
+                ptr = C.llama_model_load_from_splits(paths, len(parts), params)
+        finally:
+            reasons = _errors.lines
+            del _errors.lines
         if not ptr:
-            raise ModelLoadError(f"llama.cpp could not load {self.path} (see the log above for its reason)")
+            reason = reasons[0].split(": ", 1)[-1] if reasons else "see the log for the reason"
+            raise ModelLoadError(f"llama.cpp could not load {self.path.name}: {reason}")
         self.ptr = ptr
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)

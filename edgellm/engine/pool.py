@@ -1,41 +1,64 @@
-"""The models this service answers for, and their loading state.
+"""Which models are loaded: on demand, within a memory budget, unloaded when idle.
 
-For now that is the one configured model, loaded in the background at
-start-up so the HTTP server can answer /health (503) while it loads.
+Every model the service knows (the installed ones, and a file given with
+--model) has a record here. A request leases a model: the first lease loads
+it, concurrent first leases share that one load, and a lease is held until
+the response ends, so a model with requests in flight is never unloaded.
+
+Before a load, the memory it will take is estimated from the GGUF header
+(memory.py). If it does not fit, the least recently used idle models are
+unloaded; if it could never fit, the request gets a clear refusal with the
+numbers instead of the box getting an out-of-memory kill. Loads run one at a
+time, so two of them never count the same free memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from edgellm.config import EngineConfig
+import psutil
+
+from edgellm.config import EngineConfig, ModelsConfig, parse_duration, parse_size
+from edgellm.engine import gguf, memory
 from edgellm.engine.chat import ChatTemplate
-from edgellm.engine.model import Model
+from edgellm.engine.memory import MiB, Estimate
+from edgellm.engine.model import Model, ModelLoadError
 from edgellm.engine.runner import Runner
+from edgellm.engine.stream import EngineError
 from edgellm.metrics import Metrics
+from edgellm.store.registry import Entry, Registry
 
 log = logging.getLogger("edgellm.engine")
 
 
 class ModelNotFound(LookupError):
-    def __init__(self, name: str, available: list[str]) -> None:
-        super().__init__(f"model '{name}' does not exist here; available: {', '.join(available) or 'none'}")
+    def __init__(self, name: str | None, available: list[str]) -> None:
+        if not available:
+            message = "no models are installed here: add one with `edgellm models add PATH`"
+        elif name is None:
+            message = f"'model' is required: this server has several ({', '.join(available)})"
+        else:
+            message = f"model '{name}' does not exist here; available: {', '.join(available) or 'none'}"
+        super().__init__(message)
         self.name = name
+        self.available = available
 
 
 class NotReady(Exception):
-    """The model is still loading, or failed to; retry_after is a hint in seconds."""
+    """The model is loading, failed to load, or the server is stopping; retry_after is a hint in seconds."""
 
     def __init__(self, message: str, retry_after: int | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ModelTooLarge(Exception):
+    """The model cannot fit in memory here even with every other model unloaded."""
 
 
 class Loaded:
@@ -45,13 +68,19 @@ class Loaded:
     thread); the weights are freed only when nobody holds them.
     """
 
-    def __init__(self, model_id: str, model: Model, runner: Runner, template: ChatTemplate | None) -> None:
+    def __init__(self, model_id: str, model: Model, runner: Runner, template: ChatTemplate | None,
+                 defaults: dict[str, float]) -> None:
         self.id = model_id
         self.model = model
         self.runner = runner
         self.template = template  # None for embedding models
+        self.defaults = defaults  # sampling defaults the model file recommends
         self._users = 0
         self._idle = threading.Condition()
+
+    @property
+    def users(self) -> int:
+        return self._users
 
     def acquire(self) -> None:
         with self._idle:
@@ -76,87 +105,357 @@ class Loaded:
             return self._idle.wait_for(lambda: self._users == 0, timeout)
 
 
-def model_id_for(path: Path) -> str:
-    """A client-friendly id from a file name: no extension, no split-file suffix."""
-    return re.sub(r"-\d{5}-of-\d{5}$", "", path.name.removesuffix(".gguf"))
+class Managed:
+    """One model the service knows about, loaded or not."""
+
+    def __init__(self, entry: Entry, headers: list[gguf.GGUFFile], estimate: Estimate) -> None:
+        self.entry = entry
+        self.headers = headers
+        self.estimate = estimate
+        self.loaded: Loaded | None = None
+        self.loading: asyncio.Task | None = None
+        self.last_used = 0.0  # wall-clock seconds
+        self.keep_alive: float | None = 0.0  # seconds idle before unloading; None: until evicted
+        self.rss_delta: int | None = None  # measured when it loaded
+        self.removed = False  # gone from the catalog: unload once idle, do not load again
+        self.unload_requested = False  # by the admin API while requests were in flight
+        self.template_override = ""  # [model] chat_template, for the --model file
+
+    @property
+    def state(self) -> str:
+        return "loaded" if self.loaded else "loading" if self.loading else "unloaded"
+
+    @property
+    def expires_at(self) -> float | None:
+        if self.loaded is None or self.keep_alive is None or self.loaded.users:
+            return None
+        return self.last_used + self.keep_alive
+
+
+class Lease:
+    """A request's hold on a loaded model; release() exactly once, when the response has ended."""
+
+    def __init__(self, pool: Pool, managed: Managed, keep_alive: float | None) -> None:
+        self.pool = pool
+        self.managed = managed
+        self.loaded: Loaded = managed.loaded
+        self.keep_alive = keep_alive
+        self._released = False
+        self.loaded.acquire()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.loaded.release()
+            self.pool._after_release(self.managed, self.keep_alive)
 
 
 class Pool:
-    def __init__(self, path: str, model_id: str, engine: EngineConfig, chat_template: str = "",
-                 metrics: Metrics | None = None) -> None:
-        self.path = Path(path)
-        self.id = model_id or model_id_for(self.path)
-        self.created = int(self.path.stat().st_mtime)
+    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, registry: Registry | None = None,
+                 extra: list[tuple[Entry, str]] = (), metrics: Metrics | None = None) -> None:
+        """`extra`: models served from where they are (a --model file), with a chat template override each."""
         self._engine = engine
-        self._chat_template = chat_template
+        self._settings = settings
+        self._registry = registry
+        self._extra = list(extra)
         self._metrics = metrics or Metrics()
-        self._loaded: Loaded | None = None
-        self._error: str | None = None
-        self._task: asyncio.Task | None = None
+        self._models: dict[str, Managed] = {}
+        self._stamp = -1
+        self._load_lock = asyncio.Lock()
+        self._released = asyncio.Event()  # set whenever a lease ends: a model may have become evictable
+        self._startup: list[asyncio.Task] = []
+        self._housekeeping: asyncio.Task | None = None
         self._closing = False
+        self.default_keep_alive = parse_duration(settings.keep_alive)
+        self.load_timeout = parse_duration(settings.load_timeout) or 0.0
+        self.budget = parse_size(settings.memory_budget) if settings.memory_budget else None
+        self.reserve = parse_size(settings.memory_reserve) if settings.memory_reserve else 0
 
-    def start(self) -> None:
-        """Begin loading in a worker thread; the event loop stays free."""
-        self._task = asyncio.create_task(self._load())
+    # --- the catalog --------------------------------------------------------------------------
 
-    async def _load(self) -> None:
-        started = time.monotonic()
+    async def start(self) -> None:
+        """Read the catalog, start loading the preload list and the --model file, keep house."""
+        if self._registry is not None:
+            await asyncio.to_thread(self._registry.open)
+        await self._refresh()
+        for name in [*(e.id for e, _ in self._extra), *self._settings.preload]:
+            if name not in self._names():
+                log.error("cannot preload %r: no such model", name)
+                continue
+            self._startup.append(asyncio.create_task(self._preload(name)))
+        self._housekeeping = asyncio.create_task(self._keep_house())
+        if not self._models:
+            log.warning("no models yet: install one with `edgellm models add PATH` (it is picked up at once)")
+
+    async def _preload(self, name: str) -> None:
+        managed = self.find(name)
         try:
-            self._loaded = await asyncio.to_thread(self._load_blocking)
+            await self._loaded(managed, timeout=None)
         except Exception as e:
-            self._error = str(e)
-            log.error("model %s failed to load: %s", self.id, e)
-            return
-        runner = self._loaded.runner
-        log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d parallel, %d threads, "
-                 "flash attention %s)", self.id, time.monotonic() - started, runner.n_ctx, runner.n_batch,
-                 runner.parallel, runner.n_threads, self._engine.flash_attn)
+            log.error("model %s failed to load: %s", name, e)
+            raise
+        managed.last_used = time.time()
 
-    def _load_blocking(self) -> Loaded:
-        model = Model(self.path, n_gpu_layers=self._engine.n_gpu_layers)
+    async def _refresh(self) -> None:
+        """Take in catalog changes made by anyone (the CLI, the admin API, an import)."""
+        stamp = self._registry.stamp() if self._registry else 0
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        entries = [(e, "") for e in await asyncio.to_thread(self._registry.entries)] if self._registry else []
+        current = {e.id: (e, template) for e, template in [*self._extra, *entries]}
+        for model_id, managed in list(self._models.items()):
+            entry = current.get(model_id, (None, ""))[0]
+            if entry is None or entry.sha256 != managed.entry.sha256:
+                managed.removed = True  # unloads once idle; a replacement gets a new record
+                del self._models[model_id]
+                await self._retire(managed)
+        for model_id, (entry, template) in current.items():
+            if model_id not in self._models:
+                self._models[model_id] = await asyncio.to_thread(self._describe, entry, template)
+
+    def _describe(self, entry: Entry, template: str) -> Managed:
+        headers = [gguf.read(p) for p in entry.paths]
+        estimate = memory.estimate(headers, n_ctx=self._engine.n_ctx, parallel=self._engine.parallel,
+                                   n_ubatch=min(self._engine.n_ubatch, self._engine.n_batch),
+                                   embedding=entry.embedding)
+        managed = Managed(entry, headers, estimate)
+        managed.template_override = template
+        managed.keep_alive = self.default_keep_alive
+        return managed
+
+    def _names(self) -> dict[str, Managed]:
+        return {name: m for m in self._models.values() for name in m.entry.names()}
+
+    def entries(self) -> list[Entry]:
+        return [m.entry for m in self._models.values()]
+
+    def models(self) -> list[Managed]:
+        return list(self._models.values())
+
+    def find(self, name: str | None) -> Managed:
+        names = self._names()
+        if name is None and len(self._models) == 1:
+            return next(iter(self._models.values()))
+        if name not in names:
+            raise ModelNotFound(name, sorted(self._models))
+        return names[name]
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    async def acquire(self, name: str | None, *, keep_alive: float | None | bool = False) -> Lease:
+        """Lease the model called `name` (id or alias; None when only one exists), loading it if
+        need be. keep_alive: seconds to stay loaded once idle, None for until evicted, False for
+        the configured default."""
+        if self._closing:
+            raise NotReady("the server is shutting down", None)
+        if name is not None and name not in self._names():
+            await self._refresh()  # installed a moment ago by another process?
+        managed = self.find(name)
+        keep = self.default_keep_alive if keep_alive is False else keep_alive
+        await self._loaded(managed, timeout=self.load_timeout)
+        if self._closing:
+            raise NotReady("the server is shutting down", None)
+        managed.last_used = time.time()
+        return Lease(self, managed, keep)
+
+    async def _loaded(self, managed: Managed, *, timeout: float | None) -> None:
+        """Return once `managed` is loaded: joining a load under way or starting one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while managed.loaded is None:
+            if managed.removed:
+                raise ModelNotFound(managed.entry.id, sorted(self._models))
+            task = managed.loading or self._start_load(managed)
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), remaining)
+            except TimeoutError:
+                raise NotReady(f"model '{managed.entry.id}' is still loading", 5) from None
+            except (ModelLoadError, EngineError) as e:
+                raise NotReady(f"model '{managed.entry.id}' failed to load: {e}", None) from None
+
+    def _after_release(self, managed: Managed, keep_alive: float | None) -> None:
+        managed.last_used = time.time()
+        managed.keep_alive = keep_alive
+        self._released.set()
+        if managed.loaded and managed.loaded.users == 0 and (
+                managed.unload_requested or managed.removed
+                or (keep_alive == 0 and managed.entry.id not in self._settings.pinned)):
+            asyncio.get_running_loop().create_task(self._unload_if_idle(managed))
+
+    # --- loading and unloading ------------------------------------------------------------------
+
+    def _start_load(self, managed: Managed) -> asyncio.Task:
+        managed.loading = asyncio.get_running_loop().create_task(self._load(managed))
+        managed.loading.add_done_callback(lambda _: setattr(managed, "loading", None))
+        return managed.loading
+
+    async def _load(self, managed: Managed) -> None:
+        async with self._load_lock:
+            if managed.loaded is not None or managed.removed:
+                return
+            await self._make_room(managed)
+            process = psutil.Process()
+            before = process.memory_info().rss
+            started = time.monotonic()
+            loaded = await asyncio.to_thread(self._load_blocking, managed)
+            managed.rss_delta = process.memory_info().rss - before
+            managed.loaded = loaded
+            managed.unload_requested = False
+            runner = loaded.runner
+            log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d parallel, %d threads, "
+                     "flash attention %s; memory +%.0f MiB, estimated %.0f MiB)", managed.entry.id,
+                     time.monotonic() - started, runner.n_ctx, runner.n_batch, runner.parallel, runner.n_threads,
+                     self._engine.flash_attn, managed.rss_delta / MiB, managed.estimate.total / MiB)
+
+    def _load_blocking(self, managed: Managed) -> Loaded:
+        entry = managed.entry
+        model = Model(entry.paths, n_gpu_layers=self._engine.n_gpu_layers)
         try:
-            template = None if model.is_embedding else ChatTemplate.for_model(model, self._chat_template)
-            runner = Runner(model, self._engine, model_id=self.id, metrics=self._metrics)
+            template = None if model.is_embedding else ChatTemplate.for_model(model, managed.template_override)
+            runner = Runner(model, self._engine, model_id=entry.id, metrics=self._metrics)
         except BaseException:
             model.close()
             raise
-        return Loaded(self.id, model, runner, template)
+        return Loaded(entry.id, model, runner, template, entry.defaults)
 
-    @property
-    def ready(self) -> bool:
-        return self._loaded is not None
+    def free_memory(self) -> int:
+        """Bytes a new model may use now, with what is loaded staying loaded."""
+        if self.budget is not None:
+            return self.budget - sum(m.estimate.total for m in self._models.values() if m.loaded)
+        return psutil.virtual_memory().available - self.reserve
 
-    def ids(self) -> list[str]:
-        return [self.id]
+    def _reclaimable(self, exclude: Managed) -> int:
+        """Bytes that unloading every model that may be unloaded would give back."""
+        return sum(m.estimate.total for m in self._models.values()
+                   if m.loaded and m is not exclude and m.entry.id not in self._settings.pinned)
 
-    def get(self, name: str | None) -> Loaded:
-        """The loaded model for a request's `model` field (None means the default)."""
-        if name is not None and name != self.id:
-            raise ModelNotFound(name, self.ids())
+    async def _make_room(self, managed: Managed) -> None:
+        """Unload idle models, least recently used first, until `managed` fits; wait (bounded)
+        for busy ones; refuse with the numbers when it can never fit."""
+        need = managed.estimate.total
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            loaded = [m for m in self._models.values() if m.loaded]
+            if len(loaded) < self._settings.max_loaded and need <= self.free_memory():
+                return
+            best = self.free_memory() + self._reclaimable(managed)
+            if need > best:
+                raise ModelTooLarge(self._too_large(managed, best))
+            idle = [m for m in loaded if not m.loaded.users and m.entry.id not in self._settings.pinned]
+            if idle:
+                await self._unload(min(idle, key=lambda m: m.last_used), reason="to make room")
+                continue
+            if time.monotonic() > deadline:
+                raise NotReady(f"model '{managed.entry.id}' waits for busy models to finish before it can load",
+                               5)
+            self._released.clear()
+            try:
+                await asyncio.wait_for(self._released.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                pass
+
+    def _too_large(self, managed: Managed, available: int) -> str:
+        fits = memory.largest_context(managed.headers, available, parallel=self._engine.parallel,
+                                      n_ubatch=min(self._engine.n_ubatch, self._engine.n_batch))
+        where = (f"a {self.budget / MiB:.0f} MiB budget" if self.budget is not None
+                 else f"the available RAM minus a {self.reserve / MiB:.0f} MiB reserve")
+        hint = (f"it would fit with [engine] n_ctx = {fits}" if fits
+                else "even the smallest context would not fit")
+        return (f"model '{managed.entry.id}' needs about {managed.estimate.describe()} with n_ctx "
+                f"{self._engine.n_ctx} and {self._engine.parallel} parallel sequences, but at most "
+                f"{max(available, 0) / MiB:.0f} MiB can be made free ({where}); {hint}")
+
+    async def _unload(self, managed: Managed, *, reason: str) -> None:
+        loaded, managed.loaded = managed.loaded, None
+        if loaded is None:
+            return
+        log.info("unloading model %s (%s)", managed.entry.id, reason)
+        await asyncio.to_thread(loaded.runner.close)
+        if await asyncio.to_thread(loaded.wait_idle, 10):
+            loaded.model.close()
+        else:  # a worker thread still tokenizes with it: leaking beats a use-after-free
+            log.warning("model %s is still in use; not freeing its weights", managed.entry.id)
+
+    async def _unload_if_idle(self, managed: Managed, reason: str = "keep_alive elapsed") -> bool:
+        async with self._load_lock:
+            if managed.loaded is None or managed.loaded.users:
+                return False
+            await self._unload(managed, reason="removed" if managed.removed else reason)
+            return True
+
+    async def _retire(self, managed: Managed) -> None:
+        if managed.loaded is not None and not managed.loaded.users:
+            await self._unload_if_idle(managed)
+
+    async def _keep_house(self) -> None:
+        """Every second: take in catalog changes, unload models whose keep_alive has run out."""
+        while not self._closing:
+            try:
+                await self._refresh()
+                now = time.time()
+                for managed in list(self._models.values()):
+                    expires = managed.expires_at
+                    if expires is not None and expires <= now and managed.entry.id not in self._settings.pinned:
+                        await self._unload_if_idle(managed)
+            except Exception:
+                log.exception("model housekeeping failed")
+            await asyncio.sleep(1)
+
+    # --- admin ----------------------------------------------------------------------------------
+
+    async def load(self, name: str) -> Managed:
+        lease = await self.acquire(name, keep_alive=False)
+        lease.release()
+        return lease.managed
+
+    async def unload(self, name: str) -> bool:
+        """Unload now if idle; otherwise once the requests in flight end. True if unloaded now."""
+        managed = self.find(name)
+        if managed.loaded is None:
+            return True
+        managed.unload_requested = True
+        return await self._unload_if_idle(managed, reason="asked to")
+
+    async def remove(self, name: str) -> Entry:
+        """Uninstall a model; refused while requests are in flight on it."""
+        managed = self.find(name)
+        if self._registry is None or managed.entry.id not in {e.id for e in self._registry.entries()}:
+            raise ValueError(f"model '{managed.entry.id}' is not installed in the store (it was given with --model)")
+        if managed.loaded is not None and managed.loaded.users:
+            raise RuntimeError(f"model '{managed.entry.id}' has {managed.loaded.users} request(s) in flight")
+        await self._unload_if_idle(managed, reason="removed")
+        entry = await asyncio.to_thread(self._registry.remove, managed.entry.id)
+        await self._refresh()
+        return entry
+
+    # --- health and shutdown --------------------------------------------------------------------
+
+    def health(self) -> None:
+        """Raises NotReady while start-up loads run or after one failed."""
         if self._closing:
             raise NotReady("the server is shutting down", None)
-        if self._loaded is None:
-            if self._error:
-                raise NotReady(f"model '{self.id}' failed to load: {self._error}", None)
-            raise NotReady(f"model '{self.id}' is loading", 2)
-        return self._loaded
+        for task in self._startup:
+            if not task.done():
+                raise NotReady("models are loading", 2)
+            if task.exception() is not None:
+                raise NotReady(f"a model failed to load: {task.exception()}", None)
 
     def interrupt(self) -> None:
         """Shutdown has begun: refuse new requests and end running ones now, so their
         clients get an answer instead of being cut off when the server's grace period ends."""
         self._closing = True
-        if self._loaded is not None:
-            self._loaded.runner.stop()
+        for managed in self._models.values():
+            if managed.loaded is not None:
+                managed.loaded.runner.stop()
 
     async def close(self) -> None:
-        """Refuse new requests, end the running ones, and free the model once nobody holds it."""
+        """Refuse new requests, end the running ones, and free every model once nobody holds it."""
         self._closing = True
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._loaded is not None:
-            loaded, self._loaded = self._loaded, None
-            await asyncio.to_thread(loaded.runner.close)
-            if await asyncio.to_thread(loaded.wait_idle, 10):
-                loaded.model.close()
-            else:  # a worker thread still tokenizes with it: leaking beats a use-after-free
-                log.warning("model %s is still in use at shutdown; not freeing it", loaded.id)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await asyncio.gather(*self._startup, *(m.loading for m in self._models.values() if m.loading),
+                             return_exceptions=True)
+        for managed in self._models.values():
+            await self._unload(managed, reason="shutting down")
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgellm.engine.sampling import SamplingParams
+from edgellm.config import parse_duration
 from edgellm.protocol.errors import invalid
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -26,7 +26,8 @@ class GenerationOptions:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
-    sampling: SamplingParams
+    sampling: dict[str, object]  # only the fields the request sets
+    keep_alive: float | None | bool  # seconds, None (forever), or False (not given)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class EmbeddingRequest:
     model: str | None
     inputs: list[str | list[int]]
     encoding_format: str
+    keep_alive: float | None | bool
 
 
 _MISSING = object()
@@ -109,6 +111,7 @@ def _options(body: dict, *, chat: bool) -> GenerationOptions:
         stream=stream,
         include_usage=include_usage,
         sampling=_sampling(body),
+        keep_alive=_keep_alive(body),
     )
 
 
@@ -125,21 +128,35 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def _sampling(body: dict) -> SamplingParams:
-    defaults = SamplingParams()
-    return SamplingParams(
-        temperature=_get(body, "temperature", "number", defaults.temperature, minimum=0, maximum=2),
-        top_p=_get(body, "top_p", "number", defaults.top_p, minimum=0, maximum=1),
-        top_k=_get(body, "top_k", "integer", defaults.top_k, minimum=0),
-        min_p=_get(body, "min_p", "number", defaults.min_p, minimum=0, maximum=1),
-        seed=_get(body, "seed", "integer"),
-        presence_penalty=_get(body, "presence_penalty", "number", 0.0, minimum=-2, maximum=2),
-        frequency_penalty=_get(body, "frequency_penalty", "number", 0.0, minimum=-2, maximum=2),
-        repeat_penalty=_get(body, "repeat_penalty", "number", defaults.repeat_penalty, minimum=0.01, maximum=10),
-        logit_bias=_logit_bias(body),
-        ignore_eos=_get(body, "ignore_eos", "boolean", False),
-        json_schema=_response_format(body),
-    )
+def _sampling(body: dict) -> dict[str, object]:
+    """The sampling fields the request sets; the model's and the server's defaults fill the rest."""
+    fields = {
+        "temperature": _get(body, "temperature", "number", minimum=0, maximum=2),
+        "top_p": _get(body, "top_p", "number", minimum=0, maximum=1),
+        "top_k": _get(body, "top_k", "integer", minimum=0),
+        "min_p": _get(body, "min_p", "number", minimum=0, maximum=1),
+        "seed": _get(body, "seed", "integer"),
+        "presence_penalty": _get(body, "presence_penalty", "number", minimum=-2, maximum=2),
+        "frequency_penalty": _get(body, "frequency_penalty", "number", minimum=-2, maximum=2),
+        "repeat_penalty": _get(body, "repeat_penalty", "number", minimum=0.01, maximum=10),
+        "logit_bias": _logit_bias(body) or None,
+        "ignore_eos": _get(body, "ignore_eos", "boolean"),
+        "json_schema": _response_format(body),
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _keep_alive(body: dict) -> float | None | bool:
+    """Ollama's keep_alive: how long the model stays loaded after this request; False when not given."""
+    value = body.get("keep_alive")
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise invalid("'keep_alive' must be a duration such as \"5m\", or seconds", "keep_alive")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise invalid(f"'keep_alive': {e}", "keep_alive") from None
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
@@ -254,7 +271,8 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
     if encoding not in ("float", "base64"):
         raise invalid(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
     _refuse_unless(_get(body, "dimensions", "integer") is None, "dimensions", "'dimensions' is not supported")
-    return EmbeddingRequest(model=_get(body, "model", "string"), inputs=inputs, encoding_format=encoding)
+    return EmbeddingRequest(model=_get(body, "model", "string"), inputs=inputs, encoding_format=encoding,
+                            keep_alive=_keep_alive(body))
 
 
 def _is_token_list(value: object) -> bool:

@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer KEY` or `x-api-key: KEY` on every route but the public ones."""
+"""API and admin keys: `Authorization: Bearer KEY` or `x-api-key: KEY` on every route but the public ones."""
 
 from __future__ import annotations
 
@@ -19,32 +19,55 @@ def _digest(key: str) -> bytes:
 
 
 class APIKeyAuth:
-    """ASGI middleware; with no keys configured it lets everything through (loopback use)."""
+    """ASGI middleware. /admin/* takes admin keys only, everything else but /health the API keys.
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str]) -> None:
+    With no keys of a kind configured, those routes are open: the server then
+    listens on loopback only (the CLI refuses a network address without API
+    keys), except that the admin API stays closed on a network address.
+    """
+
+    def __init__(self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset(),
+                 *, loopback: bool = True) -> None:
         self.app = app
         self._digests = [_digest(k) for k in keys]
+        self._admin_digests = [_digest(k) for k in admin_keys]
+        self._admin_open = loopback and not admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
+        admin = scope["path"].startswith("/admin/") or scope["path"] == "/admin"
+        digests = self._admin_digests if admin else self._digests
+        if (not digests and (not admin or self._admin_open)) or _valid(scope, digests):
+            await self.app(scope, receive, send)
+            return
+        if admin and not digests:
+            await _refuse(send, APIError(403, "the admin API is closed on a network address without admin keys: "
+                                              "set [server] admin_keys or admin_key_file", code="admin_disabled"))
+            return
         presented = _presented_key(scope)
-        if presented is not None:
-            digest = _digest(presented)
-            if any(hmac.compare_digest(digest, d) for d in self._digests):
-                await self.app(scope, receive, send)
-                return
-        message = ("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None
-                   else "invalid API key")
-        error = APIError(401, message, code="invalid_api_key")
-        body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="edgellm"'),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        kind = "admin key" if admin else "API key"
+        message = (f"missing {kind}: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None
+                   else f"invalid {kind}")
+        await _refuse(send, APIError(401, message, code="invalid_api_key"))
+
+
+def _valid(scope: Scope, digests: list[bytes]) -> bool:
+    presented = _presented_key(scope)
+    if presented is None:
+        return False
+    digest = _digest(presented)
+    return any(hmac.compare_digest(digest, d) for d in digests)
+
+
+async def _refuse(send: Send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="edgellm"'))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _presented_key(scope: Scope) -> str | None:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from edgellm.engine.chat import TemplateError
 from edgellm.engine.grammar import SchemaError
-from edgellm.engine.pool import ModelNotFound, NotReady
+from edgellm.engine.pool import ModelNotFound, ModelTooLarge, NotReady
 from edgellm.engine.stream import EngineError, QueueFull, ShuttingDown
 from edgellm.protocol.errors import APIError, invalid
 
@@ -25,7 +25,11 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ModelNotFound):
+        if exc.name is None and exc.available:
+            return invalid(str(exc), "model", code="model_required")
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ModelTooLarge):
+        return invalid(str(exc), "model", code="model_too_large")
     if isinstance(exc, NotReady):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
         return APIError(503, str(exc), code="model_not_ready", headers=headers)
@@ -77,6 +81,7 @@ HANDLERS = {
     HTTPException: _handle,
     APIError: _handle,
     ModelNotFound: _handle,
+    ModelTooLarge: _handle,
     NotReady: _handle,
     SchemaError: _handle,
     TemplateError: _handle,

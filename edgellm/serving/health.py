@@ -1,4 +1,4 @@
-"""GET /health: public, 200 when a model is ready to serve, 503 (with the reason) while not."""
+"""GET /health: public; 200 when ready, 503 (with the reason) while start-up loads run or after one failed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from starlette.routing import Route
 
 
 async def health(request: Request) -> JSONResponse:
-    request.app.state.pool.get(None)  # raises NotReady -> 503 while loading or after a failed load
+    request.app.state.pool.health()  # raises NotReady -> 503 while start-up loads run or after one failed
     return JSONResponse({"status": "ok"})
 
 

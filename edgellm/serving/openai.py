@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from edgellm.engine.pool import Loaded, Pool
-from edgellm.engine.sampling import Sampler
+from edgellm.engine.pool import Lease, Loaded, Pool
+from edgellm.engine.sampling import Sampler, SamplingParams
 from edgellm.engine.scheduler import GenerationRequest
 from edgellm.engine.stream import EngineError, Piece, Stream
 from edgellm.protocol import requests as proto
@@ -84,12 +84,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if task not in done:  # the client went first
         raise ClientGone
     return task.result()
 
@@ -97,41 +97,38 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 # --- models ------------------------------------------------------------------------------
 
 async def list_models(request: Request) -> JSONResponse:
-    pool = _pool(request)
-    return JSONResponse({"object": "list", "data": [model_object(i, pool.created) for i in pool.ids()]})
+    entries = _pool(request).entries()
+    return JSONResponse({"object": "list", "data": [model_object(e.id, e.created) for e in entries]})
 
 
 async def get_model(request: Request) -> JSONResponse:
-    pool = _pool(request)
-    model_id = request.path_params["model_id"]
-    if model_id not in pool.ids():
-        raise APIError(404, f"model '{model_id}' does not exist here", param="model", code="model_not_found")
-    return JSONResponse(model_object(model_id, pool.created))
+    managed = _pool(request).find(request.path_params["model_id"])
+    return JSONResponse(model_object(managed.entry.id, managed.entry.created))
 
 
 # --- completions -------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
     parsed = proto.parse_chat(await read_json(request))
-    loaded = _generative(_pool(request), parsed.options.model)
+    lease = await _generative(request, parsed.options)
     _log_prompt(request, parsed.messages)
-    template = loaded.template
-    return await _generate(request, loaded, lambda: loaded.model.tokenize(template.render(parsed.messages)),
+    model, template = lease.loaded.model, lease.loaded.template
+    return await _generate(request, lease, lambda: model.tokenize(template.render(parsed.messages)),
                            parsed.options, chat=True)
 
 
 async def completions(request: Request) -> Response:
     parsed = proto.parse_completion(await read_json(request))
-    loaded = _generative(_pool(request), parsed.options.model)
+    lease = await _generative(request, parsed.options)
     _log_prompt(request, parsed.prompt)
-    prompt = parsed.prompt
+    loaded, prompt = lease.loaded, parsed.prompt
     if isinstance(prompt, str):
         def tokenize() -> list[int]:
             return loaded.model.tokenize(prompt)
     else:
         def tokenize() -> list[int]:
             return _checked_tokens(loaded, prompt, "prompt")
-    return await _generate(request, loaded, tokenize, parsed.options, chat=False)
+    return await _generate(request, lease, tokenize, parsed.options, chat=False)
 
 
 def _log_prompt(request: Request, prompt: object) -> None:
@@ -140,12 +137,14 @@ def _log_prompt(request: Request, prompt: object) -> None:
         log.info("prompt for %s: %s", request.url.path, json.dumps(prompt, ensure_ascii=False))
 
 
-def _generative(pool: Pool, name: str | None) -> Loaded:
-    loaded = pool.get(name)
-    if loaded.template is None:
-        raise invalid(f"model '{loaded.id}' is an embedding model; use /v1/embeddings", "model",
+async def _generative(request: Request, options: proto.GenerationOptions) -> Lease:
+    """A lease on the requested model, loading it if need be, if it can generate text."""
+    lease = await _pool(request).acquire(options.model, keep_alive=options.keep_alive)
+    if lease.loaded.template is None:
+        lease.release()
+        raise invalid(f"model '{lease.loaded.id}' is an embedding model; use /v1/embeddings", "model",
                       code="model_not_supported")
-    return loaded
+    return lease
 
 
 def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
@@ -155,9 +154,12 @@ def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-async def _generate(request: Request, loaded: Loaded, tokenize: Callable[[], list[int]],
+async def _generate(request: Request, lease: Lease, tokenize: Callable[[], list[int]],
                     options: proto.GenerationOptions, *, chat: bool) -> Response:
+    """Run a generation on a leased model; the lease ends when the response does."""
     param = "messages" if chat else "prompt"
+    loaded = lease.loaded
+    sampling = SamplingParams(**{**loaded.defaults, **options.sampling})
 
     def prepare() -> GenerationRequest:
         """Tokens and a sampler, built in a worker thread (it may take milliseconds)."""
@@ -170,14 +172,13 @@ async def _generate(request: Request, loaded: Loaded, tokenize: Callable[[], lis
                 raise invalid(f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} tokens "
                               "(and needs room for at least one generated token)", param,
                               code="context_length_exceeded")
-            _checked_tokens(loaded, list(options.sampling.logit_bias), "logit_bias")
-            sampler = Sampler(loaded.model, options.sampling)
+            _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
+            sampler = Sampler(loaded.model, sampling)
             return GenerationRequest(prompt, sampler, options.max_tokens, options.stops)
 
     reply = Reply(model=loaded.id, chat=chat)
     stream: Stream | None = None
     handed_over = False
-    loaded.acquire()
     try:
         stream = loaded.runner.submit(await run_in_threadpool(prepare))
         if not options.stream:
@@ -186,13 +187,13 @@ async def _generate(request: Request, loaded: Loaded, tokenize: Callable[[], lis
         # Wait for the first piece before answering, so a failure before the first
         # byte still gets a proper status code instead of a broken 200 stream.
         first = await _unless_disconnected(request, anext(stream))
-        handed_over = True  # from here the response cancels the stream and releases the model
-        return GenerationResponse(_events(stream, first, reply, options.include_usage), stream, loaded.release)
+        handed_over = True  # from here the response cancels the stream and ends the lease
+        return GenerationResponse(_events(stream, first, reply, options.include_usage), stream, lease.release)
     finally:
         if not handed_over:
             if stream is not None:
                 stream.cancel()  # a no-op once the generation has finished
-            loaded.release()
+            lease.release()
 
 
 class GenerationResponse(StreamingResponse):
@@ -246,7 +247,14 @@ async def _events(stream: Stream, first: Piece, reply: Reply, include_usage: boo
 
 async def embeddings(request: Request) -> Response:
     parsed = proto.parse_embeddings(await read_json(request))
-    loaded = _pool(request).get(parsed.model)
+    lease = await _pool(request).acquire(parsed.model, keep_alive=parsed.keep_alive)
+    try:
+        return await _embed(request, lease.loaded, parsed)
+    finally:
+        lease.release()
+
+
+async def _embed(request: Request, loaded: Loaded, parsed: proto.EmbeddingRequest) -> Response:
     if not loaded.model.is_embedding:
         raise invalid(f"model '{loaded.id}' does not support embeddings (it declares no pooling type)", "model",
                       code="model_not_supported")
@@ -265,9 +273,8 @@ async def embeddings(request: Request) -> Response:
                               "input", code="context_length_exceeded")
         return inputs
 
-    with loaded.held():
-        inputs = await run_in_threadpool(prepare)
-        vectors = await _unless_disconnected(request, loaded.runner.embed(inputs))
+    inputs = await run_in_threadpool(prepare)
+    vectors = await _unless_disconnected(request, loaded.runner.embed(inputs))
     return JSONResponse(embeddings_body(loaded.id, vectors, parsed.encoding_format, sum(map(len, inputs))))
 
 

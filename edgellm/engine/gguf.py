@@ -1,0 +1,141 @@
+"""Read a GGUF file's header: its metadata and tensor table, never its weights.
+
+Installing a model, listing it, and deciding whether it fits in memory all
+need the architecture, the sizes and the hyperparameters, and reading them
+must not cost a load. Large arrays (the vocabulary) are skipped, with only
+their length kept.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"GGUF"
+SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+# Value types of the GGUF format, and how the fixed-size ones are packed.
+_STRING, _ARRAY = 8, 9
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_KEEP_ARRAY = 256  # arrays up to this many items are kept (per-layer values); longer ones only counted
+
+
+class GGUFError(ValueError):
+    """Not a GGUF file, or a damaged one."""
+
+
+@dataclass
+class GGUFFile:
+    """What one GGUF file (or one part of a split model) says about itself."""
+
+    path: Path
+    version: int
+    metadata: dict[str, object]
+    array_lengths: dict[str, int]  # every array's item count, kept or not
+    n_params: int  # elements over all tensors
+    tensor_bytes: int  # the data section: what mmap brings into memory
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.get("general.architecture", "unknown"))
+
+    def arch(self, key: str, default=None):
+        """A hyperparameter of this file's architecture: arch("context_length") -> llama.context_length."""
+        return self.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.array_lengths.get("tokenizer.ggml.tokens", 0)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All parts of a split model, given any of its files; [path] for a single file."""
+    match = SPLIT_RE.match(path.name)
+    if not match:
+        return [path]
+    count = int(match["count"])
+    return [path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def read(path: str | Path) -> GGUFFile:
+    path = Path(path)
+    with open(path, "rb") as f:
+        reader = _Reader(f, path)
+        if f.read(4) != MAGIC:
+            raise GGUFError(f"{path}: not a GGUF file")
+        version = reader.scalar("<I")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: GGUF version {version} is not supported")
+        n_tensors, n_kv = reader.scalar("<Q"), reader.scalar("<Q")
+        metadata: dict[str, object] = {}
+        lengths: dict[str, int] = {}
+        for _ in range(n_kv):
+            key = reader.string()
+            kind = reader.scalar("<I")
+            if kind == _ARRAY:
+                item_kind, count = reader.scalar("<I"), reader.scalar("<Q")
+                lengths[key] = count
+                if count <= _KEEP_ARRAY:
+                    metadata[key] = [reader.value(item_kind) for _ in range(count)]
+                else:
+                    reader.skip_array(item_kind, count)
+            else:
+                metadata[key] = reader.value(kind)
+        n_params = 0
+        for _ in range(n_tensors):
+            reader.string()  # name
+            n_dims = reader.scalar("<I")
+            elements = 1
+            for _ in range(n_dims):
+                elements *= reader.scalar("<Q")
+            reader.scalar("<I"), reader.scalar("<Q")  # type, offset
+            n_params += elements
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-f.tell() // alignment) * alignment
+        size = path.stat().st_size
+        if data_start > size:
+            raise GGUFError(f"{path}: truncated (the header runs past the end of the file)")
+    return GGUFFile(path, version, metadata, lengths, n_params, size - data_start)
+
+
+class _Reader:
+    def __init__(self, f, path: Path) -> None:
+        self.f = f
+        self.path = path
+
+    def _read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise GGUFError(f"{self.path}: truncated header")
+        return data
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self._read(self.scalar("<Q")).decode("utf-8", "replace")
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _ARRAY:
+            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(item_kind) for _ in range(count)]
+        raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
+
+    def skip_array(self, kind: int, count: int) -> None:
+        if kind == _STRING:
+            for _ in range(count):
+                self.f.seek(self.scalar("<Q"), 1)
+        elif kind in _SCALARS:
+            self.f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
+        else:
+            for _ in range(count):
+                self.value(kind)

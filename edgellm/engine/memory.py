@@ -1,0 +1,101 @@
+"""How much memory loading a model will take, from its GGUF header alone.
+
+The parts, as llama.cpp allocates them on the CPU:
+
+- weights: the tensor data, memory-mapped, plus an allowance for the tensors
+  the CPU backend repacks into a second, interleaved copy;
+- the model's own structures: mostly the vocabulary;
+- the KV cache: for every layer, n_ctx cells (padded to 256) of K and V in f16,
+  n_head_kv x key/value length each. Sliding-window layers count in full,
+  because edgellm keeps their cache full-size (swa_full) so that cached
+  prefixes stay reusable; with that, n_ctx cells are shared by all sequences;
+- the output buffer: one row of logits per sequence;
+- what a decode step touches: activations of one micro-batch and the logits of
+  its outputs (llama.cpp reserves far more, the logits of every token of a
+  micro-batch, but edgellm never asks for those, so the pages stay untouched).
+
+The constants were measured on x86-64 against RSS after loading and running a
+prefill and parallel decode (tools/bench/README.md has the method); the
+estimate errs a little on the large side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgellm.engine.gguf import GGUFFile
+
+MiB = 1 << 20
+_F16 = 2
+_CTX_PAD = 256
+_REPACK_SHARE = 0.05  # of the weights: the CPU backend's interleaved copies (5.4% measured on Gemma 3 Q4_K_M)
+_PER_TOKEN = 160  # bytes per vocabulary entry in the loaded model (text, score, type, maps)
+_PER_CELL = 48  # bytes of bookkeeping per KV cell and cache (positions, sequence sets)
+_FIXED = 6 * MiB  # the model object, the context, graph metadata, thread pools
+_ACTIVATIONS = 12  # bytes per (token, embedding + feed-forward unit) of a micro-batch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    compute: int  # the rest: model structures, output buffer, activations, fixed costs
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def describe(self) -> str:
+        return (f"{self.total / MiB:.0f} MiB (weights {self.weights / MiB:.0f} MiB + KV cache "
+                f"{self.kv_cache / MiB:.0f} MiB + buffers {self.compute / MiB:.0f} MiB)")
+
+
+def _per_layer(value, n_layer: int) -> list[int]:
+    """A hyperparameter given once for all layers or as one value per layer."""
+    if isinstance(value, list):
+        return [int(v) for v in value] + [int(value[-1]) if value else 0] * (n_layer - len(value))
+    return [int(value)] * n_layer
+
+
+def kv_bytes_per_cell(parts: list[GGUFFile]) -> int:
+    """Bytes of K and V that one token position takes across all layers."""
+    g = parts[0]
+    n_layer = int(g.arch("block_count", 0))
+    n_embd = int(g.arch("embedding_length", 0))
+    n_head = _per_layer(g.arch("attention.head_count", 1), n_layer)
+    n_head_kv = _per_layer(g.arch("attention.head_count_kv", g.arch("attention.head_count", 1)), n_layer)
+    total = 0
+    for layer in range(n_layer):
+        head_dim = n_embd // max(n_head[layer], 1)
+        k = int(g.arch("attention.key_length", head_dim))
+        v = int(g.arch("attention.value_length", head_dim))
+        total += n_head_kv[layer] * (k + v) * _F16
+    return total
+
+
+def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int, embedding: bool = False
+             ) -> Estimate:
+    """Memory a load with these settings will take (bytes), for a model given by its header(s)."""
+    g = parts[0]
+    n_ctx = min(n_ctx, int(g.arch("context_length", n_ctx)) or n_ctx)
+    cells = -(-n_ctx // _CTX_PAD) * _CTX_PAD
+    tensors = sum(p.tensor_bytes for p in parts)
+    weights = int(tensors * (1 + _REPACK_SHARE))
+    kv = 0 if embedding else cells * kv_bytes_per_cell(parts)
+    n_vocab = g.n_vocab
+    n_embd = int(g.arch("embedding_length", 0))
+    n_ff = max(_per_layer(g.arch("feed_forward_length", 0), int(g.arch("block_count", 1)) or 1))
+    outputs = n_vocab * 4 * (2 * parallel + 1)  # the output buffer, and the logits rows of a step
+    activations = n_ubatch * (n_embd + n_ff) * _ACTIVATIONS
+    caches = 2 if g.arch("attention.sliding_window") else 1
+    compute = _FIXED + n_vocab * _PER_TOKEN + cells * _PER_CELL * caches + outputs + activations
+    return Estimate(weights, kv, compute)
+
+
+def largest_context(parts: list[GGUFFile], available: int, *, parallel: int, n_ubatch: int) -> int:
+    """The largest n_ctx (a multiple of 256) whose estimate fits in `available`, or 0."""
+    best, n_ctx = 0, _CTX_PAD
+    ceiling = int(parts[0].arch("context_length", 1 << 20)) or (1 << 20)
+    while n_ctx <= ceiling and estimate(parts, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch).total <= available:
+        best, n_ctx = n_ctx, n_ctx * 2
+    return best

@@ -1,0 +1,296 @@
+"""The catalog of installed models, crash-safe.
+
+Layout under <state dir>/models:
+
+    catalog.json              every installed model, one entry each
+    blobs/sha256-<hex>.gguf   model files, named by the SHA-256 of their content
+    tmp/                      files being copied in; anything here after a crash is debris
+    .lock                     held (flock) by whoever changes the above
+
+The catalog is one JSON file, replaced atomically (write a temporary file,
+fsync it, rename it over the old one, fsync the directory): a crash at any
+instant leaves the old catalog or the new one. JSON rather than sqlite: the
+catalog holds a few entries, changes rarely, and an operator can read it with
+`cat` on a box that has nothing else; writers are serialized by the lock.
+
+Order of work makes every crash recoverable: adding copies the files into
+place first and changes the catalog last; removing changes the catalog first
+and deletes files after. So after a crash there can only be debris (temporary
+files, files no entry names), which open() deletes; a model is either fully
+installed or not at all.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgellm.engine import gguf
+
+CHUNK = 1 << 20
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+# general.file_type -> the name model hubs use for the quantization.
+QUANTIZATIONS = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4",
+}
+# GGUF's recommended sampling settings -> the request fields they are defaults for.
+SAMPLING_DEFAULTS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repeat_penalty",
+    "general.sampling.penalty_last_n": "penalty_last_n",
+}
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; the message says why, in one line."""
+
+
+@dataclass
+class ModelFile:
+    name: str  # the file's name when it was added
+    sha256: str
+    size: int
+
+
+@dataclass
+class Entry:
+    id: str
+    aliases: list[str]
+    files: list[ModelFile]
+    size: int
+    sha256: str  # of the file, or for split models of the parts' digests joined in order
+    architecture: str
+    quantization: str
+    parameters: int
+    context_length: int
+    chat_template: bool
+    embedding: bool
+    defaults: dict[str, float]
+    source: str
+    installed: str
+    # Not stored: where the files are (the catalog's blobs, or a file given on the command line).
+    paths: list[Path] = field(default_factory=list, compare=False, repr=False)
+
+    def names(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+    @property
+    def created(self) -> int:
+        """The install time as a Unix timestamp (OpenAI's `created`)."""
+        return calendar.timegm(time.strptime(self.installed, "%Y-%m-%dT%H:%M:%SZ"))
+
+    def record(self) -> dict:
+        record = asdict(self)
+        del record["paths"]
+        return record
+
+
+def describe(parts: list[Path], *, model_id: str, source: str, files: list[ModelFile]) -> Entry:
+    """An entry for a model from its GGUF header(s)."""
+    headers = [gguf.read(p) for p in parts]
+    head = headers[0]
+    arch = head.architecture
+    file_type = head.get("general.file_type")
+    pooling = head.arch("pooling_type")
+    sha = files[0].sha256 if len(files) == 1 else hashlib.sha256("".join(f.sha256 for f in files).encode()).hexdigest()
+    return Entry(
+        id=model_id,
+        aliases=[],
+        files=files,
+        size=sum(f.size for f in files),
+        sha256=sha,
+        architecture=arch,
+        quantization=QUANTIZATIONS.get(file_type, f"type {file_type}") if file_type is not None else "unknown",
+        parameters=sum(h.n_params for h in headers),
+        context_length=int(head.arch("context_length", 0) or 0),
+        chat_template=head.get("tokenizer.chat_template") is not None,
+        embedding=pooling not in (None, 0),
+        defaults={name: head.get(key) for key, name in SAMPLING_DEFAULTS.items() if head.get(key) is not None},
+        source=source,
+        installed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        paths=parts,
+    )
+
+
+def model_id_for(path: Path) -> str:
+    """A client-friendly id from a file name: no extension, no split-file suffix."""
+    match = gguf.SPLIT_RE.match(path.name)
+    return match["prefix"] if match else path.name.removesuffix(".gguf")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir) / "models"
+        self.catalog = self.root / "catalog.json"
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+
+    # --- reading (no lock: the catalog is only ever replaced whole) ----------------------------
+
+    def stamp(self) -> int:
+        """Changes whenever the catalog does (for noticing installs by another process)."""
+        try:
+            return self.catalog.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def entries(self) -> list[Entry]:
+        try:
+            data = json.loads(self.catalog.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.catalog}: unreadable catalog ({e}); it was not written by edgellm") from None
+        entries = []
+        for record in data.get("models", []):
+            record["files"] = [ModelFile(**f) for f in record["files"]]
+            entry = Entry(**record)
+            entry.paths = [self.blob(f.sha256) for f in entry.files]
+            entries.append(entry)
+        return entries
+
+    def find(self, name: str) -> Entry | None:
+        return next((e for e in self.entries() if name in e.names()), None)
+
+    def blob(self, sha256: str) -> Path:
+        return self.blobs / f"sha256-{sha256}.gguf"
+
+    # --- changing (under the lock) ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def open(self) -> Registry:
+        """Create the layout if needed and clear away what an interrupted operation left behind."""
+        with self._locked():
+            self._recover()
+        return self
+
+    def _recover(self) -> None:
+        entries = self.entries()  # raises on a damaged catalog: never delete files then
+        for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
+            leftover.unlink()
+        wanted = {self.blob(f.sha256).name for e in entries for f in e.files}
+        for blob in self.blobs.iterdir():
+            if blob.name not in wanted:
+                blob.unlink()
+        fsync_dir(self.blobs)
+
+    def _write(self, entries: list[Entry]) -> None:
+        tmp = self.root / f"catalog.json.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"version": 1, "models": [e.record() for e in entries]}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.catalog)
+        fsync_dir(self.root)
+
+    def add(self, path: str | Path, *, alias: str | None = None, source: str | None = None,
+            progress: Callable[[int], None] | None = None) -> tuple[Entry, bool]:
+        """Install a GGUF file (all parts of a split one); returns the entry and whether it is new."""
+        path = Path(path)
+        parts = gguf.split_parts(path)
+        missing = [str(p) for p in parts if not p.is_file()]
+        if missing:
+            raise StoreError(f"missing model file(s): {', '.join(missing)}")
+        for part in parts:
+            gguf.read(part)  # refuse anything that is not a readable GGUF before copying a byte
+        if alias is not None and not NAME_RE.match(alias):
+            raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)")
+        with self._locked():
+            self._recover()
+            files = [self._install(part, progress) for part in parts]
+            entries = self.entries()
+            entry = describe([self.blob(f.sha256) for f in files], model_id=model_id_for(parts[0]),
+                             source=source or f"file:{parts[0].resolve()}", files=files)
+            existing = next((e for e in entries if e.sha256 == entry.sha256), None)
+            taken = {n for e in entries for n in e.names() if e is not existing}
+            if alias is not None and alias in taken:
+                raise StoreError(f"the name {alias!r} is already used by another model")
+            if existing is not None:
+                if alias and alias not in existing.names():
+                    existing.aliases.append(alias)
+                    self._write(entries)
+                return existing, False
+            if entry.id in taken:
+                entry.id = f"{entry.id}-{entry.sha256[:8]}"
+            if alias:
+                entry.aliases.append(alias)
+            self._write([*entries, entry])
+            return entry, True
+
+    def _install(self, source: Path, progress: Callable[[int], None] | None) -> ModelFile:
+        """Hash and place one file as a blob: a hard link on the same filesystem, else a copy."""
+        tmp = self.tmp / f"{source.name}.{os.getpid()}.partial"
+        digest = hashlib.sha256()
+        try:
+            os.link(source, tmp)
+            linked = True
+        except OSError:
+            linked = False
+        with open(source, "rb") as src, (contextlib.nullcontext() if linked else open(tmp, "wb")) as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                if dst is not None:
+                    dst.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            if dst is not None:
+                dst.flush()
+                os.fsync(dst.fileno())
+        sha = digest.hexdigest()
+        blob = self.blob(sha)
+        if blob.exists():
+            tmp.unlink()  # the same content is installed already
+        else:
+            os.replace(tmp, blob)
+            fsync_dir(self.blobs)
+        return ModelFile(name=source.name, sha256=sha, size=blob.stat().st_size)
+
+    def remove(self, name: str) -> Entry:
+        with self._locked():
+            entries = self.entries()
+            entry = next((e for e in entries if name in e.names()), None)
+            if entry is None:
+                raise StoreError(f"no installed model is called {name!r}")
+            remaining = [e for e in entries if e is not entry]
+            self._write(remaining)
+            still_used = {f.sha256 for e in remaining for f in e.files}
+            for f in entry.files:
+                if f.sha256 not in still_used:
+                    self.blob(f.sha256).unlink(missing_ok=True)
+            fsync_dir(self.blobs)
+            return entry
