@@ -49,7 +49,6 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     )
     app.state.pool = pool
     app.state.metrics = stats
-    app.state.pinned = config.models.pinned
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.log_prompts = config.log.prompts
     return app

@@ -46,9 +46,10 @@ class Server:
     """`python -m edgellm serve` in a subprocess, on a free loopback port."""
 
     def __init__(self, model: Path | None, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
-                 api_key: str | None = None, wait_ready: bool = True) -> None:
+                 api_key: str | None = None, wait_ready: bool = True, state_dir: Path | None = None) -> None:
         self.log_path = tmp / "server.log"
-        cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--state-dir", str(tmp / "state"),
+        self.state_dir = state_dir or tmp / "state"
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--state-dir", str(self.state_dir),
                *(["--model", str(model)] if model else [])]
         if config:
             (tmp / "edgellm.toml").write_text(config)
@@ -123,7 +124,7 @@ def server_factory(tmp_path_factory) -> Iterator:
     """Start servers for one test module; all are stopped at its end."""
     started: list[Server] = []
 
-    def start(model: Path, **kwargs) -> Server:
+    def start(model: Path | None, **kwargs) -> Server:
         server = Server(model, tmp_path_factory.mktemp("server"), **kwargs)
         started.append(server)
         return server

@@ -63,15 +63,19 @@ def write_model(
     chat_template: str | None = None,
     pooling: int | None = None,
     n_ctx_train: int = 65536,
+    split_max_tensors: int = 0,
 ) -> Path:
-    """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next."""
+    """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next.
+
+    With split_max_tensors, it is written as split files (NAME-00001-of-0000N.gguf)
+    and the first part's path is returned."""
     extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
     tokens = vocabulary(extra)
     index = {t: i for i, t in enumerate(tokens)}
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name("tiny-test")
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(N_EMBD)
@@ -136,7 +140,7 @@ def write_model(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(path)[0] if split_max_tensors else path
 
 
 def _score(token: str) -> float:

@@ -14,9 +14,11 @@ The parts, as llama.cpp allocates them on the CPU:
   its outputs (llama.cpp reserves far more, the logits of every token of a
   micro-batch, but edgellm never asks for those, so the pages stay untouched).
 
+Encoder-only models (BERT and kin) have no KV cache at all.
+
 The constants were measured on x86-64 against RSS after loading and running a
-prefill and parallel decode (tools/bench/README.md has the method); the
-estimate errs a little on the large side.
+prefill and parallel decode; tools/bench/memory.py repeats the measurement
+for any model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ _PER_TOKEN = 160  # bytes per vocabulary entry in the loaded model (text, score,
 _PER_CELL = 48  # bytes of bookkeeping per KV cell and cache (positions, sequence sets)
 _FIXED = 6 * MiB  # the model object, the context, graph metadata, thread pools
 _ACTIVATIONS = 12  # bytes per (token, embedding + feed-forward unit) of a micro-batch
+# Encoder-only and diffusion architectures: llama.cpp gives them no KV cache.
+_NO_KV_CACHE = frozenset({"bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert",
+                          "eurobert", "wavtokenizer-dec", "modern-bert", "gemma-embedding", "dream", "llada",
+                          "llada-moe", "rnd1"})
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,14 @@ def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int,
     cells = -(-n_ctx // _CTX_PAD) * _CTX_PAD
     tensors = sum(p.tensor_bytes for p in parts)
     weights = int(tensors * (1 + _REPACK_SHARE))
-    kv = 0 if embedding else cells * kv_bytes_per_cell(parts)
+    kv = 0 if g.architecture in _NO_KV_CACHE else cells * kv_bytes_per_cell(parts)
     n_vocab = g.n_vocab
     n_embd = int(g.arch("embedding_length", 0))
     n_ff = max(_per_layer(g.arch("feed_forward_length", 0), int(g.arch("block_count", 1)) or 1))
-    outputs = n_vocab * 4 * (2 * parallel + 1)  # the output buffer, and the logits rows of a step
+    if embedding:  # one input at a time, an embedding for each of its tokens
+        outputs = n_ubatch * n_embd * 4
+    else:  # the output buffer, and the logits rows of a step
+        outputs = n_vocab * 4 * (2 * parallel + 1)
     activations = n_ubatch * (n_embd + n_ff) * _ACTIVATIONS
     caches = 2 if g.arch("attention.sliding_window") else 1
     compute = _FIXED + n_vocab * _PER_TOKEN + cells * _PER_CELL * caches + outputs + activations

@@ -120,6 +120,8 @@ class Managed:
         self.removed = False  # gone from the catalog: unload once idle, do not load again
         self.unload_requested = False  # by the admin API while requests were in flight
         self.template_override = ""  # [model] chat_template, for the --model file
+        self.pinned = False  # never unloaded for being idle or to make room
+        self.waiting = ""  # why its load cannot start yet, while it waits for room
 
     @property
     def state(self) -> str:
@@ -222,6 +224,7 @@ class Pool:
         managed = Managed(entry, headers, estimate)
         managed.template_override = template
         managed.keep_alive = self.default_keep_alive
+        managed.pinned = not set(entry.names()).isdisjoint(self._settings.pinned)
         return managed
 
     def _names(self) -> dict[str, Managed]:
@@ -270,7 +273,7 @@ class Pool:
             try:
                 await asyncio.wait_for(asyncio.shield(task), remaining)
             except TimeoutError:
-                raise NotReady(f"model '{managed.entry.id}' is still loading", 5) from None
+                raise NotReady(f"model '{managed.entry.id}' {managed.waiting or 'is still loading'}", 5) from None
             except (ModelLoadError, EngineError) as e:
                 raise NotReady(f"model '{managed.entry.id}' failed to load: {e}", None) from None
 
@@ -280,15 +283,23 @@ class Pool:
         self._released.set()
         if managed.loaded and managed.loaded.users == 0 and (
                 managed.unload_requested or managed.removed
-                or (keep_alive == 0 and managed.entry.id not in self._settings.pinned)):
+                or (keep_alive == 0 and not managed.pinned)):
             asyncio.get_running_loop().create_task(self._unload_if_idle(managed))
 
     # --- loading and unloading ------------------------------------------------------------------
 
     def _start_load(self, managed: Managed) -> asyncio.Task:
         managed.loading = asyncio.get_running_loop().create_task(self._load(managed))
-        managed.loading.add_done_callback(lambda _: setattr(managed, "loading", None))
+        managed.loading.add_done_callback(lambda task: self._load_done(managed, task))
         return managed.loading
+
+    @staticmethod
+    def _load_done(managed: Managed, task: asyncio.Task) -> None:
+        managed.loading = None
+        managed.waiting = ""
+        if not task.cancelled() and task.exception() is not None:
+            # Every waiting request has been told; this is for a load nobody waits for any more.
+            log.info("loading model %s did not complete: %s", managed.entry.id, task.exception())
 
     async def _load(self, managed: Managed) -> None:
         async with self._load_lock:
@@ -328,7 +339,7 @@ class Pool:
     def _reclaimable(self, exclude: Managed) -> int:
         """Bytes that unloading every model that may be unloaded would give back."""
         return sum(m.estimate.total for m in self._models.values()
-                   if m.loaded and m is not exclude and m.entry.id not in self._settings.pinned)
+                   if m.loaded and m is not exclude and not m.pinned)
 
     async def _make_room(self, managed: Managed) -> None:
         """Unload idle models, least recently used first, until `managed` fits; wait (bounded)
@@ -342,13 +353,14 @@ class Pool:
             best = self.free_memory() + self._reclaimable(managed)
             if need > best:
                 raise ModelTooLarge(self._too_large(managed, best))
-            idle = [m for m in loaded if not m.loaded.users and m.entry.id not in self._settings.pinned]
+            idle = [m for m in loaded if not m.loaded.users and not m.pinned]
             if idle:
                 await self._unload(min(idle, key=lambda m: m.last_used), reason="to make room")
                 continue
+            busy = ", ".join(m.entry.id for m in loaded if m.loaded.users or m.pinned)
+            managed.waiting = f"waits for requests on busy model(s) {busy} to finish before it can load"
             if time.monotonic() > deadline:
-                raise NotReady(f"model '{managed.entry.id}' waits for busy models to finish before it can load",
-                               5)
+                raise NotReady(f"model '{managed.entry.id}' {managed.waiting}", 5)
             self._released.clear()
             try:
                 await asyncio.wait_for(self._released.wait(), deadline - time.monotonic())
@@ -396,7 +408,7 @@ class Pool:
                 now = time.time()
                 for managed in list(self._models.values()):
                     expires = managed.expires_at
-                    if expires is not None and expires <= now and managed.entry.id not in self._settings.pinned:
+                    if expires is not None and expires <= now and not managed.pinned:
                         await self._unload_if_idle(managed)
             except Exception:
                 log.exception("model housekeeping failed")

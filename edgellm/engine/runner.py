@@ -156,6 +156,13 @@ class Runner:
         n_ctx = C.llama_n_ctx(ctx)
         n_batch = min(C.llama_n_batch(ctx), n_ctx)
         batch = C.llama_batch_init(n_batch, 0, 1)
+        try:
+            self._warm_up(ctx, batch)
+        except EngineError as e:
+            C.llama_batch_free(batch)
+            C.llama_free(ctx)
+            ready.set_exception(e)
+            return
         scheduler = self._scheduler = Scheduler(
             ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch, parallel=self.parallel,
             outbox=self._outbox, metrics=self.metrics, on_release=self._released)
@@ -179,6 +186,23 @@ class Runner:
             self._outbox.flush()
             C.llama_batch_free(batch)
             C.llama_free(ctx)
+
+    def _warm_up(self, ctx, batch) -> None:
+        """One tiny decode before the first request: it reads every weight into memory (so the
+        first request is not slow and the measured RSS is honest) and proves that the backend
+        can run this model, while a failure can still be reported as a failed load."""
+        tokens = [t if t >= 0 else 0 for t in (self.model.bos, self.model.eos)]
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        batch.n_tokens = len(tokens)
+        status = C.llama_decode(ctx, batch)
+        C.llama_memory_clear(C.llama_get_memory(ctx), True)
+        if status != 0:
+            raise EngineError(f"a first test decode failed (llama_decode status {status})")
 
     def _take_jobs(self, scheduler: Scheduler, ctx, batch) -> bool:
         """Move what has arrived into the scheduler (waiting when idle); False once stopping."""

@@ -20,7 +20,7 @@ def _iso(seconds: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds)) if seconds else None
 
 
-def model_status(managed: Managed, pinned: tuple[str, ...]) -> dict:
+def model_status(managed: Managed) -> dict:
     entry = managed.entry
     return {
         **entry.record(),
@@ -30,19 +30,18 @@ def model_status(managed: Managed, pinned: tuple[str, ...]) -> dict:
         "in_flight": managed.loaded.users if managed.loaded else 0,
         "last_used": _iso(managed.last_used),
         "expires_at": _iso(managed.expires_at),
-        "pinned": entry.id in pinned,
+        "pinned": managed.pinned,
     }
 
 
 async def list_models(request: Request) -> JSONResponse:
     pool = _pool(request)
-    pinned = request.app.state.pinned
-    return JSONResponse({"object": "list", "data": [model_status(m, pinned) for m in pool.models()]})
+    return JSONResponse({"object": "list", "data": [model_status(m) for m in pool.models()]})
 
 
 async def load_model(request: Request) -> JSONResponse:
     managed = await _pool(request).load(request.path_params["model_id"])
-    return JSONResponse(model_status(managed, request.app.state.pinned))
+    return JSONResponse(model_status(managed))
 
 
 async def unload_model(request: Request) -> JSONResponse:
@@ -50,7 +49,7 @@ async def unload_model(request: Request) -> JSONResponse:
     name = request.path_params["model_id"]
     now = await pool.unload(name)
     # Requests in flight finish first: then it unloads on its own (202).
-    return JSONResponse(model_status(pool.find(name), request.app.state.pinned), status_code=200 if now else 202)
+    return JSONResponse(model_status(pool.find(name)), status_code=200 if now else 202)
 
 
 async def delete_model(request: Request) -> JSONResponse:

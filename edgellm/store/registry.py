@@ -239,6 +239,7 @@ class Registry:
             existing = next((e for e in entries if e.sha256 == entry.sha256), None)
             taken = {n for e in entries for n in e.names() if e is not existing}
             if alias is not None and alias in taken:
+                self._recover()  # the files just placed belong to no entry
                 raise StoreError(f"the name {alias!r} is already used by another model")
             if existing is not None:
                 if alias and alias not in existing.names():
