@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,11 +15,16 @@ from starlette.middleware import Middleware
 from edgellm.config import Config, is_loopback
 from edgellm.engine import gguf
 from edgellm.engine.pool import Pool
+from edgellm.hardware.plan import make_plan
+from edgellm.hardware.probe import probe
+from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
-from edgellm.serving import admin, health, metrics, openai
+from edgellm.serving import admin, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
+
+log = logging.getLogger("edgellm")
 
 
 def command_line_model(config: Config) -> Entry:
@@ -28,26 +36,39 @@ def command_line_model(config: Config) -> Entry:
 
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
-               admin_keys: frozenset[str] = frozenset()) -> Starlette:
+               admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/") -> Starlette:
+    """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture)."""
     stats = Metrics()
+    hw = probe(hardware_root)
+    plan = make_plan(hw, config.engine)
+    log.info("backend %s, %d threads: %s", plan.backend, plan.threads, "; ".join(plan.reasons))
+    for warning in [*plan.refused, *plan.warnings]:
+        log.warning("%s", warning)
     extra = [(command_line_model(config), config.model.chat_template)] if config.model.path else []
-    pool = Pool(config.engine, config.models, registry=Registry(config.server.state_dir), extra=extra,
+    engine = dataclasses.replace(config.engine, n_threads=plan.threads)
+    pool = Pool(engine, config.models, plan=plan, registry=Registry(config.server.state_dir), extra=extra,
                 metrics=stats)
+    thermals = ThermalWatch(Path(hardware_root), stats, pool, threads=plan.threads,
+                            throttle_threads=config.engine.throttle_threads)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()  # loads the --model file and the preload list in the background
+        watching = asyncio.create_task(thermals.run())
         yield
+        watching.cancel()
         await pool.close()
 
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes],
+        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes],
         middleware=[Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
                                loopback=is_loopback(config.server.host))],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
     app.state.pool = pool
+    app.state.thermals = thermals
+    app.state.hardware = (hardware_root, config.engine)
     app.state.metrics = stats
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.log_prompts = config.log.prompts

@@ -51,7 +51,15 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow listening beyond loopback without API keys")
+    serve.add_argument("--hardware-root", metavar="DIR", default="/", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
+
+    doctor = commands.add_parser("doctor", help="what this box has, the backend plan, and what to fix")
+    doctor.add_argument("--config", metavar="FILE", help="TOML config file (for its [engine] choices)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--hardware-root", metavar="DIR", default="/",
+                        help="read /proc, /sys, /dev and /etc under DIR (a copy of another box's)")
+    doctor.set_defaults(func=_doctor)
 
     models = commands.add_parser("models", help="the models installed in the state dir")
     actions = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -121,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
              "required" if keys else "not required")
-    app = create_app(config, keys, admin_keys)
+    app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -132,6 +140,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False))
     server.run(sockets=[sock])
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from edgellm.hardware.report import render, report
+
+    if not Path(args.hardware_root).is_dir():
+        raise ConfigError(f"--hardware-root: no such directory: {args.hardware_root}")
+    data = report(args.hardware_root, load(args.config).engine)
+    print(json.dumps(data, indent=2) if args.json else render(data))
     return 0
 
 

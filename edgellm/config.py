@@ -50,8 +50,10 @@ class EngineConfig:
     n_batch: int = 512
     n_ubatch: int = 512
     n_threads: int = 0
-    n_gpu_layers: int = -1
+    n_gpu_layers: int = -1  # -1: the plan decides (all that fit)
     flash_attn: str = "auto"
+    backend: str = "auto"  # auto, cuda, vulkan or cpu
+    throttle_threads: bool = False  # halve the threads while the board throttles
     parallel: int = 4
     max_queue: int = 16
 
@@ -101,6 +103,7 @@ _SECTIONS: dict[str, type] = {
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("engine", "flash_attn"): ("auto", "on", "off"),
+    ("engine", "backend"): ("auto", "cuda", "vulkan", "cpu"),
     ("log", "level"): ("debug", "info", "warning", "error"),
 }
 

@@ -42,6 +42,12 @@ class Metrics:
         self.batch_tokens = Histogram("edgellm_batch_tokens", "Tokens per llama_decode call", ["model"],
                                       buckets=_BATCH_BUCKETS, registry=r)
 
+        self.temperature = Gauge("edgellm_temperature_celsius", "Temperature of each thermal zone", ["zone"],
+                                 registry=r)
+        self.throttled = Gauge("edgellm_throttled", "1 while the board throttles (heat, power), else 0",
+                               registry=r)
+        self.threads = Gauge("edgellm_threads", "CPU threads each decode step uses", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

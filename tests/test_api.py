@@ -209,9 +209,12 @@ def test_ignore_eos_generates_exactly_max_tokens(client):
 
 
 def test_context_is_set_up_explicitly(server):
-    # Threads = physical cores (llama-cpp-python's high-level default would halve them); flash attention auto.
+    # The real probe's plan runs it: the CPU here, threads = physical cores (llama-cpp-python's
+    # high-level default would halve them), flash attention auto.
     physical = psutil.cpu_count(logical=False)
-    assert f"(context 4096 tokens, batch 512, 4 parallel, {physical} threads, flash attention auto;" in server.log()
+    assert f"backend cpu, {physical} threads: no GPU found" in server.log()
+    assert (f"on cpu (0 GPU layers; context 4096 tokens, batch 512, 4 parallel, {physical} threads, "
+            "flash attention auto;") in server.log()
 
 
 @pytest.mark.parametrize("bias", [{}, {"5": 3.5, "300": -100}])

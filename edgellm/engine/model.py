@@ -52,17 +52,33 @@ class ModelLoadError(Exception):
     """llama.cpp could not load a model file."""
 
 
+def _device(name: str) -> int:
+    import llama_cpp._ggml as ggml
+
+    ggml.libggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    ggml.libggml.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
+    dev = ggml.libggml.ggml_backend_dev_by_name(name.encode())
+    if not dev:
+        raise ModelLoadError(f"this llama.cpp build has no device {name}")
+    return dev
+
+
 class Model:
     """Weights and vocabulary of one GGUF file, safe to share between threads."""
 
-    def __init__(self, path: str | Path | list[Path], *, n_gpu_layers: int = -1, vocab_only: bool = False) -> None:
-        """`path`: a GGUF file, or the parts of a split model in order."""
+    def __init__(self, path: str | Path | list[Path], *, n_gpu_layers: int = 0, device: str = "",
+                 vocab_only: bool = False) -> None:
+        """`path`: a GGUF file, or the parts of a split model in order. `device`: the ggml
+        device (CUDA0, Vulkan0) that takes `n_gpu_layers` layers; "" for the CPU alone."""
         init_llama()
         parts = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
         self.path = parts[0]
         self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
         params = C.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        # A NULL-terminated list of the devices llama.cpp may use: exactly the chosen one.
+        devices = (ctypes.c_void_p * 2)(_device(device) if device else None, None)
+        params.devices = ctypes.cast(devices, ctypes.c_void_p)
+        params.n_gpu_layers = n_gpu_layers if device else 0
         params.vocab_only = vocab_only  # metadata and tokenizer without the weights
         _errors.lines = []
         try:

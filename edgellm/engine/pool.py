@@ -15,6 +15,7 @@ time, so two of them never count the same free memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from edgellm.engine.memory import MiB, Estimate
 from edgellm.engine.model import Model, ModelLoadError
 from edgellm.engine.runner import Runner
 from edgellm.engine.stream import EngineError
+from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 from edgellm.store.registry import Entry, Registry
 
@@ -122,6 +124,8 @@ class Managed:
         self.template_override = ""  # [model] chat_template, for the --model file
         self.pinned = False  # never unloaded for being idle or to make room
         self.waiting = ""  # why its load cannot start yet, while it waits for room
+        self.backend = ""  # where it runs once loaded: cuda, vulkan or cpu
+        self.gpu_layers = 0
 
     @property
     def state(self) -> str:
@@ -153,10 +157,12 @@ class Lease:
 
 
 class Pool:
-    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, registry: Registry | None = None,
+    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Plan, registry: Registry | None = None,
                  extra: list[tuple[Entry, str]] = (), metrics: Metrics | None = None) -> None:
-        """`extra`: models served from where they are (a --model file), with a chat template override each."""
+        """`plan`: the backends to load on, in order of preference (hardware/plan.py).
+        `extra`: models served from where they are (a --model file), with a chat template override each."""
         self._engine = engine
+        self._plan = plan
         self._settings = settings
         self._registry = registry
         self._extra = list(extra)
@@ -168,6 +174,7 @@ class Pool:
         self._startup: list[asyncio.Task] = []
         self._housekeeping: asyncio.Task | None = None
         self._closing = False
+        self._threads = engine.n_threads
         self.default_keep_alive = parse_duration(settings.keep_alive)
         self.load_timeout = parse_duration(settings.load_timeout) or 0.0
         self.budget = parse_size(settings.memory_budget) if settings.memory_budget else None
@@ -314,21 +321,50 @@ class Pool:
             managed.loaded = loaded
             managed.unload_requested = False
             runner = loaded.runner
-            log.info("model %s ready in %.1f s (context %d tokens, batch %d, %d parallel, %d threads, "
-                     "flash attention %s; memory +%.0f MiB, estimated %.0f MiB)", managed.entry.id,
-                     time.monotonic() - started, runner.n_ctx, runner.n_batch, runner.parallel, runner.n_threads,
-                     self._engine.flash_attn, managed.rss_delta / MiB, managed.estimate.total / MiB)
+            log.info("model %s ready in %.1f s on %s (%d GPU layers; context %d tokens, batch %d, %d parallel, "
+                     "%d threads, flash attention %s; memory +%.0f MiB, estimated %.0f MiB)", managed.entry.id,
+                     time.monotonic() - started, managed.backend, managed.gpu_layers, runner.n_ctx, runner.n_batch,
+                     runner.parallel, self._threads, self._engine.flash_attn, managed.rss_delta / MiB,
+                     managed.estimate.total / MiB)
 
     def _load_blocking(self, managed: Managed) -> Loaded:
+        """Load on the plan's first backend; when that fails (a broken driver, too little GPU
+        memory), on the next, the CPU last, saying why."""
+        n_layer = int(managed.headers[0].arch("block_count", 0) or 0)
+        steps = self._plan.steps
+        for i, step in enumerate(steps):
+            layers = self._plan.gpu_layers(step, managed.estimate, n_layer, self._engine.n_gpu_layers)
+            try:
+                loaded = self._load_on(managed, step.device if layers else "", layers)
+            except (ModelLoadError, EngineError) as e:
+                if i == len(steps) - 1:
+                    raise
+                log.warning("loading model %s on %s failed (%s); trying %s instead", managed.entry.id,
+                            step.device or step.backend, e, steps[i + 1].device or steps[i + 1].backend)
+                continue
+            managed.backend = step.backend if layers else "cpu"
+            managed.gpu_layers = min(layers, n_layer + 1)
+            return loaded
+        raise AssertionError("the plan always ends with the CPU")
+
+    def _load_on(self, managed: Managed, device: str, gpu_layers: int) -> Loaded:
         entry = managed.entry
-        model = Model(entry.paths, n_gpu_layers=self._engine.n_gpu_layers)
+        model = Model(entry.paths, n_gpu_layers=gpu_layers, device=device)
         try:
             template = None if model.is_embedding else ChatTemplate.for_model(model, managed.template_override)
-            runner = Runner(model, self._engine, model_id=entry.id, metrics=self._metrics)
+            runner = Runner(model, dataclasses.replace(self._engine, n_threads=self._threads), model_id=entry.id,
+                            metrics=self._metrics)
         except BaseException:
             model.close()
             raise
         return Loaded(entry.id, model, runner, template, entry.defaults)
+
+    def set_threads(self, n: int) -> None:
+        """Threads for every loaded model's decode steps from now on, and for later loads."""
+        self._threads = n
+        for managed in self._models.values():
+            if managed.loaded is not None:
+                managed.loaded.runner.set_threads(n)
 
     def free_memory(self) -> int:
         """Bytes a new model may use now, with what is loaded staying loaded."""

@@ -55,6 +55,7 @@ class Runner:
         self.model_id = model_id or model.path.stem
         self.metrics = metrics or Metrics()
         self.n_threads = settings.n_threads or physical_cores()
+        self._threads_wanted = self.n_threads  # set_threads() changes it; the thread applies it
         self._n_ctx_wanted = min(settings.n_ctx, model.n_ctx_train or settings.n_ctx)
         if self._n_ctx_wanted < settings.n_ctx:
             log.warning("n_ctx %d is larger than the model was trained for; using %d",
@@ -114,6 +115,10 @@ class Runner:
             job.cancelled = True
             raise
 
+    def set_threads(self, n: int) -> None:
+        """Use n threads from the next decode step on (thermal throttling)."""
+        self._threads_wanted = max(1, n)
+
     def stop(self) -> None:
         """Take no more work; running and queued requests end with ShuttingDown. Does not wait."""
         with self._lock:
@@ -168,7 +173,11 @@ class Runner:
             outbox=self._outbox, metrics=self.metrics, on_release=self._released)
         ready.set_result((n_ctx, n_batch))
         try:
+            threads = self.n_threads
             while self._take_jobs(scheduler, ctx, batch):
+                if self._threads_wanted != threads:
+                    threads = self._threads_wanted
+                    C.llama_set_n_threads(ctx, threads, threads)
                 try:
                     scheduler.step()
                 except Exception as e:  # a bug must end the requests in hand, not the service

@@ -25,6 +25,8 @@ def model_status(managed: Managed) -> dict:
     return {
         **entry.record(),
         "state": managed.state,
+        "backend": managed.backend or None,
+        "gpu_layers": managed.gpu_layers if managed.loaded else None,
         "estimate_bytes": managed.estimate.total,
         "rss_delta_bytes": managed.rss_delta,
         "in_flight": managed.loaded.users if managed.loaded else 0,

@@ -1,0 +1,1 @@
+"""The board this runs on, and the backend plan that follows from it."""
