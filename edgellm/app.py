@@ -19,7 +19,7 @@ from edgellm.hardware.plan import make_plan
 from edgellm.hardware.probe import probe
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
-from edgellm.serving import admin, hardware, health, metrics, openai
+from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
@@ -46,8 +46,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         log.warning("%s", warning)
     extra = [(command_line_model(config), config.model.chat_template)] if config.model.path else []
     engine = dataclasses.replace(config.engine, n_threads=plan.threads)
-    pool = Pool(engine, config.models, plan=plan, registry=Registry(config.server.state_dir), extra=extra,
-                metrics=stats)
+    registry = Registry(config.server.state_dir)
+    pool = Pool(engine, config.models, plan=plan, registry=registry, extra=extra, metrics=stats)
     thermals = ThermalWatch(Path(hardware_root), stats, pool, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 
@@ -60,13 +60,15 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         await pool.close()
 
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes],
+        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes],
         middleware=[Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
                                loopback=is_loopback(config.server.host))],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
     app.state.pool = pool
+    app.state.registry = registry
+    app.state.config = config
     app.state.thermals = thermals
     app.state.hardware = (hardware_root, config.engine)
     app.state.metrics = stats

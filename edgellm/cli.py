@@ -6,14 +6,18 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
 
 from edgellm import __version__
+from edgellm.bundles.reader import BundleError
+from edgellm.bundles.signing import SignatureError
 from edgellm.config import Config, ConfigError, is_loopback, load, read_keys
 from edgellm.engine import gguf
 from edgellm.engine.gguf import GGUFError
+from edgellm.progress import Bar
 from edgellm.store.registry import Registry, StoreError
 
 log = logging.getLogger("edgellm")
@@ -76,6 +80,28 @@ def _build_parser() -> argparse.ArgumentParser:
         if name in ("list", "show"):
             action.add_argument("--json", action="store_true", help="machine-readable output")
         action.set_defaults(func=_models)
+
+    keygen = commands.add_parser("keygen", help="make a key pair for signing bundles (minisign format)")
+    keygen.add_argument("-o", "--output", metavar="PREFIX", default="edgellm",
+                        help="write PREFIX.key (secret, mode 600) and PREFIX.pub (default: ./edgellm)")
+    keygen.set_defaults(func=_keygen)
+
+    bundle = commands.add_parser("bundle", help="signed model bundles for air-gapped sites")
+    steps = bundle.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    create = steps.add_parser("create", help="bundle installed models (ids or aliases) or GGUF files")
+    create.add_argument("models", metavar="MODEL", nargs="+")
+    create.add_argument("-o", "--output", metavar="OUT", required=True,
+                        help="a directory to create (for USB sticks), or a .tar file (for uploads)")
+    create.add_argument("--key", metavar="KEY", help="secret key to sign with (edgellm keygen, or minisign -G -W)")
+    create.add_argument("--license", metavar="TEXT", default="", help="the models' license, recorded in the manifest")
+    for name, helptext in (("verify", "check a bundle's signature and every file's SHA-256"),
+                           ("import", "install the models of a bundle, or of every bundle in a directory")):
+        step = steps.add_parser(name, help=helptext)
+        step.add_argument("path", metavar="PATH")
+    for step in (create, *[steps.choices[n] for n in ("verify", "import")]):
+        step.add_argument("--config", metavar="FILE", help="TOML config file ([server] state_dir, [bundles])")
+        step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
+        step.set_defaults(func=_bundle)
     return parser
 
 
@@ -86,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (StoreError, GGUFError) as e:
+    except (StoreError, GGUFError, BundleError, SignatureError) as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
@@ -153,6 +179,67 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from edgellm.bundles import signing
+
+    secret, public = Path(args.output + ".key"), Path(args.output + ".pub")
+    for path in (secret, public):
+        if path.exists():
+            raise ConfigError(f"{path} already exists; not overwriting a key")
+    key = signing.generate()
+    try:
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{secret}: cannot create it: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(key.text())
+    public.write_text(key.public_key().text())
+    print(f"key {key.public_key().id}: secret key {secret} (keep it off the boxes), public key {public} "
+          "(copy it into each box's trusted keys directory)")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from edgellm.bundles import signing
+    from edgellm.bundles.create import create
+    from edgellm.bundles.importer import Policy, import_bundle, memory_limit, verify, verify_files
+    from edgellm.bundles.reader import find_bundles, open_source
+
+    config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
+    registry = Registry(config.server.state_dir)
+    bar = Bar()
+    if args.action == "create":
+        key = signing.read_secret_key(args.key) if args.key else None
+        manifest = create(args.models, Path(args.output), registry=registry.open(), key=key, license=args.license,
+                          progress=bar)
+        print(f"created {args.output}: {', '.join(m.id for m in manifest.models)}"
+              + (f", signed by key {key.public_key().id}" if key else ", unsigned"))
+        return 0
+    policy = Policy.from_config(config)
+    failed = 0
+    for path in find_bundles(Path(args.path)):
+        source = None
+        try:
+            source = open_source(path)
+            if args.action == "verify":
+                manifest, signer = verify(source, policy)
+                verify_files(source, manifest, lambda name, done, total: bar("hashing", name, done, total))
+                print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signer})")
+            else:
+                outcomes = import_bundle(
+                    source, registry.open(), policy, engine=config.engine, memory_limit=memory_limit(config),
+                    progress=lambda name, done, total: bar("importing", name, done, total))
+                for outcome in outcomes:
+                    print(f"{outcome.status} {outcome.model} from {path}")
+        except (BundleError, StoreError, GGUFError, OSError) as e:
+            failed += 1
+            print(f"edgellm: {e}", file=sys.stderr)
+        finally:
+            if source is not None:
+                source.close()
+    return EXIT_RUNTIME if failed else 0
+
+
 def _models(args: argparse.Namespace) -> int:
     config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
     registry = Registry(config.server.state_dir).open()
@@ -205,8 +292,9 @@ def _count(n: int) -> str:
 
 
 def _progress(path: Path):
-    """A percentage on stderr while a large file is hashed and copied; nothing when not a terminal."""
-    if not sys.stderr.isatty():
+    """A bar on stderr while a large file is hashed and copied; nothing when not a terminal."""
+    bar = Bar()
+    if not bar.enabled:
         return None
     total = sum(p.stat().st_size for p in gguf.split_parts(path) if p.exists()) or 1
     done = 0
@@ -214,7 +302,7 @@ def _progress(path: Path):
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        print(f"\r{path.name}: {100 * done // total}%", end="" if done < total else "\n", file=sys.stderr)
+        bar("adding", path.name, done, total)
 
     return advance
 

@@ -70,6 +70,12 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class BundlesConfig:
+    policy: str = "require-signature"  # or allow-unsigned (development)
+    trusted_keys: str = ""  # a directory of minisign .pub files; empty: <state dir>/trusted-keys
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     prompts: bool = False
@@ -81,8 +87,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    bundles: BundlesConfig = field(default_factory=BundlesConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
+
+    @property
+    def trusted_keys_dir(self) -> str:
+        return self.bundles.trusted_keys or str(Path(self.server.state_dir) / "trusted-keys")
 
     def with_overrides(self, **sections: dict[str, object]) -> Config:
         """Return a copy with command-line values (None = not given) applied over the file."""
@@ -98,6 +109,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "engine": EngineConfig,
     "models": ModelsConfig,
+    "bundles": BundlesConfig,
     "log": LogConfig,
 }
 
@@ -105,6 +117,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("engine", "flash_attn"): ("auto", "on", "off"),
     ("engine", "backend"): ("auto", "cuda", "vulkan", "cpu"),
     ("log", "level"): ("debug", "info", "warning", "error"),
+    ("bundles", "policy"): ("require-signature", "allow-unsigned"),
 }
 
 _RANGES: dict[tuple[str, str], tuple[int, int]] = {

@@ -18,7 +18,7 @@ from tiny_models import write_model
 from edgellm.store.registry import Registry
 
 FIELDS = {"id", "aliases", "files", "size", "sha256", "architecture", "quantization", "parameters",
-          "context_length", "chat_template", "embedding", "defaults", "source", "installed"}
+          "context_length", "chat_template", "embedding", "defaults", "source", "installed", "license", "template"}
 
 
 def sha256(path: Path) -> str:

@@ -65,41 +65,45 @@ def split_parts(path: Path) -> list[Path]:
 def read(path: str | Path) -> GGUFFile:
     path = Path(path)
     with open(path, "rb") as f:
-        reader = _Reader(f, path)
-        if f.read(4) != MAGIC:
-            raise GGUFError(f"{path}: not a GGUF file")
-        version = reader.scalar("<I")
-        if version not in (2, 3):
-            raise GGUFError(f"{path}: GGUF version {version} is not supported")
-        n_tensors, n_kv = reader.scalar("<Q"), reader.scalar("<Q")
-        metadata: dict[str, object] = {}
-        lengths: dict[str, int] = {}
-        for _ in range(n_kv):
-            key = reader.string()
-            kind = reader.scalar("<I")
-            if kind == _ARRAY:
-                item_kind, count = reader.scalar("<I"), reader.scalar("<Q")
-                lengths[key] = count
-                if count <= _KEEP_ARRAY:
-                    metadata[key] = [reader.value(item_kind) for _ in range(count)]
-                else:
-                    reader.skip_array(item_kind, count)
+        return read_from(f, path, path.stat().st_size)
+
+
+def read_from(f, path: Path, size: int) -> GGUFFile:
+    """The header of a GGUF file open at its start (a file, or a member of a tar); `path` names it."""
+    reader = _Reader(f, path)
+    if f.read(4) != MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file")
+    version = reader.scalar("<I")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: GGUF version {version} is not supported")
+    n_tensors, n_kv = reader.scalar("<Q"), reader.scalar("<Q")
+    metadata: dict[str, object] = {}
+    lengths: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = reader.string()
+        kind = reader.scalar("<I")
+        if kind == _ARRAY:
+            item_kind, count = reader.scalar("<I"), reader.scalar("<Q")
+            lengths[key] = count
+            if count <= _KEEP_ARRAY:
+                metadata[key] = [reader.value(item_kind) for _ in range(count)]
             else:
-                metadata[key] = reader.value(kind)
-        n_params = 0
-        for _ in range(n_tensors):
-            reader.string()  # name
-            n_dims = reader.scalar("<I")
-            elements = 1
-            for _ in range(n_dims):
-                elements *= reader.scalar("<Q")
-            reader.scalar("<I"), reader.scalar("<Q")  # type, offset
-            n_params += elements
-        alignment = int(metadata.get("general.alignment", 32))
-        data_start = -(-f.tell() // alignment) * alignment
-        size = path.stat().st_size
-        if data_start > size:
-            raise GGUFError(f"{path}: truncated (the header runs past the end of the file)")
+                reader.skip_array(item_kind, count)
+        else:
+            metadata[key] = reader.value(kind)
+    n_params = 0
+    for _ in range(n_tensors):
+        reader.string()  # name
+        n_dims = reader.scalar("<I")
+        elements = 1
+        for _ in range(n_dims):
+            elements *= reader.scalar("<Q")
+        reader.scalar("<I"), reader.scalar("<Q")  # type, offset
+        n_params += elements
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-f.tell() // alignment) * alignment
+    if data_start > size:
+        raise GGUFError(f"{path}: truncated (the header runs past the end of the file)")
     return GGUFFile(path, version, metadata, lengths, n_params, size - data_start)
 
 
@@ -131,9 +135,19 @@ class _Reader:
         raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
 
     def skip_array(self, kind: int, count: int) -> None:
-        if kind == _STRING:
+        if kind == _STRING:  # a vocabulary: walk the length prefixes through a buffer, not a read each
+            buffer, at = b"", 0
             for _ in range(count):
-                self.f.seek(self.scalar("<Q"), 1)
+                if at + 8 > len(buffer):
+                    if at > len(buffer):  # the last string ran past the buffer
+                        self.f.seek(at - len(buffer), 1)
+                        at = len(buffer)
+                    buffer, at = buffer[at:] + self.f.read(1 << 20), 0
+                    if len(buffer) < 8:
+                        raise GGUFError(f"{self.path}: truncated header")
+                at += 8 + int.from_bytes(buffer[at:at + 8], "little")
+            # Give back what was read past the array (a seek works for files and tar members).
+            self.f.seek(at - len(buffer), 1)
         elif kind in _SCALARS:
             self.f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
         else:

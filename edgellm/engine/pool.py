@@ -185,8 +185,8 @@ class Pool:
     async def start(self) -> None:
         """Read the catalog, start loading the preload list and the --model file, keep house."""
         if self._registry is not None:
-            await asyncio.to_thread(self._registry.open)
-        await self._refresh()
+            await asyncio.to_thread(self._registry.open, wait=False)
+        await self.refresh()
         for name in [*(e.id for e, _ in self._extra), *self._settings.preload]:
             if name not in self._names():
                 log.error("cannot preload %r: no such model", name)
@@ -205,13 +205,13 @@ class Pool:
             raise
         managed.last_used = time.time()
 
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
         """Take in catalog changes made by anyone (the CLI, the admin API, an import)."""
         stamp = self._registry.stamp() if self._registry else 0
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        entries = [(e, "") for e in await asyncio.to_thread(self._registry.entries)] if self._registry else []
+        entries = [(e, e.template) for e in await asyncio.to_thread(self._registry.entries)] if self._registry else []
         current = {e.id: (e, template) for e, template in [*self._extra, *entries]}
         for model_id, managed in list(self._models.items()):
             entry = current.get(model_id, (None, ""))[0]
@@ -260,7 +260,7 @@ class Pool:
         if self._closing:
             raise NotReady("the server is shutting down", None)
         if name is not None and name not in self._names():
-            await self._refresh()  # installed a moment ago by another process?
+            await self.refresh()  # installed a moment ago by another process?
         managed = self.find(name)
         keep = self.default_keep_alive if keep_alive is False else keep_alive
         await self._loaded(managed, timeout=self.load_timeout)
@@ -440,7 +440,7 @@ class Pool:
         """Every second: take in catalog changes, unload models whose keep_alive has run out."""
         while not self._closing:
             try:
-                await self._refresh()
+                await self.refresh()
                 now = time.time()
                 for managed in list(self._models.values()):
                     expires = managed.expires_at
@@ -474,7 +474,7 @@ class Pool:
             raise RuntimeError(f"model '{managed.entry.id}' has {managed.loaded.users} request(s) in flight")
         await self._unload_if_idle(managed, reason="removed")
         entry = await asyncio.to_thread(self._registry.remove, managed.entry.id)
-        await self._refresh()
+        await self.refresh()
         return entry
 
     # --- health and shutdown --------------------------------------------------------------------

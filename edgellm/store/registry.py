@@ -23,6 +23,7 @@ installed or not at all.
 from __future__ import annotations
 
 import calendar
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -31,12 +32,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgellm.engine import gguf
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 # general.file_type -> the name model hubs use for the quantization.
@@ -85,6 +87,8 @@ class Entry:
     defaults: dict[str, float]
     source: str
     installed: str
+    license: str = ""
+    template: str = ""  # a chat template that came with the model (a bundle's); "" for the file's own
     # Not stored: where the files are (the catalog's blobs, or a file given on the command line).
     paths: list[Path] = field(default_factory=list, compare=False, repr=False)
 
@@ -102,9 +106,10 @@ class Entry:
         return record
 
 
-def describe(parts: list[Path], *, model_id: str, source: str, files: list[ModelFile]) -> Entry:
-    """An entry for a model from its GGUF header(s)."""
-    headers = [gguf.read(p) for p in parts]
+def describe(parts: list[Path], *, model_id: str, source: str, files: list[ModelFile],
+             headers: list[gguf.GGUFFile] | None = None) -> Entry:
+    """An entry for a model from its GGUF header(s) (read from `parts` unless given)."""
+    headers = headers or [gguf.read(p) for p in parts]
     head = headers[0]
     arch = head.architecture
     file_type = head.get("general.file_type")
@@ -133,6 +138,31 @@ def model_id_for(path: Path) -> str:
     """A client-friendly id from a file name: no extension, no split-file suffix."""
     match = gguf.SPLIT_RE.match(path.name)
     return match["prefix"] if match else path.name.removesuffix(".gguf")
+
+
+def copy_hashing(src: BinaryIO, dst: BinaryIO | None, progress: Callable[[int], None] | None = None,
+                 limit: int | None = None) -> tuple[str, int]:
+    """Read src to its end (or `limit` bytes), writing to dst if given; the SHA-256 and the size.
+
+    One pass over the source (a USB stick is read once), with the hashing of each chunk in a
+    second thread while the chunk is written and the next one read: hashlib and file I/O both
+    release the GIL, so on two cores the copy costs little more than the slower of the two."""
+    digest = hashlib.sha256()
+    size = 0
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgellm-hash") as hasher:
+        hashing = None
+        while chunk := src.read(CHUNK if limit is None else min(CHUNK, limit - size)):
+            if hashing is not None:
+                hashing.result()
+            hashing = hasher.submit(digest.update, chunk)
+            size += len(chunk)
+            if dst is not None:
+                dst.write(chunk)
+            if progress:
+                progress(len(chunk))
+        if hashing is not None:
+            hashing.result()
+    return digest.hexdigest(), size
 
 
 def fsync_dir(path: Path) -> None:
@@ -183,23 +213,32 @@ class Registry:
     # --- changing (under the lock) ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the store's lock (yields False when wait=False and another process holds it)."""
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def open(self) -> Registry:
-        """Create the layout if needed and clear away what an interrupted operation left behind."""
-        with self._locked():
-            self._recover()
+    def open(self, *, wait: bool = True) -> Registry:
+        """Create the layout if needed and clear away what an interrupted operation left behind.
+        With wait=False, when another process is changing the store (a long import), skip the
+        clean-up: that process's files are not debris, and the catalog can be read anyway."""
+        with self.locked(wait=wait) as held:
+            if held:
+                self.recover()
         return self
 
-    def _recover(self) -> None:
+    def recover(self) -> None:
+        """Delete what interrupted operations left: temporary files, blobs no entry names (hold the lock)."""
         entries = self.entries()  # raises on a damaged catalog: never delete files then
         for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
             leftover.unlink()
@@ -208,6 +247,10 @@ class Registry:
             if blob.name not in wanted:
                 blob.unlink()
         fsync_dir(self.blobs)
+
+    def write(self, entries: list[Entry]) -> None:
+        """Replace the catalog (hold the lock)."""
+        self._write(entries)
 
     def _write(self, entries: list[Entry]) -> None:
         tmp = self.root / f"catalog.json.tmp{os.getpid()}"
@@ -230,8 +273,8 @@ class Registry:
             gguf.read(part)  # refuse anything that is not a readable GGUF before copying a byte
         if alias is not None and not NAME_RE.match(alias):
             raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)")
-        with self._locked():
-            self._recover()
+        with self.locked():
+            self.recover()
             files = [self._install(part, progress) for part in parts]
             entries = self.entries()
             entry = describe([self.blob(f.sha256) for f in files], model_id=model_id_for(parts[0]),
@@ -239,7 +282,7 @@ class Registry:
             existing = next((e for e in entries if e.sha256 == entry.sha256), None)
             taken = {n for e in entries for n in e.names() if e is not existing}
             if alias is not None and alias in taken:
-                self._recover()  # the files just placed belong to no entry
+                self.recover()  # the files just placed belong to no entry
                 raise StoreError(f"the name {alias!r} is already used by another model")
             if existing is not None:
                 if alias and alias not in existing.names():
@@ -256,33 +299,37 @@ class Registry:
     def _install(self, source: Path, progress: Callable[[int], None] | None) -> ModelFile:
         """Hash and place one file as a blob: a hard link on the same filesystem, else a copy."""
         tmp = self.tmp / f"{source.name}.{os.getpid()}.partial"
-        digest = hashlib.sha256()
         try:
             os.link(source, tmp)
-            linked = True
         except OSError:
-            linked = False
-        with open(source, "rb") as src, (contextlib.nullcontext() if linked else open(tmp, "wb")) as dst:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                if dst is not None:
-                    dst.write(chunk)
-                if progress:
-                    progress(len(chunk))
-            if dst is not None:
-                dst.flush()
-                os.fsync(dst.fileno())
-        sha = digest.hexdigest()
-        blob = self.blob(sha)
-        if blob.exists():
+            with open(source, "rb") as src:
+                sha, _ = self.stage(src, tmp, progress)
+        else:
+            with open(source, "rb") as src:
+                sha, _ = copy_hashing(src, None, progress)
+        self.place(tmp, sha)
+        return ModelFile(name=source.name, sha256=sha, size=self.blob(sha).stat().st_size)
+
+    def stage(self, src: BinaryIO, tmp: Path, progress: Callable[[int], None] | None = None,
+              limit: int | None = None) -> tuple[str, int]:
+        """Copy into a temporary file in the store (hold the lock), hashing in the same pass, and
+        fsync it; returns its SHA-256 and size."""
+        with open(tmp, "wb") as dst:
+            result = copy_hashing(src, dst, progress, limit)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return result
+
+    def place(self, tmp: Path, sha256: str) -> None:
+        """Move a staged file into place as the blob for its content (hold the lock)."""
+        if self.blob(sha256).exists():
             tmp.unlink()  # the same content is installed already
         else:
-            os.replace(tmp, blob)
+            os.replace(tmp, self.blob(sha256))
             fsync_dir(self.blobs)
-        return ModelFile(name=source.name, sha256=sha, size=blob.stat().st_size)
 
     def remove(self, name: str) -> Entry:
-        with self._locked():
+        with self.locked():
             entries = self.entries()
             entry = next((e for e in entries if name in e.names()), None)
             if entry is None:

@@ -1,0 +1,1 @@
+"""Signed model bundles: the format, signatures, and the import that never loses a model."""

@@ -1,0 +1,284 @@
+"""Where a bundle is read from: a directory, a tar file, or a tar arriving as a stream.
+
+Each source checks its own layout before the import writes anything: only
+the manifest, its signature and the files the manifest lists, each a regular
+file of the listed size; no paths that leave the bundle, no links, devices or
+duplicates. A stream cannot be checked ahead, so it is checked as it arrives
+and the import keeps everything in temporary files until the stream has ended
+well (importer.py).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest, ManifestError
+
+# Left on sticks by macOS and Windows; never part of a bundle.
+IGNORED = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def _ignored(name: str) -> bool:
+    return name in IGNORED or name.startswith("._")
+
+
+class BundleError(Exception):
+    """A bundle that cannot be imported; the message names the file and the reason."""
+
+
+class DirectorySource:
+    """NAME.edgellm/ with manifest.json, manifest.json.minisig and files/."""
+
+    seekable = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+
+    def manifest(self) -> tuple[bytes, str | None]:
+        manifest = self.path / MANIFEST
+        try:
+            info = manifest.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                raise BundleError(f"{manifest}: not a regular file")
+            if info.st_size > MAX_MANIFEST:
+                raise BundleError(f"{manifest}: {info.st_size} bytes; a manifest may have at most {MAX_MANIFEST}")
+            data = manifest.read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{self.path}: no {MANIFEST}: not an edgellm bundle") from None
+        signature = self.path / SIGNATURE
+        if signature.is_symlink() or (signature.exists() and not signature.is_file()):
+            raise BundleError(f"{signature}: not a regular file")
+        text = signature.read_text(errors="replace") if signature.exists() else None
+        if text is not None and len(text) > 4096:
+            raise BundleError(f"{signature}: too large for a minisign signature")
+        return data, text
+
+    def check(self, manifest: Manifest) -> None:
+        expected = {f.name: f for f in manifest.files()}
+        top = {e.name for e in os.scandir(self.path) if not _ignored(e.name)}
+        extra = top - {MANIFEST, SIGNATURE, FILES}
+        if extra:
+            raise BundleError(f"{self.path}: unexpected {', '.join(sorted(extra))} (a bundle holds "
+                              f"{MANIFEST}, {SIGNATURE} and {FILES}/)")
+        files = self.path / FILES
+        if files.is_symlink() or not files.is_dir():
+            raise BundleError(f"{files}: missing, or not a directory")
+        present = {}
+        for entry in os.scandir(files):
+            if _ignored(entry.name):
+                continue
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                raise BundleError(f"{entry.path}: not a regular file (links and devices are refused)")
+            if entry.name not in expected:
+                raise BundleError(f"{entry.path}: not listed in the manifest")
+            present[entry.name] = info.st_size
+        for name, f in expected.items():
+            if name not in present:
+                raise BundleError(f"{files / name}: listed in the manifest but missing")
+            if present[name] != f.size:
+                raise BundleError(f"{files / name}: {present[name]} bytes, the manifest says {f.size} "
+                                  f"({'truncated' if present[name] < f.size else 'too long'})")
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.path / FILES / name, "rb")
+
+    def close(self) -> None:
+        pass
+
+
+def _member_name(member: tarfile.TarInfo, prefix: str) -> str:
+    """The member's path inside the bundle, or BundleError for anything that is not plain."""
+    raw = member.name
+    path = PurePosixPath(raw)
+    if raw.startswith("/") or "\\" in raw or ".." in path.parts or any(p in ("", ".") for p in raw.split("/")[:-1]):
+        raise BundleError(f"{raw}: an absolute path or one that leaves the bundle")
+    if member.issym() or member.islnk():
+        raise BundleError(f"{raw}: a link (links are refused)")
+    if not (member.isfile() or member.isdir()):
+        raise BundleError(f"{raw}: a device, pipe or other special file")
+    name = raw.rstrip("/")
+    if prefix:
+        if not (name == prefix or name.startswith(prefix + "/")):
+            raise BundleError(f"{raw}: outside the bundle's directory {prefix}/")
+        name = name[len(prefix) + 1:]
+    return name
+
+
+def _prefix(first: str) -> str:
+    """A tar made with `tar cf x.tar NAME.edgellm` puts everything under NAME.edgellm/."""
+    head = first.rstrip("/").split("/")[0]
+    return "" if head in (MANIFEST, SIGNATURE, FILES) else head
+
+
+class TarSource:
+    """An uncompressed tar holding the same tree, read with seeks (a file on a stick or disk)."""
+
+    seekable = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        try:
+            self.tar = tarfile.open(path, "r:")
+            members = self.tar.getmembers()
+        except (tarfile.TarError, OSError) as e:
+            raise BundleError(f"{path}: not an uncompressed tar ({e})") from None
+        if not members:
+            raise BundleError(f"{path}: an empty tar")
+        prefix = _prefix(members[0].name)
+        self.members: dict[str, tarfile.TarInfo] = {}
+        for member in members:
+            name = _member_name(member, prefix)
+            if member.isdir():
+                if name not in ("", FILES):
+                    raise BundleError(f"{path}: unexpected directory {member.name}")
+                continue
+            if name in self.members:
+                raise BundleError(f"{path}: {member.name} appears twice")
+            self.members[name] = member
+
+    def manifest(self) -> tuple[bytes, str | None]:
+        member = self.members.get(MANIFEST)
+        if member is None:
+            raise BundleError(f"{self.path}: no {MANIFEST}: not an edgellm bundle")
+        if member.size > MAX_MANIFEST:
+            raise BundleError(f"{self.path}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST}")
+        data = self.tar.extractfile(member).read()
+        sig = self.members.get(SIGNATURE)
+        if sig is not None and sig.size > 4096:
+            raise BundleError(f"{self.path}: {SIGNATURE} is too large for a minisign signature")
+        return data, self.tar.extractfile(sig).read().decode(errors="replace") if sig is not None else None
+
+    def check(self, manifest: Manifest) -> None:
+        expected = {f"{FILES}/{f.name}": f for f in manifest.files()}
+        for name, member in self.members.items():
+            if name in (MANIFEST, SIGNATURE) or _ignored(name.rsplit("/", 1)[-1]):
+                continue
+            if name not in expected:
+                raise BundleError(f"{self.path}: {member.name} is not listed in the manifest")
+        for name, f in expected.items():
+            member = self.members.get(name)
+            if member is None:
+                raise BundleError(f"{self.path}: {name} is listed in the manifest but missing")
+            if member.size != f.size:
+                raise BundleError(f"{self.path}: {name} is {member.size} bytes, the manifest says {f.size}")
+        end = max(m.offset_data + m.size for m in self.members.values())
+        if end > self.path.stat().st_size:
+            raise BundleError(f"{self.path}: truncated (the tar ends before its last file does)")
+
+    def open(self, name: str) -> BinaryIO:
+        return self.tar.extractfile(self.members[f"{FILES}/{name}"])
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+class StreamSource:
+    """A tar arriving over HTTP: manifest.json first, its signature next, then the files in the
+    manifest's order (how `edgellm bundle create --tar` writes them)."""
+
+    seekable = False
+
+    def __init__(self, stream: BinaryIO, name: str = "upload") -> None:
+        self.name = name
+        try:
+            self.tar = tarfile.open(fileobj=stream, mode="r|")
+        except tarfile.TarError as e:
+            raise BundleError(f"{name}: not an uncompressed tar ({e})") from None
+        self._prefix: str | None = None
+        self._pending: tarfile.TarInfo | None = None  # read while looking for the signature
+        self._pending_name = ""
+
+    def _next(self) -> tuple[str, tarfile.TarInfo] | None:
+        while True:
+            try:
+                member = self.tar.next()
+            except tarfile.TarError as e:
+                raise BundleError(f"{self.name}: a damaged tar ({e})") from None
+            if member is None:
+                return None
+            if self._prefix is None:
+                self._prefix = _prefix(member.name)
+            name = _member_name(member, self._prefix)
+            if member.isdir():
+                if name not in ("", FILES):
+                    raise BundleError(f"{self.name}: unexpected directory {member.name}")
+                continue
+            if _ignored(name.rsplit("/", 1)[-1]):
+                continue
+            return name, member
+
+    def manifest(self) -> tuple[bytes, str | None]:
+        first = self._next()
+        if first is None or first[0] != MANIFEST:
+            raise BundleError(f"{self.name}: the tar must begin with {MANIFEST}")
+        if first[1].size > MAX_MANIFEST:
+            raise BundleError(f"{self.name}: {MANIFEST} is {first[1].size} bytes; at most {MAX_MANIFEST}")
+        data = self.tar.extractfile(first[1]).read()
+        second = self._next()
+        signature = None
+        if second is not None and second[0] == SIGNATURE:
+            if second[1].size > 4096:
+                raise BundleError(f"{self.name}: {SIGNATURE} is too large for a minisign signature")
+            signature = self.tar.extractfile(second[1]).read().decode(errors="replace")
+        else:
+            self._pending = second[1] if second else None
+            self._pending_name = second[0] if second else None
+        return data, signature
+
+    def check(self, manifest: Manifest) -> None:
+        """Nothing can be checked ahead in a stream: files() checks each as it comes."""
+
+    def files(self, manifest: Manifest) -> Iterator[tuple[str, BinaryIO]]:
+        """Each file of the manifest, in order, with its header checked before its data is read."""
+        for f in manifest.files():
+            if self._pending is not None:
+                name, member = self._pending_name, self._pending
+                self._pending = None
+            else:
+                item = self._next()
+                if item is None:
+                    raise BundleError(f"{self.name}: {FILES}/{f.name} is listed in the manifest but missing "
+                                      "(or the upload ended early)")
+                name, member = item
+            if name != f"{FILES}/{f.name}":
+                raise BundleError(f"{self.name}: expected {FILES}/{f.name} next, found {member.name} (extra, or "
+                                  "out of the manifest's order)")
+            if member.size != f.size:
+                raise BundleError(f"{self.name}: {name} is {member.size} bytes, the manifest says {f.size}")
+            yield f.name, self.tar.extractfile(member)
+        if self._pending is not None or (extra := self._next()) is not None:
+            member = self._pending or extra[1]
+            raise BundleError(f"{self.name}: {member.name} is not listed in the manifest")
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def open_source(path: Path) -> DirectorySource | TarSource:
+    if path.is_dir():
+        return DirectorySource(path)
+    if path.is_file():
+        return TarSource(path)
+    raise BundleError(f"{path}: no such bundle")
+
+
+def find_bundles(path: Path) -> list[Path]:
+    """The bundles at `path`: itself, or (a stick's root) the bundles directly inside it."""
+    if path.is_file() or (path / MANIFEST).exists():
+        return [path]
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle or directory")
+    found = sorted(p for p in path.iterdir() if not _ignored(p.name) and (
+        (p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
+        or (p.is_file() and not p.is_symlink() and p.name.endswith(".tar"))))
+    if not found:
+        raise BundleError(f"{path}: no bundles here (a bundle is a directory with {MANIFEST}, or a .tar)")
+    return found

@@ -1,0 +1,178 @@
+"""Ed25519 signatures in minisign's formats, so operators can use either tool.
+
+An operator may sign a bundle with Debian's `minisign` and edgellm verifies
+it; edgellm's own signatures verify with `minisign -V`. The formats
+(https://jedisct1.github.io/minisign/), all base64 after a comment line:
+
+    public key   "Ed" | key id (8) | public key (32)
+    secret key   "Ed" | kdf "\\0\\0" (unencrypted) | "B2" | salt (32) | opslimit (8) |
+                 memlimit (8) | key id (8) | secret key (64) | checksum (32)
+    signature    "ED" | key id (8) | ed25519(blake2b-512(message)) (64)
+                 then "trusted comment: TEXT" and ed25519(signature | TEXT) (64)
+
+Legacy "Ed" signatures (over the message itself) are verified as well. Keys
+that minisign encrypted with a password are refused with a message: the
+appliance has nobody to type one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+
+class SignatureError(Exception):
+    """A key or signature that cannot be used; the message says which file and why."""
+
+
+def key_id_text(key_id: bytes) -> str:
+    return key_id[::-1].hex().upper()  # minisign prints the id as a little-endian 64-bit number
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key_id: bytes
+    key: bytes
+    source: str = ""
+
+    @property
+    def id(self) -> str:
+        return key_id_text(self.key_id)
+
+    def text(self) -> str:
+        blob = base64.b64encode(b"Ed" + self.key_id + self.key).decode()
+        return f"untrusted comment: minisign public key {self.id}\n{blob}\n"
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    key_id: bytes
+    seed: bytes  # the 32-byte ed25519 seed
+    public: bytes
+
+    def text(self) -> str:
+        sk = self.seed + self.public
+        checksum = hashlib.blake2b(b"Ed" + self.key_id + sk, digest_size=32).digest()
+        blob = b"Ed" + b"\0\0" + b"B2" + bytes(32) + bytes(16) + self.key_id + sk + checksum
+        return f"untrusted comment: minisign secret key (unencrypted, made by edgellm keygen)\n" \
+               f"{base64.b64encode(blob).decode()}\n"
+
+    def public_key(self) -> PublicKey:
+        return PublicKey(self.key_id, self.public)
+
+    def sign(self, message: bytes, trusted_comment: str) -> str:
+        """A .minisig file's text for `message`."""
+        if "\n" in trusted_comment or "\r" in trusted_comment:
+            raise ValueError("a trusted comment is one line")
+        private = Ed25519PrivateKey.from_private_bytes(self.seed)
+        signature = private.sign(hashlib.blake2b(message, digest_size=64).digest())
+        global_signature = private.sign(signature + trusted_comment.encode())
+        return (f"untrusted comment: signature from edgellm secret key {key_id_text(self.key_id)}\n"
+                f"{base64.b64encode(b'ED' + self.key_id + signature).decode()}\n"
+                f"trusted comment: {trusted_comment}\n"
+                f"{base64.b64encode(global_signature).decode()}\n")
+
+
+def generate() -> SecretKey:
+    private = Ed25519PrivateKey.generate()
+    seed = private.private_bytes_raw()
+    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return SecretKey(os.urandom(8), seed, public)
+
+
+def _payload(text: str, source: str, what: str) -> bytes:
+    lines = text.splitlines()
+    if len(lines) < 2 or not lines[0].startswith("untrusted comment:"):
+        raise SignatureError(f"{source}: not a minisign {what} (it must start with 'untrusted comment:')")
+    try:
+        return base64.b64decode(lines[1].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{source}: not a minisign {what} (bad base64)") from None
+
+
+def read_public_key(path: str | Path) -> PublicKey:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SignatureError(f"{source}: cannot read the public key ({getattr(e, 'strerror', None) or e})") from None
+    blob = _payload(text, source, "public key")
+    if len(blob) != 42 or blob[:2] != b"Ed":
+        raise SignatureError(f"{source}: not an ed25519 minisign public key")
+    return PublicKey(blob[2:10], blob[10:], source)
+
+
+def read_secret_key(path: str | Path) -> SecretKey:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SignatureError(f"{source}: cannot read the secret key ({getattr(e, 'strerror', None) or e})") from None
+    blob = _payload(text, source, "secret key")
+    if len(blob) != 158 or blob[:2] != b"Ed" or blob[4:6] != b"B2":
+        raise SignatureError(f"{source}: not an ed25519 minisign secret key")
+    if blob[2:4] != b"\0\0":
+        raise SignatureError(f"{source}: the key is protected by a password; make one without "
+                             "(`edgellm keygen`, or `minisign -G -W`)")
+    key_id, sk = blob[54:62], blob[62:126]
+    return SecretKey(key_id, sk[:32], sk[32:])
+
+
+@dataclass(frozen=True)
+class Signature:
+    algorithm: bytes  # b"ED" (prehashed) or b"Ed" (legacy)
+    key_id: bytes
+    signature: bytes
+    trusted_comment: str
+    global_signature: bytes
+
+
+def parse_signature(text: str, source: str) -> Signature:
+    lines = text.splitlines()
+    blob = _payload(text, source, "signature")
+    if len(blob) != 74 or blob[:2] not in (b"ED", b"Ed"):
+        raise SignatureError(f"{source}: not an ed25519 minisign signature")
+    if len(lines) < 4 or not lines[2].startswith("trusted comment: "):
+        raise SignatureError(f"{source}: the trusted comment is missing")
+    try:
+        global_signature = base64.b64decode(lines[3].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{source}: bad base64 in the trusted comment's signature") from None
+    return Signature(blob[:2], blob[2:10], blob[10:], lines[2][len("trusted comment: "):], global_signature)
+
+
+def verify(message: bytes, signature_text: str, keys: list[PublicKey], *, source: str) -> tuple[PublicKey, str]:
+    """The key that made this signature of `message`, and the trusted comment; or SignatureError."""
+    sig = parse_signature(signature_text, source)
+    key = next((k for k in keys if k.key_id == sig.key_id), None)
+    if key is None:
+        raise SignatureError(f"{source}: signed by key {key_id_text(sig.key_id)}, which is not trusted here "
+                             f"(trusted: {', '.join(k.id for k in keys) or 'none'})")
+    public = Ed25519PublicKey.from_public_bytes(key.key)
+    signed = hashlib.blake2b(message, digest_size=64).digest() if sig.algorithm == b"ED" else message
+    try:
+        public.verify(sig.signature, signed)
+    except InvalidSignature:
+        raise SignatureError(f"{source}: bad signature: the manifest was changed after it was signed "
+                             f"(or signed by another key with the same id)") from None
+    try:
+        public.verify(sig.global_signature, sig.signature + sig.trusted_comment.encode())
+    except InvalidSignature:
+        raise SignatureError(f"{source}: bad signature on the trusted comment: it was changed") from None
+    return key, sig.trusted_comment
+
+
+def trusted_keys(directory: str | Path) -> list[PublicKey]:
+    """Every *.pub in the trusted-keys directory (none if it does not exist)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return [read_public_key(p) for p in sorted(directory.glob("*.pub"))]

@@ -1,0 +1,138 @@
+"""POST /admin/bundles: import a bundle uploaded as a tar stream, with progress as server-sent events.
+
+The upload is read as it arrives and fed to the same importer the CLI uses
+(in a worker thread), so a multi-GiB bundle never sits in memory and gets the
+same checks. Events: `progress` ({"file", "done", "total"}), then `done`
+({"models": [{"id", "status"}]}) or `error` (OpenAI's error shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from edgellm.bundles import signing
+from edgellm.bundles.importer import Policy, import_bundle, memory_limit
+from edgellm.bundles.reader import BundleError, StreamSource
+from edgellm.engine.gguf import GGUFError
+from edgellm.serving.openai import SSE_HEADERS
+from edgellm.store.registry import StoreError
+
+class _Body:
+    """The request body as a blocking file for the importer's thread; the event loop fills it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+        self.buffer = bytearray()
+        self.closed = False  # no more chunks will come (the body ended, or the response did)
+        self.ended = False  # and the reader has taken them all
+
+    async def _get(self) -> bytes | None:
+        while not (self.closed and self.chunks.empty()):
+            try:
+                return await asyncio.wait_for(self.chunks.get(), 0.5)
+            except TimeoutError:
+                pass  # look at `closed` again
+        return None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.ended and (n < 0 or len(self.buffer) < n):
+            chunk = asyncio.run_coroutine_threadsafe(self._get(), self.loop).result()
+            if chunk is None:
+                self.ended = True
+            else:
+                self.buffer += chunk
+        n = len(self.buffer) if n < 0 else n
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    async def pump(self, request: Request) -> None:
+        try:
+            async for chunk in request.stream():
+                if chunk:
+                    await self.chunks.put(chunk)
+        except ClientDisconnect:
+            pass
+        finally:
+            self.closed = True  # the importer then sees where the upload ended
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+class _EventStream:
+    """Server-sent events from `events`, sent as they come. Not Starlette's StreamingResponse:
+    that one reads the request's messages while it streams (to notice a disconnect), which
+    would take the upload's body away from the importer."""
+
+    def __init__(self, events: Callable[[], AsyncIterator[str]]) -> None:
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                   *((k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async for event in self.events():
+            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def upload(request: Request) -> _EventStream:
+    config = request.app.state.config
+    registry = request.app.state.registry
+    loop = asyncio.get_running_loop()
+    body = _Body(loop)
+    events: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+    last = 0.0
+
+    def progress(name: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done >= total or now - last >= 0.2:  # a few events a second are plenty
+            last = now
+            loop.call_soon_threadsafe(events.put_nowait, ("progress", {"file": name, "done": done, "total": total}))
+
+    def work() -> list:
+        source = StreamSource(body, "upload")
+        try:
+            return import_bundle(source, registry.open(), Policy.from_config(config), engine=config.engine,
+                                 memory_limit=memory_limit(config), progress=progress)
+        finally:
+            source.close()
+
+    async def stream() -> AsyncIterator[str]:
+        pump = asyncio.create_task(body.pump(request))
+        job = asyncio.ensure_future(asyncio.to_thread(work))
+        try:
+            while not job.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield _event(*getter.result())
+                else:
+                    getter.cancel()
+            try:
+                outcomes = job.result()
+            except (BundleError, StoreError, GGUFError, signing.SignatureError, OSError) as e:
+                yield _event("error", {"error": {"message": str(e), "type": "invalid_request_error",
+                                                 "param": None, "code": "bundle_refused"}})
+                return
+            await request.app.state.pool.refresh()  # served at once, not within the next second
+            yield _event("done", {"models": [{"id": o.model, "status": o.status} for o in outcomes]})
+        finally:
+            pump.cancel()  # and so the importer sees the end, if the client went away mid-import
+            await asyncio.wait({job})
+
+    return _EventStream(stream)
+
+
+routes = [Route("/admin/bundles", upload, methods=["POST"])]

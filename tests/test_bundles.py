@@ -1,0 +1,464 @@
+"""Signed bundles: the round trip with edgellm's and minisign's signatures, every hostile input
+refused with the store unchanged, SIGKILL during imports, a FAT32 stick, the HTTP upload, and
+the USB units."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, wait_until
+from test_cli import assert_one_line_error, edgellm
+from test_store import assert_consistent, sha256
+from tiny_models import write_model
+
+from edgellm.bundles import signing
+from edgellm.store.registry import Registry
+
+needs_minisign = pytest.mark.skipif(shutil.which("minisign") is None,
+                                    reason="minisign is not installed (make test installs it)")
+
+
+@pytest.fixture
+def site(tmp_path, models):
+    """A key pair, a state dir that trusts it, a config, and a signed bundle of two models."""
+    assert edgellm("keygen", "-o", str(tmp_path / "site")).returncode == 0
+    state = tmp_path / "state"
+    (state / "trusted-keys").mkdir(parents=True)
+    shutil.copy(tmp_path / "site.pub", state / "trusted-keys")
+    bundle = tmp_path / "two.edgellm"
+    made = edgellm("bundle", "create", str(models["scripted"]), str(models["random"]), "-o", str(bundle),
+                   "--key", str(tmp_path / "site.key"), "--license", "apache-2.0", "--state-dir", str(state))
+    assert made.returncode == 0, made.stderr
+    return {"dir": tmp_path, "state": state, "bundle": bundle, "key": tmp_path / "site.key",
+            "secret": signing.read_secret_key(tmp_path / "site.key")}
+
+
+def snapshot(state: Path) -> dict[str, str]:
+    """Every file under the state dir, by content: 'byte-for-byte unchanged' is equality."""
+    return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(state.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def do_import(path: Path, state: Path, *extra: str) -> subprocess.CompletedProcess:
+    return edgellm("bundle", "import", str(path), "--state-dir", str(state), *extra)
+
+
+def test_round_trip_signed_by_edgellm(site, server_factory):
+    bundle, state = site["bundle"], site["state"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "edgellm-bundle" and manifest["version"] == 1
+    model = manifest["models"][0]
+    assert model["id"] == "scripted" and model["license"] == "apache-2.0" and model["architecture"] == "llama"
+    assert model["files"] == [{"name": "scripted.gguf", "size": (bundle / "files/scripted.gguf").stat().st_size,
+                               "sha256": sha256(bundle / "files/scripted.gguf")}]
+    if shutil.which("minisign"):  # edgellm's signature verifies with minisign itself
+        checked = subprocess.run(["minisign", "-V", "-p", str(site["dir"] / "site.pub"), "-m",
+                                  str(bundle / "manifest.json")], capture_output=True, text=True)
+        assert checked.returncode == 0 and "Signature and comment signature verified" in checked.stdout
+
+    verified = edgellm("bundle", "verify", str(bundle), "--state-dir", str(state))
+    assert verified.returncode == 0 and verified.stdout.startswith(f"ok {bundle}: scripted, random (key ")
+    assert verified.stderr == ""  # no progress bars when stderr is not a terminal
+
+    server = server_factory(None, state_dir=state)  # running before the import: no restart needed
+    imported = do_import(bundle, state)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.splitlines() == [f"installed scripted from {bundle}", f"installed random from {bundle}"]
+    entries = assert_consistent(state)
+    assert [e["id"] for e in entries] == ["scripted", "random"] and entries[0]["license"] == "apache-2.0"
+    assert entries[0]["source"].startswith("bundle two.edgellm (key ")
+    reply = server.post("/v1/completions", {"model": "scripted", "prompt": " Hello", "max_tokens": 4})
+    assert reply.json()["choices"][0]["text"] == " world!"
+
+    again = do_import(bundle, state)  # already there: nothing copied, nothing changed
+    before = snapshot(state)
+    assert again.stdout.splitlines()[0] == f"unchanged scripted from {bundle}" and snapshot(state) == before
+
+
+@needs_minisign
+def test_signed_with_the_minisign_cli(site, models, tmp_path):
+    subprocess.run(["minisign", "-G", "-W", "-p", str(tmp_path / "op.pub"), "-s", str(tmp_path / "op.key")],
+                   check=True, capture_output=True)
+    bundle = tmp_path / "op.edgellm"
+    assert edgellm("bundle", "create", str(models["scripted-chatml"]), "-o", str(bundle),
+                   "--state-dir", str(site["state"])).returncode == 0
+    assert not (bundle / "manifest.json.minisig").exists()
+    subprocess.run(["minisign", "-S", "-s", str(tmp_path / "op.key"), "-m", str(bundle / "manifest.json"),
+                    "-t", "signed by the operator"], check=True, capture_output=True)
+    refused = do_import(bundle, site["state"])  # that key is not trusted yet
+    assert refused.returncode == 1 and "not trusted here" in refused.stderr
+    shutil.copy(tmp_path / "op.pub", site["state"] / "trusted-keys")
+    assert do_import(bundle, site["state"]).stdout.startswith("installed scripted-chatml")
+    # edgellm's keys work in minisign too.
+    (tmp_path / "note.txt").write_text("hello")
+    subprocess.run(["minisign", "-S", "-s", str(site["key"]), "-m", str(tmp_path / "note.txt")], check=True,
+                   capture_output=True)
+    assert signing.verify(b"hello", (tmp_path / "note.txt.minisig").read_text(),
+                          [site["secret"].public_key()], source="note")[0].key_id == site["secret"].key_id
+
+
+def test_tar_bundles_round_trip(site, models, tmp_path):
+    tar = tmp_path / "one.tar"
+    assert edgellm("bundle", "create", str(models["embedding"]), "-o", str(tar),
+                   "--key", str(site["key"]), "--state-dir", str(site["state"])).returncode == 0
+    with tarfile.open(tar) as t:
+        assert t.getnames() == ["manifest.json", "manifest.json.minisig", "files/embedding.gguf"]
+    assert edgellm("bundle", "verify", str(tar), "--state-dir", str(site["state"])).returncode == 0
+    assert do_import(tar, site["state"]).stdout == f"installed embedding from {tar}\n"
+
+
+def test_a_stick_with_several_bundles_imports_them_all(site, models, tmp_path):
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    shutil.move(site["bundle"], stick / "two.edgellm")
+    assert edgellm("bundle", "create", str(models["embedding"]), "-o", str(stick / "emb.tar"), "--key",
+                   str(site["key"]), "--state-dir", str(site["state"])).returncode == 0
+    (stick / "System Volume Information").mkdir()  # what Windows leaves on sticks
+    result = do_import(stick, site["state"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split()[1] for line in result.stdout.splitlines()) == ["embedding", "random", "scripted"]
+
+
+# --- hostile and damaged input -----------------------------------------------------------------
+
+def resign(bundle: Path, secret: signing.SecretKey) -> None:
+    data = (bundle / "manifest.json").read_bytes()
+    (bundle / "manifest.json.minisig").write_text(secret.sign(data, "resigned"))
+
+
+def edit_manifest(bundle: Path, secret: signing.SecretKey | None, change) -> None:
+    doc = json.loads((bundle / "manifest.json").read_text())
+    change(doc)
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    if secret:
+        resign(bundle, secret)
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _other_key(b: Path, s) -> None:
+    (b / "manifest.json.minisig").write_text(signing.generate().sign((b / "manifest.json").read_bytes(), "x"))
+
+
+HOSTILE = {
+    "unsigned": (lambda b, s: (b / "manifest.json.minisig").unlink(), "not signed"),
+    "unknown key": (_other_key, "not trusted here"),
+    "manifest changed after signing": (
+        lambda b, s: edit_manifest(b, None, lambda d: d.update(creator="mallory")), "bad signature"),
+    "file tampered": (lambda b, s: flip_a_byte(b / "files/random.gguf"), "does not match the manifest's SHA-256"),
+    "file truncated": (lambda b, s: os.truncate(b / "files/random.gguf", 1000), "truncated"),
+    "file too long": (lambda b, s: open(b / "files/random.gguf", "ab").write(b"x"), "too long"),
+    "file missing": (lambda b, s: (b / "files/random.gguf").unlink(), "listed in the manifest but missing"),
+    "extra file": (lambda b, s: (b / "files/extra.gguf").write_bytes(b"GGUF"), "not listed in the manifest"),
+    "symlinked file": (lambda b, s: ((b / "files/random.gguf").unlink(),
+                                     (b / "files/random.gguf").symlink_to("/etc/passwd")), "not a regular file"),
+    "manifest not JSON": (lambda b, s: ((b / "manifest.json").write_text("{nope"), resign(b, s)), "not JSON"),
+    "manifest huge": (lambda b, s: ((b / "manifest.json").write_bytes(b" " * (2 << 20)), resign(b, s)),
+                      "at most 1048576"),
+    "path traversal": (lambda b, s: edit_manifest(b, s, lambda d: d["models"][1]["files"][0].update(
+        name="../../etc/x.gguf")), "not a path"),
+    "absolute path": (lambda b, s: edit_manifest(b, s, lambda d: d["models"][1]["files"][0].update(
+        name="/etc/x.gguf")), "not a path"),
+    "duplicate names": (lambda b, s: edit_manifest(b, s, lambda d: d["models"][1]["files"][0].update(
+        name="SCRIPTED.gguf")), "listed twice"),
+    "too new": (lambda b, s: edit_manifest(b, s, lambda d: d["models"][0].update(min_edgellm_version="99.0")),
+                "needs edgellm 99.0 or newer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_directories_are_refused_and_change_nothing(site, case):
+    state = site["state"]
+    keeper = do_import(site["bundle"], state)  # something installed already, which must not change
+    assert keeper.returncode == 0
+    Registry(state).remove("random")
+    before = snapshot(state)
+    damage, says = HOSTILE[case]
+    damage(site["bundle"], site["secret"])
+    result = do_import(site["bundle"], state)
+    assert_one_line_error(result, says, status=1)
+    assert snapshot(state) == before
+    assert [e["id"] for e in assert_consistent(state)] == ["scripted"]
+
+
+def tar_with(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+@pytest.fixture
+def good_tar(site, tmp_path) -> list[tuple]:
+    """The members of a valid signed tar bundle of the random model."""
+    tar = tmp_path / "good.tar"
+    assert edgellm("bundle", "create", str(site["bundle"] / "files/random.gguf"), "-o", str(tar), "--key",
+                   str(site["key"]), "--state-dir", str(site["state"])).returncode == 0
+    with tarfile.open(tar) as t:
+        return [(m, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+TAR_CASES = {
+    "absolute path": (lambda ms: ms + [member("/etc/cron.d/x", b"x")], "absolute path"),
+    "dot-dot": (lambda ms: ms + [member("files/../../x.gguf", b"x")], "leaves the bundle"),
+    "symlink": (lambda ms: ms + [member("files/link.gguf", kind=tarfile.SYMTYPE, link="/etc/passwd")], "a link"),
+    "hard link": (lambda ms: ms + [member("files/hard.gguf", kind=tarfile.LNKTYPE, link="files/random.gguf")],
+                  "a link"),
+    "device": (lambda ms: ms + [member("files/dev.gguf", kind=tarfile.CHRTYPE)], "a device"),
+    "fifo": (lambda ms: ms + [member("files/fifo.gguf", kind=tarfile.FIFOTYPE)], "a device, pipe"),
+    "duplicate": (lambda ms: ms + [ms[-1]], "appears twice"),
+    "extra": (lambda ms: ms + [member("files/extra.gguf", b"GGUF")], "not listed in the manifest"),
+    "missing": (lambda ms: ms[:-1], "listed in the manifest but missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAR_CASES))
+def test_hostile_tars_are_refused_and_change_nothing(site, good_tar, tmp_path, case):
+    state = site["state"]
+    Registry(state).open()
+    before = snapshot(state)
+    change, says = TAR_CASES[case]
+    tar = tar_with(tmp_path / "bad.tar", change(list(good_tar)))
+    assert_one_line_error(do_import(tar, state), says, status=1)
+    assert snapshot(state) == before
+
+
+def test_a_truncated_tar_is_refused(site, good_tar, tmp_path):
+    tar = tar_with(tmp_path / "t.tar", good_tar)
+    os.truncate(tar, tar.stat().st_size // 2)
+    before = snapshot(site["state"])
+    result = do_import(tar, site["state"])
+    assert result.returncode == 1 and ("truncated" in result.stderr or "damaged" in result.stderr), result.stderr
+    assert snapshot(site["state"]) == before
+
+
+def test_a_model_that_can_never_load_here_is_refused_with_the_numbers(site, tmp_path):
+    config = tmp_path / "small.toml"
+    config.write_text(f'[server]\nstate_dir = "{site["state"]}"\n[models]\nmemory_budget = "4MiB"\n')
+    before = snapshot(site["state"])
+    result = edgellm("bundle", "import", str(site["bundle"]), "--config", str(config))
+    line = assert_one_line_error(result, "can never load on this box", "even with n_ctx 256", status=1)
+    assert "at most 4 MiB" in line
+    assert snapshot(site["state"]) == before
+
+
+def test_too_little_disk_is_refused_before_copying(site, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        (small / "trusted-keys").mkdir()
+        shutil.copy(site["dir"] / "site.pub", small / "trusted-keys")
+        result = do_import(site["bundle"], small)
+        assert_one_line_error(result, "MiB of disk", "are free", status=1)
+        assert list((small / "models" / "blobs").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+# --- crashes -------------------------------------------------------------------------------------
+
+CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from edgellm.bundles import importer
+    from edgellm.bundles.reader import open_source
+    from edgellm.config import Config, ServerConfig
+    from edgellm.store import registry as store
+    state, bundle, k = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    store.CHUNK = 8 << 10  # more, smaller writes: more places to be killed
+    steps = 0
+    def step():
+        global steps
+        steps += 1
+        if steps == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    def crashing(name):
+        real = getattr(os, name)
+        def wrapper(*args, **kwargs):
+            step()
+            return real(*args, **kwargs)
+        setattr(os, name, wrapper)
+    for name in ("link", "replace", "rename", "unlink", "fsync", "mkdir"):
+        crashing(name)
+    config = Config(server=ServerConfig(state_dir=state))
+    importer.import_bundle(open_source(bundle), store.Registry(state), importer.Policy.from_config(config),
+                           engine=config.engine, memory_limit=1 << 40, progress=lambda *_: step())
+    print(steps)
+""")
+
+
+def test_sigkill_at_many_points_of_an_import_loses_nothing(site, models, tmp_path):
+    """Kill the importer at 60 points spread over the copy and the catalog update; after a
+    restart each model is fully installed or absent, with no debris, and importing again
+    completes the job."""
+    split = write_model(tmp_path / "big.gguf", seed=7, split_max_tensors=8)
+    bundle = tmp_path / "crash.edgellm"
+    assert edgellm("bundle", "create", str(split), str(models["random"]), "-o", str(bundle), "--key",
+                   str(site["key"]), "--state-dir", str(site["state"])).returncode == 0
+    expected = {m["id"]: [f["sha256"] for f in m["files"]]
+                for m in json.loads((bundle / "manifest.json").read_text())["models"]}
+
+    def run(state: Path, k: int) -> int | None:
+        result = subprocess.run([sys.executable, "-c", CRASHER, str(state), str(bundle), str(k)],
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode == -9:
+            return None
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    def fresh(name: str) -> Path:
+        state = tmp_path / name
+        (state / "trusted-keys").mkdir(parents=True)
+        shutil.copy(site["dir"] / "site.pub", state / "trusted-keys")
+        Registry(state).open().add(models["scripted"])
+        return state
+
+    total = run(fresh("count"), 0)
+    assert total >= 60
+    points = sorted({1 + i * (total - 1) // 59 for i in range(60)})
+    assert len(points) >= 50
+    for n, k in enumerate(points):
+        state = fresh(f"k{k}")
+        assert run(state, k) is None, f"step {k} of {total} was not reached"
+        Registry(state).open()  # the service's start-up
+        entries = {e["id"]: [f["sha256"] for f in e["files"]] for e in assert_consistent(state)}
+        assert entries.pop("scripted") == [sha256(models["scripted"])]
+        for model_id, shas in entries.items():
+            assert shas == expected[model_id]  # fully installed, or (by its absence) not at all
+        if n % 10 == 0:  # and it can simply be run again
+            assert run(state, 0) is not None
+            assert {e["id"] for e in assert_consistent(state)} == {"scripted", *expected}
+
+
+# --- a FAT32 stick -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not (shutil.which("mkfs.vfat") and shutil.which("mcopy")),
+                    reason="dosfstools and mtools are not installed (make test installs them)")
+def test_import_from_a_fat32_image(site, tmp_path):
+    image = tmp_path / "stick.img"
+    subprocess.run(["mkfs.vfat", "-F", "32", "-n", "MODELS", "-C", str(image), str(64 * 1024)], check=True,
+                   capture_output=True)
+    subprocess.run(["mcopy", "-s", "-i", str(image), str(site["bundle"]), "::/"], check=True)
+    mounted = tmp_path / "mnt"
+    mounted.mkdir()
+    if subprocess.run(["mount", "-o", "loop,ro,nosuid,nodev,noexec", str(image), str(mounted)],
+                      capture_output=True).returncode == 0:
+        stick, unmount = mounted, True
+    else:  # no vfat driver or loop devices here: read the stick with mtools instead
+        subprocess.run(["mcopy", "-s", "-i", str(image), "::/two.edgellm", str(mounted)], check=True)
+        stick, unmount = mounted, False
+    try:
+        result = do_import(stick, site["state"])
+        assert result.returncode == 0, result.stderr
+        assert {e["id"] for e in assert_consistent(site["state"])} == {"scripted", "random"}
+    finally:
+        if unmount:
+            subprocess.run(["umount", str(mounted)], check=True)
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+def events(response: httpx.Response) -> list[tuple[str, dict]]:
+    found, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            found.append((name, json.loads(line[6:])))
+    return found
+
+
+def upload(server, tar: Path, chunk: int = 1 << 16) -> list[tuple[str, dict]]:
+    def body():
+        with open(tar, "rb") as f:
+            while data := f.read(chunk):
+                yield data
+
+    with httpx.stream("POST", server.url + "/admin/bundles", content=body(), timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        return events(response)
+
+
+def test_upload_over_http_with_progress(site, server_factory, models, tmp_path):
+    tar = tmp_path / "up.tar"
+    assert edgellm("bundle", "create", str(models["scripted"]), "-o", str(tar), "--key", str(site["key"]),
+                   "--state-dir", str(site["state"])).returncode == 0
+    server = server_factory(None, state_dir=site["state"])
+    got = upload(server, tar)
+    progress = [data for name, data in got if name == "progress"]
+    assert progress, got
+    assert progress[-1]["done"] == progress[-1]["total"] == models["scripted"].stat().st_size
+    assert got[-1] == ("done", {"models": [{"id": "scripted", "status": "installed"}]})
+    reply = server.post("/v1/completions", {"model": "scripted", "prompt": " Hello", "max_tokens": 4})
+    assert reply.json()["choices"][0]["text"] == " world!"
+
+    # The same checks as the CLI: a tampered upload is an error event and changes nothing.
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    info, data = members[-1]
+    members[-1] = (info, data[:-1] + bytes([data[-1] ^ 1]))
+    bad = tar_with(tmp_path / "bad.tar", members)
+    state = site["state"]
+    Registry(state).remove("scripted")
+    wait_until(lambda: server.get("/v1/models").json()["data"] == [], 3, message="the removal")
+    before = snapshot(state)
+    got = upload(server, bad)
+    name, error = got[-1]
+    assert name == "error" and error["error"]["code"] == "bundle_refused"
+    assert "does not match the manifest's SHA-256" in error["error"]["message"]
+    assert snapshot(state) == before
+
+
+def test_uploads_need_the_admin_key(site, server_factory, tmp_path):
+    server = server_factory(None, state_dir=site["state"],
+                            config='[server]\napi_keys = ["user"]\nadmin_keys = ["boss"]\n', api_key="user")
+    refused = httpx.post(server.url + "/admin/bundles", content=b"x", headers={"Authorization": "Bearer user"})
+    assert refused.status_code == 401
+
+
+# --- the USB units -------------------------------------------------------------------------------
+
+def test_usb_units_verify(tmp_path):
+    systemd = ROOT / "systemd"
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(systemd / "edgellm-usb-import@.service", root / "etc/systemd/system")
+    (root / "usr/libexec/edgellm").mkdir(parents=True)
+    shutil.copy(systemd / "edgellm-usb-import", root / "usr/libexec/edgellm")
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}",
+                             "/etc/systemd/system/edgellm-usb-import@sda1.service"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    unit = (systemd / "edgellm-usb-import@.service").read_text()
+    for setting in ("PrivateMounts=yes", "PrivateNetwork=yes", "ProtectSystem=strict", "BindsTo=dev-%i.device"):
+        assert setting in unit
+    script = (systemd / "edgellm-usb-import").read_text()
+    assert "mount -o ro,nosuid,nodev,noexec" in script and "umount" in script
+    assert subprocess.run(["sh", "-n", str(systemd / "edgellm-usb-import")]).returncode == 0
+    rule = (systemd / "90-edgellm-usb-import.rules").read_text().splitlines()[-1]
+    assert 'ENV{ID_BUS}=="usb"' in rule and 'ENV{SYSTEMD_WANTS}+="edgellm-usb-import@%k.service"' in rule
