@@ -29,8 +29,8 @@ EDGELLM = [sys.executable, "-m", "edgellm"]
 
 
 def timed(cmd: list[str], cold: bool) -> float:
+    subprocess.run(["sync"], check=True)  # no writeback of an earlier run in this one's time
     if cold:
-        subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
