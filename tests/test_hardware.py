@@ -211,3 +211,20 @@ def test_throttling_shows_everywhere_and_halves_the_threads(server_factory, mode
     assert hardware["hardware"]["board"]["model"] == "Raspberry Pi 5 Model B Rev 1.0"
     assert hardware["plan"]["threads"] == 4 and hardware["plan"]["steps"][0]["backend"] == "cpu"
     assert httpx.get(server.url + "/admin/models").json()["data"][0]["backend"] == "cpu"
+
+
+def test_probe_survives_odd_files(tmp_path):
+    """A box with unreadable or odd files still gets a report and a plan, never an exception."""
+    root = tmp_path / "odd"
+    shutil.copytree(FIXTURES / "pi4", root)
+    (root / "proc/swaps").write_text("Filename Type Size Used Priority\n/swapfile file lots 0 -2\n")
+    (root / "proc/cpuinfo").write_text("processor\t: ²\nFeatures\t: fp asimd\n\n")
+    (root / "sys/class/thermal/thermal_zone0/temp").write_text("hot\n")
+    (root / "sys/devices/platform/soc/soc:firmware/get_throttled").write_text("zz\n")
+    plan, hw = plan_for_root(root)
+    assert plan.backend == "cpu" and plan.threads >= 1 and hw.memory.swaps == []
+
+
+def plan_for_root(root: Path):
+    hw = probe(root, cpu_build(ARM_V80))
+    return make_plan(hw, EngineConfig()), hw

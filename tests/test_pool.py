@@ -252,3 +252,33 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_rss(models, name, 
     print(f"{name}: estimate {measured['estimate_bytes'] / 2**20:.1f} MiB, measured "
           f"{measured['measured_bytes'] / 2**20:.1f} MiB, error {measured['error']:+.1%}")
     assert abs(measured["error"]) <= 0.15
+
+
+def test_two_models_that_take_turns_do_not_evict_each_other_while_loading(server_factory, installed):
+    """max_loaded = 1 and requests for two models at once: each loads in turn and answers; a
+    model just loaded for a waiting request is not evicted before that request runs."""
+    server = server_factory(None, state_dir=installed, config='[models]\nmax_loaded = 1\nload_timeout = "30s"\n')
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: complete(server, ("scripted", "random")[i % 2]), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    assert server.log().count(" ready in ") <= 6
+
+
+def test_load_timeout_forever_and_pinned_models_that_fill_every_place(server_factory, installed):
+    server = server_factory(None, state_dir=installed, config=(
+        '[models]\nmax_loaded = 1\nload_timeout = "-1"\npinned = ["scripted"]\npreload = ["scripted"]\n'))
+    assert complete(server, "scripted").status_code == 200  # -1: wait as long as a load takes
+    refused = complete(server, "random")
+    assert refused.status_code == 503 and "pinned models (scripted) take all 1 places" in refused.json()["error"][
+        "message"]
+
+
+def test_a_damaged_blob_does_not_stop_the_others(server_factory, installed):
+    entry = Registry(installed).find("random")
+    blob = entry.paths[0]
+    data = blob.read_bytes()
+    blob.unlink()  # a fresh inode: the session's shared test model stays intact
+    blob.write_bytes(data[:100])
+    server = server_factory(None, state_dir=installed)
+    assert complete(server, "scripted").status_code == 200
+    assert "model random cannot be served" in server.log()

@@ -200,3 +200,34 @@ def test_sigkill_at_every_step_of_add_and_remove_loses_nothing(tmp_path, models,
                 break
             k += 1
             assert k < 200
+
+
+def _header(kvs: bytes, n_kv: int, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    return b"GGUF" + (3).to_bytes(4, "little") + n_tensors.to_bytes(8, "little") + n_kv.to_bytes(8, "little") \
+        + kvs + tensors
+
+
+def _kv(key: str, kind: int, payload: bytes) -> bytes:
+    return len(key).to_bytes(8, "little") + key.encode() + kind.to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("name,data", [
+    ("huge string", _header(_kv("general.name", 8, (1 << 62).to_bytes(8, "little")), 1)),
+    ("huge array", _header(_kv("x", 9, (4).to_bytes(4, "little") + (1 << 61).to_bytes(8, "little")), 1)),
+    ("nested arrays", _header(_kv("x", 9, (9).to_bytes(4, "little") + (1).to_bytes(8, "little")
+                                  + (9).to_bytes(4, "little") + (1).to_bytes(8, "little")) * 1, 1)),
+    ("zero alignment", _header(_kv("general.alignment", 4, (0).to_bytes(4, "little")), 1)),
+    ("many layers", _header(_kv("general.architecture", 8, (5).to_bytes(8, "little") + b"llama")
+                            + _kv("llama.block_count", 4, (10**8).to_bytes(4, "little")), 2)),
+    ("many dimensions", _header(b"", 0, (1).to_bytes(8, "little") + b"t" + (10**6).to_bytes(4, "little"), 1)),
+])
+def test_hostile_gguf_headers_are_clean_errors(tmp_path, name, data):
+    import time
+
+    from edgellm.engine import gguf
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data + bytes(64))
+    started = time.monotonic()
+    with pytest.raises(gguf.GGUFError):
+        gguf.read(path)
+    assert time.monotonic() - started < 1

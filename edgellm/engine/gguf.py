@@ -20,6 +20,8 @@ SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gg
 _STRING, _ARRAY = 8, 9
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _KEEP_ARRAY = 256  # arrays up to this many items are kept (per-layer values); longer ones only counted
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_LAYERS = 10_000
 
 
 class GGUFError(ValueError):
@@ -59,6 +61,8 @@ def split_parts(path: Path) -> list[Path]:
     if not match:
         return [path]
     count = int(match["count"])
+    if not 0 < int(match["index"]) <= count:
+        return [path]  # not a real split name: a file like any other
     return [path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
@@ -69,8 +73,20 @@ def read(path: str | Path) -> GGUFFile:
 
 
 def read_from(f, path: Path, size: int) -> GGUFFile:
-    """The header of a GGUF file open at its start (a file, or a member of a tar); `path` names it."""
-    reader = _Reader(f, path)
+    """The header of a GGUF file open at its start (a file, or a member of a tar); `path` names it.
+
+    Any file, however hostile, gives a GGUFFile or a GGUFError, in time and memory bounded by
+    its size."""
+    try:
+        return _parse(f, path, size)
+    except GGUFError:
+        raise
+    except (struct.error, ValueError, OverflowError, MemoryError, RecursionError, ZeroDivisionError) as e:
+        raise GGUFError(f"{path}: a damaged header ({type(e).__name__})") from None
+
+
+def _parse(f, path: Path, size: int) -> GGUFFile:
+    reader = _Reader(f, path, size)
     if f.read(4) != MAGIC:
         raise GGUFError(f"{path}: not a GGUF file")
     version = reader.scalar("<I")
@@ -95,12 +111,19 @@ def read_from(f, path: Path, size: int) -> GGUFFile:
     for _ in range(n_tensors):
         reader.string()  # name
         n_dims = reader.scalar("<I")
+        if n_dims > _MAX_DIMS:
+            raise GGUFError(f"{path}: a tensor with {n_dims} dimensions (at most {_MAX_DIMS})")
         elements = 1
         for _ in range(n_dims):
             elements *= reader.scalar("<Q")
         reader.scalar("<I"), reader.scalar("<Q")  # type, offset
         n_params += elements
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: general.alignment {alignment!r} is not a power of two")
+    layers = metadata.get(f"{metadata.get('general.architecture')}.block_count", 0)
+    if not isinstance(layers, int) or not 0 <= layers <= _MAX_LAYERS:
+        raise GGUFError(f"{path}: block_count {layers!r} is implausible")
     data_start = -(-f.tell() // alignment) * alignment
     if data_start > size:
         raise GGUFError(f"{path}: truncated (the header runs past the end of the file)")
@@ -108,9 +131,10 @@ def read_from(f, path: Path, size: int) -> GGUFFile:
 
 
 class _Reader:
-    def __init__(self, f, path: Path) -> None:
+    def __init__(self, f, path: Path, size: int) -> None:
         self.f = f
         self.path = path
+        self.size = size
 
     def _read(self, n: int) -> bytes:
         data = self.f.read(n)
@@ -122,15 +146,20 @@ class _Reader:
         return struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return self._read(self.scalar("<Q")).decode("utf-8", "replace")
+        n = self.scalar("<Q")
+        if n > self.size:
+            raise GGUFError(f"{self.path}: truncated header (a string of {n} bytes)")
+        return self._read(n).decode("utf-8", "replace")
 
     def value(self, kind: int):
         if kind == _STRING:
             return self.string()
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
-        if kind == _ARRAY:
+        if kind == _ARRAY:  # an array inside an array: kept whole only when short
             item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            if count > _KEEP_ARRAY or item_kind == _ARRAY:
+                raise GGUFError(f"{self.path}: an unsupported nested array")
             return [self.value(item_kind) for _ in range(count)]
         raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
 
@@ -149,7 +178,10 @@ class _Reader:
             # Give back what was read past the array (a seek works for files and tar members).
             self.f.seek(at - len(buffer), 1)
         elif kind in _SCALARS:
-            self.f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
+            skip = struct.calcsize(_SCALARS[kind]) * count
+            if skip > self.size:
+                raise GGUFError(f"{self.path}: truncated header (an array of {count} items)")
+            self.f.seek(skip, 1)
         else:
             for _ in range(count):
                 self.value(kind)

@@ -121,6 +121,7 @@ class Managed:
         self.rss_delta: int | None = None  # measured when it loaded
         self.removed = False  # gone from the catalog: unload once idle, do not load again
         self.unload_requested = False  # by the admin API while requests were in flight
+        self.waiters = 0  # requests waiting for it to load: it is as good as busy
         self.template_override = ""  # [model] chat_template, for the --model file
         self.pinned = False  # never unloaded for being idle or to make room
         self.waiting = ""  # why its load cannot start yet, while it waits for room
@@ -176,7 +177,7 @@ class Pool:
         self._closing = False
         self._threads = engine.n_threads
         self.default_keep_alive = parse_duration(settings.keep_alive)
-        self.load_timeout = parse_duration(settings.load_timeout) or 0.0
+        self.load_timeout = parse_duration(settings.load_timeout)  # None: wait as long as it takes
         self.budget = parse_size(settings.memory_budget) if settings.memory_budget else None
         self.reserve = parse_size(settings.memory_reserve) if settings.memory_reserve else 0
 
@@ -221,7 +222,10 @@ class Pool:
                 await self._retire(managed)
         for model_id, (entry, template) in current.items():
             if model_id not in self._models:
-                self._models[model_id] = await asyncio.to_thread(self._describe, entry, template)
+                try:
+                    self._models[model_id] = await asyncio.to_thread(self._describe, entry, template)
+                except (OSError, gguf.GGUFError) as e:  # a damaged blob: the others still serve
+                    log.error("model %s cannot be served: %s", model_id, e)
 
     def _describe(self, entry: Entry, template: str) -> Managed:
         headers = [gguf.read(p) for p in entry.paths]
@@ -263,11 +267,15 @@ class Pool:
             await self.refresh()  # installed a moment ago by another process?
         managed = self.find(name)
         keep = self.default_keep_alive if keep_alive is False else keep_alive
-        await self._loaded(managed, timeout=self.load_timeout)
-        if self._closing:
-            raise NotReady("the server is shutting down", None)
-        managed.last_used = time.time()
-        return Lease(self, managed, keep)
+        managed.waiters += 1  # from now until the lease: another load must not evict it
+        try:
+            await self._loaded(managed, timeout=self.load_timeout)
+            if self._closing:
+                raise NotReady("the server is shutting down", None)
+            managed.last_used = time.time()
+            return Lease(self, managed, keep)
+        finally:
+            managed.waiters -= 1
 
     async def _loaded(self, managed: Managed, *, timeout: float | None) -> None:
         """Return once `managed` is loaded: joining a load under way or starting one."""
@@ -319,7 +327,11 @@ class Pool:
             loaded = await asyncio.to_thread(self._load_blocking, managed)
             managed.rss_delta = process.memory_info().rss - before
             managed.loaded = loaded
+            managed.last_used = time.time()
             managed.unload_requested = False
+            if managed.removed:  # uninstalled while it loaded
+                await self._unload(managed, reason="removed")
+                return
             runner = loaded.runner
             log.info("model %s ready in %.1f s on %s (%d GPU layers; context %d tokens, batch %d, %d parallel, "
                      "%d threads, flash attention %s; memory +%.0f MiB, estimated %.0f MiB)", managed.entry.id,
@@ -370,7 +382,10 @@ class Pool:
         """Bytes a new model may use now, with what is loaded staying loaded."""
         if self.budget is not None:
             return self.budget - sum(m.estimate.total for m in self._models.values() if m.loaded)
-        return psutil.virtual_memory().available - self.reserve
+        # The loaded models' weights are memory-mapped file pages, which the kernel reports as
+        # available (reclaimable); counting them as free would let two models thrash each other.
+        mapped = sum(m.estimate.weights for m in self._models.values() if m.loaded)
+        return psutil.virtual_memory().available - self.reserve - mapped
 
     def _reclaimable(self, exclude: Managed) -> int:
         """Bytes that unloading every model that may be unloaded would give back."""
@@ -381,7 +396,7 @@ class Pool:
         """Unload idle models, least recently used first, until `managed` fits; wait (bounded)
         for busy ones; refuse with the numbers when it can never fit."""
         need = managed.estimate.total
-        deadline = time.monotonic() + self.load_timeout
+        deadline = time.monotonic() + (self.load_timeout if self.load_timeout is not None else float("inf"))
         while True:
             loaded = [m for m in self._models.values() if m.loaded]
             if len(loaded) < self._settings.max_loaded and need <= self.free_memory():
@@ -389,17 +404,21 @@ class Pool:
             best = self.free_memory() + self._reclaimable(managed)
             if need > best:
                 raise ModelTooLarge(self._too_large(managed, best))
-            idle = [m for m in loaded if not m.loaded.users and not m.pinned]
+            idle = [m for m in loaded if not m.loaded.users and not m.waiters and not m.pinned]
             if idle:
                 await self._unload(min(idle, key=lambda m: m.last_used), reason="to make room")
                 continue
-            busy = ", ".join(m.entry.id for m in loaded if m.loaded.users or m.pinned)
+            if all(m.pinned for m in loaded) and len(loaded) >= self._settings.max_loaded:
+                raise NotReady(f"model '{managed.entry.id}' cannot load: pinned models "
+                               f"({', '.join(m.entry.id for m in loaded)}) take all {self._settings.max_loaded} "
+                               "places ([models] max_loaded)", None)
+            busy = ", ".join(m.entry.id for m in loaded if m.loaded.users or m.waiters or m.pinned)
             managed.waiting = f"waits for requests on busy model(s) {busy} to finish before it can load"
             if time.monotonic() > deadline:
                 raise NotReady(f"model '{managed.entry.id}' {managed.waiting}", 5)
             self._released.clear()
             try:
-                await asyncio.wait_for(self._released.wait(), deadline - time.monotonic())
+                await asyncio.wait_for(self._released.wait(), min(deadline - time.monotonic(), 3600))
             except TimeoutError:
                 pass
 

@@ -118,7 +118,7 @@ def warnings(hw: Hardware, plan: Plan) -> list[str]:
     if hw.board.kind == "jetson" and plan.backend != "cuda":
         found.append("a Jetson running on the CPU: install a CUDA build of llama-cpp-python for the GPU's speed")
     if hw.thermal.throttled:
-        detail = ", ".join(hw.thermal.flags) or f"{hw.thermal.hottest:.0f} °C"
+        detail = ", ".join(hw.thermal.flags) or f"{hw.thermal.hottest or 0:.0f} °C"
         found.append(f"the board is throttling ({detail}): improve cooling or the power supply")
     elif any("under-voltage" in f for f in hw.thermal.flags):
         found.append(f"power problems were recorded ({', '.join(hw.thermal.flags)}): use the official power supply")

@@ -49,6 +49,7 @@ class Cluster:
     cpus: list[int]
     max_mhz: int
     core: str  # Cortex-A76, or the x86 model name
+    cores: int = 0  # physical cores (fewer than cpus with SMT)
 
 
 @dataclass
@@ -64,8 +65,7 @@ class Cpu:
         """Physical cores of the fastest cluster (all of them when the cores are alike)."""
         if len(self.clusters) < 2:
             return self.physical
-        fastest = max(self.clusters, key=lambda c: c.max_mhz)
-        return max(1, round(len(fastest.cpus) * self.physical / max(self.logical, 1)))
+        return max(1, max(self.clusters, key=lambda c: c.max_mhz).cores)
 
 
 @dataclass
@@ -208,16 +208,22 @@ def cpu(root: Path) -> Cpu:
     if arch.startswith("arm") and "neon" in flags:  # 32-bit kernels call it neon
         features.insert(0, "asimd")
 
-    ids = [int(b["processor"]) for b in processors if b["processor"].isdigit()] or [0]
-    cores, groups = set(), {}
+    ids = [int(b["processor"]) for b in processors if re.fullmatch(r"[0-9]+", b["processor"])] or [0]
+    cores, groups, cluster_cores = set(), {}, {}
     for n in ids:
         topology = root / f"sys/devices/system/cpu/cpu{n}/topology"
-        cores.add((_int(topology / "physical_package_id"), _int(topology / "core_id") if (topology / "core_id").exists()
-                   else n))
+        core_id = _int(topology / "core_id")
+        # Newer arm64 kernels restart core_id in each cluster: the cluster (or die) tells them apart.
+        key = (_int(topology / "physical_package_id"), _int(topology / "cluster_id"), _int(topology / "die_id"),
+               core_id if core_id is not None else n)
+        cores.add(key)
         khz = _int(root / f"sys/devices/system/cpu/cpu{n}/cpufreq/cpuinfo_max_freq") or 0
         block = next((b for b in processors if b["processor"] == str(n)), {})
         core = ARM_PARTS.get(block.get("CPU part", ""), block.get("CPU part", "")) or block.get("model name", "")
         groups.setdefault(khz, Cluster([], khz // 1000, core)).cpus.append(n)
+        cluster_cores.setdefault(khz, set()).add(key)
+    for khz, cluster in groups.items():
+        cluster.cores = len(cluster_cores[khz])
     clusters = sorted(groups.values(), key=lambda c: c.max_mhz)
     return Cpu(arch=arch, features=features, logical=len(ids), physical=len(cores), clusters=clusters)
 
@@ -230,7 +236,10 @@ def memory(root: Path) -> Memory:
         parts = line.split()
         if len(parts) < 3:
             continue
-        path, kind, size = parts[0], parts[1], int(parts[2]) * 1024
+        try:
+            path, kind, size = parts[0], parts[1], int(parts[2]) * 1024
+        except ValueError:
+            continue
         device = path
         if kind == "file":  # the device of the longest mount point holding the file
             holders = [m for m in mounts if path.startswith(m[1].rstrip("/") + "/")]

@@ -37,7 +37,8 @@ class ThermalWatch:
 
     def _record(self, now: Thermal) -> None:
         if now.throttled != self.latest.throttled:
-            detail = ", ".join(now.flags) or f"hottest zone {now.hottest:.0f} °C"
+            detail = ", ".join(now.flags) or (f"hottest zone {now.hottest:.0f} °C" if now.hottest is not None
+                                              else "no temperature readable")
             log.warning("the board %s (%s)", "is throttling" if now.throttled else "stopped throttling", detail)
         self.latest = now
         for zone in now.zones:

@@ -123,7 +123,7 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
         size=sum(f.size for f in files),
         sha256=sha,
         architecture=arch,
-        quantization=QUANTIZATIONS.get(file_type, f"type {file_type}") if file_type is not None else "unknown",
+        quantization=QUANTIZATIONS.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown",
         parameters=sum(h.n_params for h in headers),
         context_length=int(head.arch("context_length", 0) or 0),
         chat_template=head.get("tokenizer.chat_template") is not None,
@@ -320,9 +320,10 @@ class Registry:
         except OSError:
             with open(source, "rb") as src:
                 sha, _ = self.stage(src, tmp, progress)
-        else:
+        else:  # the same inode: make sure its data is on the disk before the catalog names it
             with open(source, "rb") as src:
                 sha, _ = copy_hashing(src, None, progress)
+                os.fsync(src.fileno())
         self.place(tmp, sha)
         return ModelFile(name=source.name, sha256=sha, size=self.blob(sha).stat().st_size)
 
