@@ -35,9 +35,12 @@ prerequisites:
 	fi
 
 # Debian tools the tests use as independent implementations: minisign checks bundle
-# signatures both ways, dosfstools and mtools build a FAT32 stick image. Installed when
-# running as root (CI); otherwise the command is printed and those tests skip.
-TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools
+# signatures both ways, dosfstools and mtools build a FAT32 stick image, Avahi browses
+# for the service inside the tests' network namespaces. Installed when running as root
+# (CI), with policy-rc.d keeping the package's daemons from starting on the real network;
+# otherwise the command is printed and those tests skip.
+TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools avahi-daemon:avahi-daemon avahi-browse:avahi-utils \
+	dbus-daemon:dbus
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \
@@ -45,8 +48,12 @@ test-tools:
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null \
-				|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+			blocker=""; if [ ! -e /usr/sbin/policy-rc.d ]; then blocker=/usr/sbin/policy-rc.d; \
+				printf '#!/bin/sh\nexit 101\n' > $$blocker; chmod +x $$blocker; fi; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+				|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+					apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+			[ -z "$$blocker" ] || rm -f $$blocker; \
 		else \
 			echo "some tests will skip; install their tools with:  sudo apt-get install -y$$missing"; \
 		fi; \

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from edgellm.config import Config, is_loopback
+from edgellm.discovery import Announcer, device_id
 from edgellm.engine import gguf
 from edgellm.engine.pool import Pool
 from edgellm.hardware.plan import make_plan
@@ -36,8 +37,10 @@ def command_line_model(config: Config) -> Entry:
 
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
-               admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/") -> Starlette:
-    """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture)."""
+               admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/", port: int = 0
+               ) -> Starlette:
+    """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture).
+    `port`: the port the API listens on, announced on the LAN (0: not announced)."""
     stats = Metrics()
     hw = probe(hardware_root)
     plan = make_plan(hw, config.engine)
@@ -55,7 +58,16 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()  # loads the --model file and the preload list in the background
         watching = asyncio.create_task(thermals.run())
+        announcer = None
+        if config.discovery.enabled and port:
+            announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
+                                  interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
+                                  device=device_id(config.server.state_dir),
+                                  models=lambda: [e.id for e in pool.entries()])
+            await announcer.start()
         yield
+        if announcer is not None:
+            await announcer.close()  # goodbye packets first: clients stop coming at once
         watching.cancel()
         await pool.close()
 

@@ -81,6 +81,11 @@ def _build_parser() -> argparse.ArgumentParser:
             action.add_argument("--json", action="store_true", help="machine-readable output")
         action.set_defaults(func=_models)
 
+    discover = commands.add_parser("discover", help="find edgellm boxes on the LAN (mDNS/DNS-SD)")
+    discover.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds to listen (default 3)")
+    discover.add_argument("--json", action="store_true", help="machine-readable output")
+    discover.set_defaults(func=_discover)
+
     keygen = commands.add_parser("keygen", help="make a key pair for signing bundles (minisign format)")
     keygen.add_argument("-o", "--output", metavar="PREFIX", default="edgellm",
                         help="write PREFIX.key (secret, mode 600) and PREFIX.pub (default: ./edgellm)")
@@ -155,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
              "required" if keys else "not required")
-    app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root)
+    app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root, port=bound_port)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame) -> None:
@@ -176,6 +181,25 @@ def _doctor(args: argparse.Namespace) -> int:
         raise ConfigError(f"--hardware-root: no such directory: {args.hardware_root}")
     data = report(args.hardware_root, load(args.config).engine)
     print(json.dumps(data, indent=2) if args.json else render(data))
+    return 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from edgellm.discovery import discover
+
+    if not 0 < args.timeout <= 600:
+        raise ConfigError("--timeout: expected seconds from 0 to 600")
+    boxes = asyncio.run(discover(args.timeout))
+    if args.json:
+        print(json.dumps([{**asdict(b), "base_url": b.base_url} for b in boxes], indent=2))
+    elif boxes:
+        _table(["NAME", "URL", "ADDRESSES", "KEY", "MODELS"],
+               [[b.name, b.base_url, ",".join(b.addresses), "required" if b.key_required else "no",
+                 ",".join(b.models) + (f" (+{b.more_models})" if b.more_models else "") or "-"] for b in boxes])
+    else:
+        print(f"no edgellm boxes answered within {args.timeout:g} s", file=sys.stderr)
     return 0
 
 

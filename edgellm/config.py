@@ -70,6 +70,15 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    enabled: bool = True
+    name: str = ""  # the DNS-SD instance name; empty: the host name
+    # Interfaces to announce on; empty: every non-loopback one when [server] host is not
+    # loopback, none when it is.
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class BundlesConfig:
     policy: str = "require-signature"  # or allow-unsigned (development)
     trusted_keys: str = ""  # a directory of minisign .pub files; empty: <state dir>/trusted-keys
@@ -88,6 +97,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     bundles: BundlesConfig = field(default_factory=BundlesConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -110,6 +120,7 @@ _SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "models": ModelsConfig,
     "bundles": BundlesConfig,
+    "discovery": DiscoveryConfig,
     "log": LogConfig,
 }
 

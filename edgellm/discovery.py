@@ -1,0 +1,255 @@
+"""LAN discovery by mDNS/DNS-SD: the service announces itself, `edgellm discover` finds boxes.
+
+The announcement is `_edgellm._tcp.local.` (and `_http._tcp.local.` for the
+status page, for generic browsers) with TXT records a client can act on:
+
+    version   edgellm's version
+    api       the API base path (/v1)
+    auth      "required" or "none" (never a key)
+    id        a stable device id (STATE_DIR/device-id)
+    models    installed model ids, comma-separated, cut to fit one packet
+    more      how many ids did not fit (absent when none)
+    rev       changes whenever the installed models change
+    tls       "0" (edgellm serves plain HTTP)
+
+zeroconf only ever binds the chosen interfaces' addresses: by default every
+non-loopback interface when the API listens beyond loopback, and none when it
+listens on loopback only (a workstation's `make run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from edgellm import __version__
+
+log = logging.getLogger("edgellm.discovery")
+
+SERVICE = "_edgellm._tcp.local."
+HTTP_SERVICE = "_http._tcp.local."
+TXT_BUDGET = 400  # bytes of TXT data: with the names and addresses it stays well inside one packet
+WATCH_INTERVAL = 2.0  # seconds between looks at the interfaces' addresses and the models
+
+
+def device_id(state_dir: str | Path) -> str:
+    """A stable id for this box, made once and kept in the state dir (written atomically)."""
+    path = Path(state_dir) / "device-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"device-id.tmp{os.getpid()}")
+    tmp.write_text(uuid.uuid4().hex + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def interface_addresses(names: list[str], host: str) -> dict[str, list[str]]:
+    """IPv4 addresses to announce on, by interface: the named ones, or (none named) every
+    non-loopback interface when `host` is a wildcard, the one holding `host` otherwise, and
+    nothing when `host` is loopback."""
+    found = {name: [a.address for a in addrs if a.family == socket.AF_INET]
+             for name, addrs in psutil.net_if_addrs().items()}
+    if names:
+        return {n: found.get(n, []) for n in names}
+    ip = ipaddress.ip_address(host) if _is_ip(host) else None
+    if ip is not None and ip.is_loopback or host == "localhost":
+        return {}
+    chosen = {}
+    for name, addresses in found.items():
+        addresses = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]
+        if addresses and (ip is None or ip.is_unspecified or host in addresses):
+            chosen[name] = addresses
+    return chosen
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def txt_records(*, models: list[str], key_required: bool, device: str) -> dict[str, str]:
+    records = {"version": __version__, "api": "/v1", "auth": "required" if key_required else "none",
+               "id": device, "tls": "0",
+               "rev": hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:8]}
+    used = sum(len(k) + len(v) + 2 for k, v in records.items())
+    listed = []
+    for model in models:
+        if used + len(",".join([*listed, model])) + len("models=") + len("more=999") + 2 > TXT_BUDGET \
+                or len(",".join([*listed, model])) > 240:  # one TXT string holds 255 bytes
+            break
+        listed.append(model)
+    records["models"] = ",".join(listed)
+    if len(listed) < len(models):
+        records["more"] = str(len(models) - len(listed))
+    return records
+
+
+class Announcer:
+    """Keeps the box announced while the service runs: TXT updated when the models change,
+    re-announced when the addresses change, goodbye packets at shutdown."""
+
+    def __init__(self, *, name: str, port: int, interfaces: list[str], host: str, key_required: bool,
+                 device: str, models: Callable[[], list[str]]) -> None:
+        self.name = name or socket.gethostname().split(".")[0]
+        self.port = port
+        self.interfaces = interfaces
+        self.host = host
+        self.key_required = key_required
+        self.device = device
+        self.models = models
+        self._zc: AsyncZeroconf | None = None
+        self._infos: list[AsyncServiceInfo] = []
+        self._addresses: list[str] = []
+        self._txt: dict[str, str] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._announce()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _announce(self) -> None:
+        by_interface = interface_addresses(self.interfaces, self.host)
+        self._addresses = sorted(a for addresses in by_interface.values() for a in addresses)
+        if not self._addresses:
+            log.info("not announcing on the LAN (%s)", "no IPv4 address on " + ", ".join(self.interfaces)
+                     if self.interfaces else "the API listens on loopback only")
+            return
+        self._txt = txt_records(models=self.models(), key_required=self.key_required, device=self.device)
+        self._zc = AsyncZeroconf(interfaces=self._addresses, ip_version=IPVersion.V4Only)
+        host = f"{self.name.replace(' ', '-')}.local."
+        addresses = [socket.inet_aton(a) for a in self._addresses]
+        self._infos = [
+            AsyncServiceInfo(SERVICE, f"{self.name}.{SERVICE}", port=self.port, properties=self._txt,
+                             server=host, addresses=addresses),
+            AsyncServiceInfo(HTTP_SERVICE, f"{self.name}.{HTTP_SERVICE}", port=self.port,
+                             properties={"path": "/health"}, server=host, addresses=addresses),
+        ]
+        for info in self._infos:
+            await self._zc.async_register_service(info, allow_name_change=True)
+        final = self._infos[0].name.removesuffix("." + SERVICE)
+        log.info("announced as %r (%s) on %s", final, SERVICE, ", ".join(sorted(by_interface)))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                addresses = sorted(a for v in interface_addresses(self.interfaces, self.host).values() for a in v)
+                if addresses != self._addresses:
+                    log.info("addresses changed (%s -> %s): announcing again", self._addresses, addresses)
+                    await self._withdraw()
+                    await self._announce()
+                elif self._zc is not None:
+                    txt = txt_records(models=self.models(), key_required=self.key_required, device=self.device)
+                    if txt != self._txt:
+                        self._txt = txt
+                        old = self._infos[0]
+                        self._infos[0] = AsyncServiceInfo(SERVICE, old.name, port=self.port, properties=txt,
+                                                          server=old.server, addresses=old.addresses)
+                        await self._zc.async_update_service(self._infos[0])
+                        log.info("models changed: TXT records updated")
+            except Exception:
+                log.exception("keeping the announcement up to date failed")
+
+    async def _withdraw(self) -> None:
+        if self._zc is not None:
+            await self._zc.async_unregister_all_services()  # goodbye packets: browsers drop the box now
+            await self._zc.async_close()
+            self._zc = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._withdraw()
+
+
+@dataclass
+class Box:
+    """An edgellm service found on the LAN."""
+
+    name: str
+    addresses: list[str]
+    port: int
+    api: str
+    models: list[str]
+    key_required: bool
+    device: str
+    version: str
+    more_models: int = 0
+    txt: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        """Ready for the openai SDK: OpenAI(base_url=box.base_url, api_key=...)."""
+        host = self.addresses[0] if self.addresses else "localhost"
+        return f"http://{host}:{self.port}{self.api}"
+
+
+def _box(info: AsyncServiceInfo) -> Box:
+    txt = {k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
+    models = [m for m in txt.get("models", "").split(",") if m]
+    return Box(name=info.name.removesuffix("." + SERVICE), addresses=info.parsed_addresses(IPVersion.V4Only),
+               port=info.port or 0, api=txt.get("api", "/v1"), models=models,
+               key_required=txt.get("auth") == "required", device=txt.get("id", ""),
+               version=txt.get("version", ""), more_models=int(txt.get("more", "0") or 0), txt=txt)
+
+
+async def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[Box]:
+    """The boxes that answer within `timeout` seconds, resolved."""
+    zc = AsyncZeroconf(interfaces=interfaces or _all_ipv4(), ip_version=IPVersion.V4Only)
+    names: set[str] = set()
+
+    def changed(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            names.add(name)
+
+    browser = AsyncServiceBrowser(zc.zeroconf, SERVICE, handlers=[changed])
+    try:
+        await asyncio.sleep(timeout)
+        boxes = []
+        for name in sorted(names):
+            info = AsyncServiceInfo(SERVICE, name)
+            if await info.async_request(zc.zeroconf, 1000):
+                boxes.append(_box(info))
+        return boxes
+    finally:
+        await browser.async_cancel()
+        await zc.async_close()
+
+
+def _all_ipv4() -> list[str]:
+    return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
+
+
+def find_base_url(model: str | None = None, timeout: float = 3.0) -> str:
+    """The base_url of an edgellm box on the LAN (one serving `model`, if given), for the openai SDK:
+
+        from openai import OpenAI
+        from edgellm.discovery import find_base_url
+        client = OpenAI(base_url=find_base_url(), api_key="...")
+    """
+    boxes = asyncio.run(discover(timeout))
+    for box in boxes:
+        if model is None or model in box.models:
+            return box.base_url
+    wanted = f" serving {model}" if model else ""
+    raise LookupError(f"no edgellm box{wanted} answered on the LAN within {timeout:g} s")
