@@ -20,8 +20,10 @@ from edgellm.hardware.plan import make_plan
 from edgellm.hardware.probe import probe
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
+from edgellm.relay.upstream import Upstream
 from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
+from edgellm.serving.relay import ServedBy
 from edgellm.serving.errors import HANDLERS
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
 
@@ -54,9 +56,13 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     thermals = ThermalWatch(Path(hardware_root), stats, pool, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 
+    upstream = Upstream(config.relay) if config.relay.url else None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()  # loads the --model file and the preload list in the background
+        if upstream is not None:
+            await upstream.start()
         watching = asyncio.create_task(thermals.run())
         announcer = None
         if config.discovery.enabled and port:
@@ -69,17 +75,20 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         if announcer is not None:
             await announcer.close()  # goodbye packets first: clients stop coming at once
         watching.cancel()
+        if upstream is not None:
+            await upstream.close()
         await pool.close()
 
     app = Starlette(
         routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes],
-        middleware=[Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
+        middleware=[Middleware(ServedBy), Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
                                loopback=is_loopback(config.server.host))],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
     app.state.pool = pool
     app.state.registry = registry
+    app.state.upstream = upstream
     app.state.config = config
     app.state.thermals = thermals
     app.state.hardware = (hardware_root, config.engine)

@@ -79,6 +79,27 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    url: str = ""  # the upstream's base URL, e.g. http://vllm.dc:8000/v1; empty: no relay
+    api_key_file: str = ""
+    api_key_env: str = ""  # the name of an environment variable holding the key
+    connect_timeout: str = "3s"
+    first_byte_timeout: str = "60s"
+    idle_timeout: str = "60s"
+    models: tuple[str, ...] = ()  # the upstream's models; empty: asked from its /v1/models
+    refresh: str = "60s"  # how often to ask
+    missing: bool = True  # a model not installed here goes upstream
+    overflow: bool = False  # so does a request whose estimated local wait exceeds ttft_budget
+    ttft_budget: str = "2s"
+    fallback: bool = True  # and one whose local attempt fails before its first byte
+    offline: bool = False  # never relay, whatever the above say
+    breaker_failures: int = 3  # consecutive failures that open the circuit
+    breaker_cooldown: str = "10s"  # before a half-open probe of /health
+    load_metrics: bool = False  # read vLLM's /metrics: no overflow to a saturated upstream
+    max_waiting: int = 8  # upstream requests waiting (vllm:num_requests_waiting) that count as saturated
+
+
+@dataclass(frozen=True)
 class BundlesConfig:
     policy: str = "require-signature"  # or allow-unsigned (development)
     trusted_keys: str = ""  # a directory of minisign .pub files; empty: <state dir>/trusted-keys
@@ -98,6 +119,7 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     bundles: BundlesConfig = field(default_factory=BundlesConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -121,6 +143,7 @@ _SECTIONS: dict[str, type] = {
     "models": ModelsConfig,
     "bundles": BundlesConfig,
     "discovery": DiscoveryConfig,
+    "relay": RelayConfig,
     "log": LogConfig,
 }
 
@@ -175,6 +198,12 @@ _PARSED = {
     ("models", "memory_reserve"): parse_size,
     ("models", "keep_alive"): parse_duration,
     ("models", "load_timeout"): parse_duration,
+    ("relay", "connect_timeout"): parse_duration,
+    ("relay", "first_byte_timeout"): parse_duration,
+    ("relay", "idle_timeout"): parse_duration,
+    ("relay", "refresh"): parse_duration,
+    ("relay", "ttft_budget"): parse_duration,
+    ("relay", "breaker_cooldown"): parse_duration,
 }
 
 

@@ -47,6 +47,12 @@ class Metrics:
         self.throttled = Gauge("edgellm_throttled", "1 while the board throttles (heat, power), else 0",
                                registry=r)
         self.threads = Gauge("edgellm_threads", "CPU threads each decode step uses", registry=r)
+        self.served = Counter("edgellm_served", "API responses by where they were served: local or upstream",
+                              ["by"], registry=r)
+        self.relayed = Counter("edgellm_relayed", "Requests relayed upstream, by reason: not (installed "
+                               "here), local (wait over the budget), local (failure)", ["reason"], registry=r)
+        self.upstream_tokens = Counter("edgellm_upstream_tokens", "Tokens the upstream reported for relayed "
+                                       "requests", ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -245,8 +245,11 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_rss(models, name, 
     """tools/bench/memory.py loads the model in a fresh process, makes it work (a prompt longer
     than a micro-batch, then parallel sequences) and compares the RSS growth with the estimate."""
     path = request.getfixturevalue("demo_model") if name == "demo" else models[name]
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "memory.py"), str(path)],
-                            capture_output=True, text=True, timeout=120)
+    # The tiny models take 8 MiB at n_ctx 4096, where a thread pool's stacks or the allocator's
+    # mood (about 1 MiB) move the ratio by 15%: they are measured at 32768, where the KV cache counts.
+    n_ctx = "4096" if name == "demo" else "32768"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "memory.py"), str(path),
+                             "--n-ctx", n_ctx], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout)
     print(f"{name}: estimate {measured['estimate_bytes'] / 2**20:.1f} MiB, measured "

@@ -247,6 +247,14 @@ class Pool:
     def models(self) -> list[Managed]:
         return list(self._models.values())
 
+    def has(self, name: str | None) -> bool:
+        return name is not None and name in self._names()
+
+    def estimated_wait(self, name: str) -> float:
+        """Seconds a request for this model would wait for a place (0 when it is not loaded)."""
+        managed = self._names().get(name)
+        return managed.loaded.runner.estimated_wait() if managed and managed.loaded else 0.0
+
     def find(self, name: str | None) -> Managed:
         names = self._names()
         if name is None and len(self._models) == 1:

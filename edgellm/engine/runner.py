@@ -115,6 +115,14 @@ class Runner:
             job.cancelled = True
             raise
 
+    def estimated_wait(self) -> float:
+        """Seconds a new request would wait for a place: 0 while one is free."""
+        waiting = self._in_flight - self.parallel + 1
+        if waiting <= 0:
+            return 0.0
+        mean = self._scheduler.mean_duration if self._scheduler else 2.0
+        return mean * waiting / self.parallel
+
     def set_threads(self, n: int) -> None:
         """Use n threads from the next decode step on (thermal throttling)."""
         self._threads_wanted = max(1, n)

@@ -27,6 +27,7 @@ from edgellm.protocol import requests as proto
 from edgellm.protocol.errors import APIError, invalid
 from edgellm.protocol.responses import SSE_DONE, Reply, embeddings_body, model_object, sse
 from edgellm.serving.errors import ClientGone, to_api_error
+from edgellm.serving.relay import route
 
 T = TypeVar("T")
 log = logging.getLogger("edgellm.serving")
@@ -98,7 +99,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def list_models(request: Request) -> JSONResponse:
     entries = _pool(request).entries()
-    return JSONResponse({"object": "list", "data": [model_object(e.id, e.created) for e in entries]})
+    data = [model_object(e.id, e.created) for e in entries]
+    upstream = request.app.state.upstream
+    if upstream is not None and not upstream.config.offline:
+        local = {e.id for e in entries}
+        data += [{**model_object(m, 0), "owned_by": "upstream"} for m in sorted(upstream.models - local)]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request) -> JSONResponse:
@@ -109,7 +115,12 @@ async def get_model(request: Request) -> JSONResponse:
 # --- completions -------------------------------------------------------------------------
 
 async def chat_completions(request: Request) -> Response:
-    parsed = proto.parse_chat(await read_json(request))
+    body = await read_json(request)
+    return await route(request, body, "/chat/completions", lambda: _chat(request, body))
+
+
+async def _chat(request: Request, body: dict) -> Response:
+    parsed = proto.parse_chat(body)
     lease = await _generative(request, parsed.options)
     _log_prompt(request, parsed.messages)
     model, template = lease.loaded.model, lease.loaded.template
@@ -118,7 +129,12 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    parsed = proto.parse_completion(await read_json(request))
+    body = await read_json(request)
+    return await route(request, body, "/completions", lambda: _completion(request, body))
+
+
+async def _completion(request: Request, body: dict) -> Response:
+    parsed = proto.parse_completion(body)
     lease = await _generative(request, parsed.options)
     _log_prompt(request, parsed.prompt)
     loaded, prompt = lease.loaded, parsed.prompt
@@ -246,7 +262,12 @@ async def _events(stream: Stream, first: Piece, reply: Reply, include_usage: boo
 # --- embeddings --------------------------------------------------------------------------
 
 async def embeddings(request: Request) -> Response:
-    parsed = proto.parse_embeddings(await read_json(request))
+    body = await read_json(request)
+    return await route(request, body, "/embeddings", lambda: _embeddings(request, body))
+
+
+async def _embeddings(request: Request, body: dict) -> Response:
+    parsed = proto.parse_embeddings(body)
     lease = await _pool(request).acquire(parsed.model, keep_alive=parsed.keep_alive)
     try:
         return await _embed(request, lease.loaded, parsed)

@@ -1,0 +1,141 @@
+"""The relay's cost: the same requests straight to an upstream and through an edgellm relay.
+
+    python tools/bench/relay.py [--model M.gguf] [--requests 200] [--streams 16]
+
+The upstream is an edgellm serving the model with 16 parallel sequences; the
+relay is an edgellm with no models and [relay] url pointing at it. Both run
+here, in the same run, on loopback. Reports medians for non-streamed requests
+(1 token) and time to first token of streams, and the aggregate token rate of
+16 concurrent streams, direct and relayed. Targets: <= 1 ms added at the
+median, <= 2 ms added to TTFT, >= 95% of the direct streaming throughput.
+Run it on a quiet machine: two cores are shared by client, relay and upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve(tmp: Path, name: str, config: str, model: Path | None) -> tuple[subprocess.Popen, str]:
+    (tmp / f"{name}.toml").write_text(config)
+    log = open(tmp / f"{name}.log", "wb")
+    cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--config", str(tmp / f"{name}.toml"),
+           "--state-dir", str(tmp / name), *(["--model", str(model)] if model else [])]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = (tmp / f"{name}.log").read_text(errors="replace")
+        match = re.search(r"listening on (http://\S+)", text)
+        if match:
+            url = match[1]
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        return proc, url
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
+        time.sleep(0.05)
+    raise SystemExit(f"{name} did not start:\n{(tmp / f'{name}.log').read_text()}")
+
+
+def latency(client: httpx.Client, url: str, n: int) -> float:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        r = client.post(url + "/v1/completions", json={"model": "up", "prompt": "Hello", "max_tokens": 1})
+        r.raise_for_status()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def ttft(client: httpx.Client, url: str, n: int) -> float:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        with client.stream("POST", url + "/v1/completions", json={
+                "model": "up", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter() - started)
+                    break
+            for _ in lines:
+                pass
+    return statistics.median(times) * 1000
+
+
+def throughput(url: str, streams: int, tokens: int) -> float:
+    def one(_: int) -> int:
+        count = 0
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json={
+                "model": "up", "prompt": "Hello", "max_tokens": tokens, "stream": True, "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    count += 1
+        return count
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        total = sum(pool.map(one, range(streams)))
+    return total / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="GGUF for the upstream (default: a tiny random model)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import write_model
+        model = write_model(tmp / "tiny.gguf", seed=1)
+    upstream, up_url = serve(tmp, "upstream", f'[model]\nid = "up"\n[engine]\nparallel = {args.streams}\n'
+                             f'max_queue = 64\nn_ctx = {args.streams * 256}\n', model)
+    relay, relay_url = serve(tmp, "relay", f'[relay]\nurl = "{up_url}/v1"\n', None)
+    try:
+        rows = []
+        with httpx.Client(timeout=60) as client:
+            for name, url in (("direct", up_url), ("relay", relay_url)):  # warm both
+                latency(client, url, 10)
+                ttft(client, url, 5)
+            lat = {name: latency(client, url, args.requests) for name, url in (("direct", up_url),
+                                                                                ("relay", relay_url))}
+            first = {name: ttft(client, url, args.requests // 2) for name, url in (("direct", up_url),
+                                                                                  ("relay", relay_url))}
+        rate = {name: throughput(url, args.streams, args.tokens) for name, url in (("direct", up_url),
+                                                                                 ("relay", relay_url))}
+        rows.append(("non-streamed median ms", lat["direct"], lat["relay"], f"+{lat['relay'] - lat['direct']:.2f} ms"))
+        rows.append(("TTFT median ms", first["direct"], first["relay"], f"+{first['relay'] - first['direct']:.2f} ms"))
+        rows.append((f"{args.streams} streams tok/s", rate["direct"], rate["relay"],
+                     f"{100 * rate['relay'] / rate['direct']:.1f}%"))
+        print(f"upstream: edgellm with {model.name}; {args.requests} requests; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"{'':26}{'direct':>10}{'relay':>10}{'added':>12}")
+        for label, direct, relayed, added in rows:
+            print(f"{label:26}{direct:10.2f}{relayed:10.2f}{added:>12}")
+    finally:
+        for proc in (relay, upstream):
+            proc.terminate()
+            proc.wait(15)
+
+
+if __name__ == "__main__":
+    main()
