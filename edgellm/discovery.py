@@ -12,9 +12,10 @@ status page, for generic browsers) with TXT records a client can act on:
     rev       changes whenever the installed models change
     tls       "0" (edgellm serves plain HTTP)
 
-zeroconf only ever binds the chosen interfaces' addresses: by default every
-non-loopback interface when the API listens beyond loopback, and none when it
-listens on loopback only (a workstation's `make run`).
+zeroconf sends its multicast only from the chosen interfaces' addresses: by
+default every non-loopback interface when the API listens beyond loopback, and
+none when it listens on loopback only (a workstation's `make run`). (Its
+listening socket is bound to port 5353 on all addresses, as mDNS requires.)
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ def txt_records(*, models: list[str], key_required: bool, device: str) -> dict[s
     records = {"version": __version__, "api": "/v1", "auth": "required" if key_required else "none",
                "id": device, "tls": "0",
                "rev": hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:8]}
-    used = sum(len(k) + len(v) + 2 for k, v in records.items())
+    used = sum(len(k) + len(v.encode()) + 2 for k, v in records.items())
     listed = []
     for model in models:
-        if used + len(",".join([*listed, model])) + len("models=") + len("more=999") + 2 > TXT_BUDGET \
-                or len(",".join([*listed, model])) > 240:  # one TXT string holds 255 bytes
+        size = len(",".join([*listed, model]).encode())  # TXT strings are bytes: 255 at most each
+        if used + size + len("models=") + len("more=999") + 2 > TXT_BUDGET or size > 240:
             break
         listed.append(model)
     records["models"] = ",".join(listed)
@@ -124,28 +125,33 @@ class Announcer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self._announce()
+        try:
+            await self._announce()
+        except Exception:  # the API serves without discovery rather than not at all
+            log.exception("announcing on the LAN failed; retrying when the addresses change")
         self._task = asyncio.create_task(self._watch())
 
     async def _announce(self) -> None:
         by_interface = interface_addresses(self.interfaces, self.host)
-        self._addresses = sorted(a for addresses in by_interface.values() for a in addresses)
-        if not self._addresses:
+        addresses = sorted(a for values in by_interface.values() for a in values)
+        self._addresses = []
+        if not addresses:
             log.info("not announcing on the LAN (%s)", "no IPv4 address on " + ", ".join(self.interfaces)
                      if self.interfaces else "the API listens on loopback only")
             return
         self._txt = txt_records(models=self.models(), key_required=self.key_required, device=self.device)
-        self._zc = AsyncZeroconf(interfaces=self._addresses, ip_version=IPVersion.V4Only)
+        self._zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
         host = f"{self.name.replace(' ', '-')}.local."
-        addresses = [socket.inet_aton(a) for a in self._addresses]
+        packed = [socket.inet_aton(a) for a in addresses]
         self._infos = [
             AsyncServiceInfo(SERVICE, f"{self.name}.{SERVICE}", port=self.port, properties=self._txt,
-                             server=host, addresses=addresses),
+                             server=host, addresses=packed),
             AsyncServiceInfo(HTTP_SERVICE, f"{self.name}.{HTTP_SERVICE}", port=self.port,
-                             properties={"path": "/health"}, server=host, addresses=addresses),
+                             properties={"path": "/health"}, server=host, addresses=packed),
         ]
         for info in self._infos:
             await self._zc.async_register_service(info, allow_name_change=True)
+        self._addresses = addresses  # only now: a failure above is retried by the watch
         final = self._infos[0].name.removesuffix("." + SERVICE)
         log.info("announced as %r (%s) on %s", final, SERVICE, ", ".join(sorted(by_interface)))
 
@@ -179,6 +185,7 @@ class Announcer:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)  # no re-announce half done
         await self._withdraw()
 
 
@@ -229,7 +236,10 @@ async def discover(timeout: float = 3.0, interfaces: list[str] | None = None) ->
         for name in sorted(names):
             info = AsyncServiceInfo(SERVICE, name)
             if await info.async_request(zc.zeroconf, 1000):
-                boxes.append(_box(info))
+                try:
+                    boxes.append(_box(info))
+                except (ValueError, TypeError) as e:  # somebody's malformed TXT must not hide the others
+                    log.warning("ignoring %s: %s", name, e)
         return boxes
     finally:
         await browser.async_cancel()

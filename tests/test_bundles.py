@@ -462,3 +462,43 @@ def test_usb_units_verify(tmp_path):
     assert subprocess.run(["sh", "-n", str(systemd / "edgellm-usb-import")]).returncode == 0
     rule = (systemd / "90-edgellm-usb-import.rules").read_text().splitlines()[-1]
     assert 'ENV{ID_BUS}=="usb"' in rule and 'ENV{SYSTEMD_WANTS}+="edgellm-usb-import@%k.service"' in rule
+
+
+def _patched(path: Path, index: int, field: slice, value: bytes) -> Path:
+    """Overwrite a header field of the index-th 512-byte block and fix its checksum."""
+    data = bytearray(path.read_bytes())
+    block = index * 512
+    data[block + field.start:block + field.stop] = value
+    data[block + 148:block + 156] = b" " * 8
+    data[block + 148:block + 156] = b"%06o\0 " % sum(data[block:block + 512])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_tars_built_to_exhaust_the_importer_are_refused_quickly(site, tmp_path):
+    """A negative size (tarfile would re-read one header forever) and a huge pax header
+    (tarfile would read it whole) are refused at once, before anything is written."""
+    import time
+
+    before = snapshot(site["state"])
+    negative = tar_with(tmp_path / "negative.tar", [member("manifest.json", b"{}")])
+    _patched(negative, 0, slice(124, 136), b"\xff" * 12)  # base-256: -1
+    pax = tmp_path / "pax.tar"
+    info = tarfile.TarInfo("manifest.json")
+    info.size = 2
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        info.pax_headers = {"comment": "x" * (128 << 10)}
+        tar.addfile(info, io.BytesIO(b"{}"))
+    for tar, says in ((negative, "negative size"), (pax, "extended header")):
+        started = time.monotonic()
+        assert_one_line_error(do_import(tar, site["state"]), says, status=1)
+        assert time.monotonic() - started < 5
+    big_signature = site["bundle"] / "manifest.json.minisig"
+    big_signature.write_bytes(b"x" * (1 << 20))
+    assert_one_line_error(do_import(site["bundle"], site["state"]), "too large for a minisign signature", status=1)
+    assert snapshot(site["state"]) == before
+
+
+def test_names_with_a_trailing_newline_are_refused(site):
+    edit_manifest(site["bundle"], site["secret"], lambda d: d["models"][0].update(id="scripted\n"))
+    assert_one_line_error(do_import(site["bundle"], site["state"]), "'id'", status=1)

@@ -98,6 +98,9 @@ def test_txt_records_fit_one_packet():
     assert sum(len(k) + len(v) + 2 for k, v in txt.items()) <= TXT_BUDGET
     assert txt["auth"] == "required" and int(txt["more"]) == 100 - len(txt["models"].split(","))
     assert "secret" not in json.dumps(txt)
+    wide = txt_records(models=["模型" * 60, "ü" * 100], key_required=False, device="x")  # bytes, not characters
+    assert all(len(f"{k}={v}".encode()) <= 255 for k, v in wide.items())
+    assert sum(len(k) + len(v.encode()) + 2 for k, v in wide.items()) <= TXT_BUDGET
     assert txt_records(models=["a"], key_required=False, device="x")["rev"] != \
         txt_records(models=["a", "b"], key_required=False, device="x")["rev"]
 

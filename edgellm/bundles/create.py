@@ -100,7 +100,7 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
             raise BundleError(f"{file_name} is {size} bytes, over FAT32's 4 GiB limit: split it first "
                               f"(llama-gguf-split --split --split-max-size 4000M {file_name} PREFIX) and bundle "
                               "the first part")
-        if not FILE_RE.match(file_name):
+        if not FILE_RE.fullmatch(file_name):
             raise BundleError(f"{file_name}: a bundle's file names are letters, digits and . _ - ending in .gguf")
         parts.append(_Part(file_name, path, size, sha))
     template = None

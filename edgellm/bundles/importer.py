@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,16 +98,22 @@ def verify(source: Source, policy: Policy) -> tuple[Manifest, str]:
 
 
 def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine: EngineConfig, memory_limit: int,
-                  progress: Progress | None = None) -> list[Outcome]:
+                  progress: Progress | None = None, wait: bool = True) -> list[Outcome]:
+    """Verify and install; `wait=False` refuses at once when the store is busy (HTTP uploads)."""
     manifest, signer = verify(source, policy)
     staged: list[tuple[Path, str]] = []
-    with registry.locked():
+    with registry.locked(wait=wait) as held:
+        if not held:
+            raise BundleError(f"{source.name}: another import or model change is in progress; try again "
+                              "when it has finished")
         try:
             registry.recover()
             outcomes = _import(source, manifest, signer, registry, staged, engine, memory_limit, progress)
+        except tarfile.TarError as e:
+            registry.recover()  # whatever was staged or placed goes; the catalog is as it was
+            raise BundleError(f"{source.name}: a damaged or truncated tar ({e})") from None
         except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
+            registry.recover()
             raise
     return outcomes
 

@@ -77,6 +77,8 @@ def parse(data: bytes, source: str) -> Manifest:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{source}: not JSON ({e})") from None
+    except RecursionError:
+        raise ManifestError(f"{source}: nested too deeply") from None
     where = source
 
     def need(cond: bool, message: str) -> None:
@@ -100,11 +102,11 @@ def parse(data: bytes, source: str) -> Manifest:
         need(isinstance(m, dict), "expected an object")
         unknown = set(m) - {f.name for f in BundleModel.__dataclass_fields__.values()}
         need(not unknown, f"unknown keys {sorted(unknown)}")
-        need(isinstance(m.get("id"), str) and NAME_RE.match(m["id"]) is not None,
+        need(isinstance(m.get("id"), str) and NAME_RE.fullmatch(m["id"]) is not None,
              "'id' must be letters, digits and . _ : - (up to 128)")
         aliases = m.get("aliases", [])
         need(isinstance(aliases, list) and len(aliases) <= 16
-             and all(isinstance(a, str) and NAME_RE.match(a) for a in aliases), "'aliases' must be up to 16 names")
+             and all(isinstance(a, str) and NAME_RE.fullmatch(a) for a in aliases), "'aliases' must be up to 16 names")
         for name in [m["id"], *aliases]:
             need(name not in names, f"the name {name!r} is used twice")
             names.add(name)
@@ -114,14 +116,14 @@ def parse(data: bytes, source: str) -> Manifest:
         for j, f in enumerate(entries):
             where = f"{source}: models[{i}].files[{j}]"
             need(isinstance(f, dict) and set(f) == {"name", "size", "sha256"}, "expected name, size and sha256")
-            need(isinstance(f["name"], str) and FILE_RE.match(f["name"]) is not None,
+            need(isinstance(f["name"], str) and FILE_RE.fullmatch(f["name"]) is not None,
                  f"file name {f['name']!r} must be a plain .gguf name (letters, digits, . _ -), not a path")
             need(f["name"].lower() not in files, f"the file {f['name']!r} is listed twice (names are compared "
                                                  "ignoring case, as on FAT32)")
             files.add(f["name"].lower())
             need(isinstance(f["size"], int) and not isinstance(f["size"], bool) and 0 < f["size"] <= MAX_FILE,
                  f"size of {f['name']} must be 1 to {MAX_FILE} bytes (larger models travel as split files)")
-            need(isinstance(f["sha256"], str) and SHA_RE.match(f["sha256"]) is not None,
+            need(isinstance(f["sha256"], str) and SHA_RE.fullmatch(f["sha256"]) is not None,
                  f"sha256 of {f['name']} must be 64 lowercase hex digits")
             bundle_files.append(BundleFile(f["name"], f["size"], f["sha256"]))
         where = f"{source}: models[{i}]"
@@ -137,7 +139,7 @@ def parse(data: bytes, source: str) -> Manifest:
         need(template is None or (isinstance(template, str) and len(template) <= 65536),
              "'chat_template' must be a string (up to 64 KiB) or null")
         version = m.get("min_edgellm_version", "0.1.0")
-        need(isinstance(version, str) and VERSION_RE.match(version) is not None,
+        need(isinstance(version, str) and VERSION_RE.fullmatch(version) is not None,
              "'min_edgellm_version' must look like 1.2.3")
         parsed.append(BundleModel(
             id=m["id"], files=bundle_files, aliases=list(aliases), architecture=m.get("architecture", ""),

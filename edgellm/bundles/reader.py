@@ -21,6 +21,36 @@ from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, M
 
 # Left on sticks by macOS and Windows; never part of a bundle.
 IGNORED = (".DS_Store", "Thumbs.db", "desktop.ini")
+MAX_MEMBERS = 1024  # a bundle holds at most 64 models of 256 files: more members is hostile
+MAX_SIGNATURE = 4096
+MAX_EXTENDED_HEADER = 64 << 10  # pax and GNU long-name headers: tarfile would read them whole
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's member, refusing headers that would make it allocate without bound."""
+
+    def _proc_pax(self, tarfile):
+        if self.size > MAX_EXTENDED_HEADER:
+            raise BundleError(f"{self.name}: a {self.size}-byte extended header")
+        return super()._proc_pax(tarfile)
+
+    def _proc_gnulong(self, tarfile):
+        if self.size > MAX_EXTENDED_HEADER:
+            raise BundleError(f"{self.name}: a {self.size}-byte long-name header")
+        return super()._proc_gnulong(tarfile)
+
+
+def _next(tar: tarfile.TarFile, where: str, seen: int) -> tarfile.TarInfo | None:
+    """The next member, checked before tarfile would act on a hostile size."""
+    if seen >= MAX_MEMBERS:
+        raise BundleError(f"{where}: more than {MAX_MEMBERS} members")
+    try:
+        member = tar.next()
+    except tarfile.TarError as e:
+        raise BundleError(f"{where}: a damaged or truncated tar ({e})") from None
+    if member is not None and member.size < 0:
+        raise BundleError(f"{where}: {member.name} has a negative size")
+    return member
 
 
 def _ignored(name: str) -> bool:
@@ -54,9 +84,9 @@ class DirectorySource:
         signature = self.path / SIGNATURE
         if signature.is_symlink() or (signature.exists() and not signature.is_file()):
             raise BundleError(f"{signature}: not a regular file")
-        text = signature.read_text(errors="replace") if signature.exists() else None
-        if text is not None and len(text) > 4096:
+        if signature.exists() and signature.lstat().st_size > MAX_SIGNATURE:
             raise BundleError(f"{signature}: too large for a minisign signature")
+        text = signature.read_text(errors="replace") if signature.exists() else None
         return data, text
 
     def check(self, manifest: Manifest) -> None:
@@ -96,6 +126,8 @@ class DirectorySource:
 def _member_name(member: tarfile.TarInfo, prefix: str) -> str:
     """The member's path inside the bundle, or BundleError for anything that is not plain."""
     raw = member.name
+    while raw.startswith("./"):  # `tar cf x.tar -C NAME.edgellm .`
+        raw = raw[2:]
     path = PurePosixPath(raw)
     if raw.startswith("/") or "\\" in raw or ".." in path.parts or any(p in ("", ".") for p in raw.split("/")[:-1]):
         raise BundleError(f"{raw}: an absolute path or one that leaves the bundle")
@@ -126,13 +158,16 @@ class TarSource:
         self.path = path
         self.name = str(path)
         try:
-            self.tar = tarfile.open(path, "r:")
-            members = self.tar.getmembers()
+            self.tar = tarfile.open(path, "r:", tarinfo=_TarInfo)
         except (tarfile.TarError, OSError) as e:
             raise BundleError(f"{path}: not an uncompressed tar ({e})") from None
+        members: list[tarfile.TarInfo] = []
+        while (member := _next(self.tar, str(path), len(members))) is not None:
+            members.append(member)
         if not members:
             raise BundleError(f"{path}: an empty tar")
-        prefix = _prefix(members[0].name)
+        prefix = _prefix(next((m.name for m in members if not _ignored(m.name.rsplit("/", 1)[-1])),
+                              members[0].name))
         self.members: dict[str, tarfile.TarInfo] = {}
         for member in members:
             name = _member_name(member, prefix)
@@ -152,7 +187,7 @@ class TarSource:
             raise BundleError(f"{self.path}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST}")
         data = self.tar.extractfile(member).read()
         sig = self.members.get(SIGNATURE)
-        if sig is not None and sig.size > 4096:
+        if sig is not None and sig.size > MAX_SIGNATURE:
             raise BundleError(f"{self.path}: {SIGNATURE} is too large for a minisign signature")
         return data, self.tar.extractfile(sig).read().decode(errors="replace") if sig is not None else None
 
@@ -189,19 +224,19 @@ class StreamSource:
     def __init__(self, stream: BinaryIO, name: str = "upload") -> None:
         self.name = name
         try:
-            self.tar = tarfile.open(fileobj=stream, mode="r|")
+            self.tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_TarInfo)
         except tarfile.TarError as e:
             raise BundleError(f"{name}: not an uncompressed tar ({e})") from None
+        self._seen = 0
         self._prefix: str | None = None
         self._pending: tarfile.TarInfo | None = None  # read while looking for the signature
         self._pending_name = ""
 
     def _next(self) -> tuple[str, tarfile.TarInfo] | None:
         while True:
-            try:
-                member = self.tar.next()
-            except tarfile.TarError as e:
-                raise BundleError(f"{self.name}: a damaged tar ({e})") from None
+            member = _next(self.tar, self.name, self._seen)
+            self._seen += 1
+            self.tar.members.clear()  # a stream is read once: keep no list of what went by
             if member is None:
                 return None
             if self._prefix is None:
@@ -225,7 +260,7 @@ class StreamSource:
         second = self._next()
         signature = None
         if second is not None and second[0] == SIGNATURE:
-            if second[1].size > 4096:
+            if second[1].size > MAX_SIGNATURE:
                 raise BundleError(f"{self.name}: {SIGNATURE} is too large for a minisign signature")
             signature = self.tar.extractfile(second[1]).read().decode(errors="replace")
         else:

@@ -88,8 +88,13 @@ def generate() -> SecretKey:
     return SecretKey(os.urandom(8), seed, public)
 
 
+def _lines(text: str) -> list[str]:
+    """minisign's lines end in \n (or \r\n); other line breaks belong to the text."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _payload(text: str, source: str, what: str) -> bytes:
-    lines = text.splitlines()
+    lines = _lines(text)
     if len(lines) < 2 or not lines[0].startswith("untrusted comment:"):
         raise SignatureError(f"{source}: not a minisign {what} (it must start with 'untrusted comment:')")
     try:
@@ -136,7 +141,7 @@ class Signature:
 
 
 def parse_signature(text: str, source: str) -> Signature:
-    lines = text.splitlines()
+    lines = _lines(text)
     blob = _payload(text, source, "signature")
     if len(blob) != 74 or blob[:2] not in (b"ED", b"Ed"):
         raise SignatureError(f"{source}: not an ed25519 minisign signature")

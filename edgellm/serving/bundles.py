@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -35,11 +36,13 @@ class _Body:
         self.ended = False  # and the reader has taken them all
 
     async def _get(self) -> bytes | None:
+        idle_since = time.monotonic()
         while not (self.closed and self.chunks.empty()):
             try:
                 return await asyncio.wait_for(self.chunks.get(), 0.5)
-            except TimeoutError:
-                pass  # look at `closed` again
+            except TimeoutError:  # look at `closed` again; a stalled upload ends like a cut one
+                if time.monotonic() - idle_since > IDLE_TIMEOUT:
+                    self.closed = True
         return None
 
     def read(self, n: int = -1) -> bytes:
@@ -63,6 +66,10 @@ class _Body:
             pass
         finally:
             self.closed = True  # the importer then sees where the upload ended
+
+
+log = logging.getLogger("edgellm.bundles")
+IDLE_TIMEOUT = 60.0  # seconds without a byte of the upload: it is treated as cut off
 
 
 def _event(name: str, data: dict) -> str:
@@ -104,8 +111,9 @@ async def upload(request: Request) -> _EventStream:
     def work() -> list:
         source = StreamSource(body, "upload")
         try:
-            return import_bundle(source, registry.open(), Policy.from_config(config), engine=config.engine,
-                                 memory_limit=memory_limit(config), progress=progress)
+            return import_bundle(source, registry.open(wait=False), Policy.from_config(config),
+                                 engine=config.engine, memory_limit=memory_limit(config), progress=progress,
+                                 wait=False)
         finally:
             source.close()
 
@@ -125,6 +133,11 @@ async def upload(request: Request) -> _EventStream:
             except (BundleError, StoreError, GGUFError, signing.SignatureError, OSError) as e:
                 yield _event("error", {"error": {"message": str(e), "type": "invalid_request_error",
                                                  "param": None, "code": "bundle_refused"}})
+                return
+            except Exception:
+                log.exception("bundle upload failed")
+                yield _event("error", {"error": {"message": "internal error while importing (see the log)",
+                                                 "type": "server_error", "param": None, "code": "internal_error"}})
                 return
             await request.app.state.pool.refresh()  # served at once, not within the next second
             yield _event("done", {"models": [{"id": o.model, "status": o.status} for o in outcomes]})

@@ -287,7 +287,7 @@ class Registry:
             raise StoreError(f"missing model file(s): {', '.join(missing)}")
         for part in parts:
             gguf.read(part)  # refuse anything that is not a readable GGUF before copying a byte
-        if alias is not None and not NAME_RE.match(alias):
+        if alias is not None and not NAME_RE.fullmatch(alias):
             raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)")
         with self.locked():
             self.recover()
