@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -286,3 +290,42 @@ def test_a_client_that_leaves_cancels_the_upstream_request(server_factory, model
         wait_until(lambda: cancelled() > before, 5, message="the upstream to cancel")
         print(f"stream={stream}: upstream cancelled {1000 * (time.monotonic() - started):.0f} ms after the client "
               "left (polling included)")
+
+
+LLAMA_SERVER = Path.home() / ".cache" / "edgellm-bench" / "build" / "bin" / "llama-server"
+
+
+@pytest.mark.skipif(not LLAMA_SERVER.exists(), reason="llama-server is built by `make bench` only")
+def test_llama_server_as_the_upstream(server_factory, models, tmp_path):
+    """Another implementation upstream: llama.cpp's own server, as the benchmark builds it."""
+    port = free_port()
+    log = open(tmp_path / "llama-server.log", "wb")
+    proc = subprocess.Popen([str(LLAMA_SERVER), "-m", str(models["scripted"]), "--alias", "remote", "--port",
+                             str(port), "-c", "2048", "-np", "2", "--no-webui"], stdin=subprocess.PIPE, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _status(url + "/health") == 200, 60, message="llama-server to start")
+        server = server_factory(models["random"], config=relay_config(url + "/v1"))
+        reply = complete(server, temperature=0)
+        assert reply.status_code == 200 and reply.headers["x-edgellm-served-by"] == "upstream"
+        assert reply.json()["choices"][0]["text"].startswith(" world")
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30, json={
+                "model": "remote", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.headers["x-edgellm-served-by"] == "upstream" and events[-1] == "data: [DONE]"
+        bad = server.post("/v1/completions", {"model": "remote", "max_tokens": 4})  # no prompt: its own error
+        assert bad.status_code >= 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+        assert bad.json()["error"]["message"].startswith("upstream: ")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        log.close()
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
