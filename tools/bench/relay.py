@@ -9,6 +9,10 @@ here, in the same run, on loopback. Reports medians for non-streamed requests
 16 concurrent streams, direct and relayed. Targets: <= 1 ms added at the
 median, <= 2 ms added to TTFT, >= 95% of the direct streaming throughput.
 Run it on a quiet machine: two cores are shared by client, relay and upstream.
+
+With --litellm BIN (the `litellm` command of a separate virtual environment with
+litellm[proxy]), LiteLLM's proxy is measured in the same run, configured to
+forward the model to the same upstream.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--litellm", type=Path, help="the litellm proxy command, to measure it too")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model
@@ -110,31 +115,56 @@ def main() -> None:
     upstream, up_url = serve(tmp, "upstream", f'[model]\nid = "up"\n[engine]\nparallel = {args.streams}\n'
                              f'max_queue = 64\nn_ctx = {args.streams * 256}\n', model)
     relay, relay_url = serve(tmp, "relay", f'[relay]\nurl = "{up_url}/v1"\n', None)
+    procs = [relay, upstream]
+    targets = {"direct": up_url, "edgellm relay": relay_url}
     try:
-        rows = []
+        if args.litellm:
+            proc, url = litellm(args.litellm, tmp, up_url)
+            procs.insert(0, proc)
+            targets["LiteLLM proxy"] = url
         with httpx.Client(timeout=60) as client:
-            for name, url in (("direct", up_url), ("relay", relay_url)):  # warm both
+            for url in targets.values():  # warm them all
                 latency(client, url, 10)
                 ttft(client, url, 5)
-            lat = {name: latency(client, url, args.requests) for name, url in (("direct", up_url),
-                                                                                ("relay", relay_url))}
-            first = {name: ttft(client, url, args.requests // 2) for name, url in (("direct", up_url),
-                                                                                  ("relay", relay_url))}
-        rate = {name: throughput(url, args.streams, args.tokens) for name, url in (("direct", up_url),
-                                                                                 ("relay", relay_url))}
-        rows.append(("non-streamed median ms", lat["direct"], lat["relay"], f"+{lat['relay'] - lat['direct']:.2f} ms"))
-        rows.append(("TTFT median ms", first["direct"], first["relay"], f"+{first['relay'] - first['direct']:.2f} ms"))
-        rows.append((f"{args.streams} streams tok/s", rate["direct"], rate["relay"],
-                     f"{100 * rate['relay'] / rate['direct']:.1f}%"))
+            lat = {name: latency(client, url, args.requests) for name, url in targets.items()}
+            first = {name: ttft(client, url, args.requests // 2) for name, url in targets.items()}
+        rate = {name: throughput(url, args.streams, args.tokens) for name, url in targets.items()}
         print(f"upstream: edgellm with {model.name}; {args.requests} requests; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print(f"{'':26}{'direct':>10}{'relay':>10}{'added':>12}")
-        for label, direct, relayed, added in rows:
-            print(f"{label:26}{direct:10.2f}{relayed:10.2f}{added:>12}")
+        print(f"{'':16}{'median ms':>10}{'added':>9}{'TTFT ms':>9}{'added':>9}{'streams tok/s':>15}{'vs direct':>11}")
+        for name in targets:
+            print(f"{name:16}{lat[name]:10.2f}{lat[name] - lat['direct']:+9.2f}{first[name]:9.2f}"
+                  f"{first[name] - first['direct']:+9.2f}{rate[name]:15.1f}{100 * rate[name] / rate['direct']:10.1f}%")
     finally:
-        for proc in (relay, upstream):
+        for proc in procs:
             proc.terminate()
             proc.wait(15)
+
+
+def litellm(command: Path, tmp: Path, upstream: str) -> tuple[subprocess.Popen, str]:
+    """LiteLLM's proxy forwarding model 'up' to the same upstream, offline."""
+    (tmp / "litellm.yaml").write_text(
+        "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
+        f"      api_base: {upstream}/v1\n      api_key: none\n")
+    port = 4000 + os.getpid() % 1000
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}  # loopback only, a benchmark
+    log = open(tmp / "litellm.log", "wb")
+    proc = subprocess.Popen([str(command), "--config", str(tmp / "litellm.yaml"), "--port", str(port),
+                             "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(url + "/v1/completions", json={"model": "up", "prompt": "Hi", "max_tokens": 1},
+                          timeout=10).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise SystemExit(f"LiteLLM did not start:\n{(tmp / 'litellm.log').read_text()[-3000:]}")
 
 
 if __name__ == "__main__":
