@@ -56,30 +56,32 @@ def serve(tmp: Path, name: str, config: str, model: Path | None) -> tuple[subpro
     raise SystemExit(f"{name} did not start:\n{(tmp / f'{name}.log').read_text()}")
 
 
-def latency(client: httpx.Client, url: str, n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        r = client.post(url + "/v1/completions", json={"model": "up", "prompt": "Hello", "max_tokens": 1})
-        r.raise_for_status()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+def one_latency(client: httpx.Client, url: str) -> float:
+    started = time.perf_counter()
+    r = client.post(url + "/v1/completions", json={"model": "up", "prompt": "Hello", "max_tokens": 1})
+    r.raise_for_status()
+    return time.perf_counter() - started
 
 
-def ttft(client: httpx.Client, url: str, n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        with client.stream("POST", url + "/v1/completions", json={
-                "model": "up", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: {"):
-                    times.append(time.perf_counter() - started)
-                    break
-            for _ in lines:
-                pass
-    return statistics.median(times) * 1000
+def one_ttft(client: httpx.Client, url: str) -> float:
+    started = time.perf_counter()
+    first = None
+    with client.stream("POST", url + "/v1/completions", json={
+            "model": "up", "prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - started
+    return first
+
+
+def interleaved(measure, clients: dict[str, httpx.Client], targets: dict[str, str], n: int) -> dict[str, float]:
+    """Medians in ms, the targets taking turns request by request: drift and noise hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in targets}
+    for i in range(n):
+        order = list(targets) if i % 2 == 0 else list(reversed(targets))
+        for name in order:
+            times[name].append(measure(clients[name], targets[name]))
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
 def throughput(url: str, streams: int, tokens: int) -> float:
@@ -100,20 +102,25 @@ def throughput(url: str, streams: int, tokens: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="GGUF for the upstream (default: a tiny random model)")
+    parser.add_argument("--model", type=Path, default=ROOT / ".edgellm/demo/gemma-3-270m-q4_k_m.gguf",
+                        help="GGUF for the upstream (default: the demo model); --tiny for a tiny random one")
+    parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the concurrent-streams test")
     parser.add_argument("--litellm", type=Path, help="the litellm proxy command, to measure it too")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model
-    if model is None:
+    if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny_models import write_model
         model = write_model(tmp / "tiny.gguf", seed=1)
+    # One thread for the upstream's llama.cpp: its spinning OpenMP threads would otherwise take
+    # both cores from the relay and the client, and a datacenter upstream runs elsewhere anyway.
     upstream, up_url = serve(tmp, "upstream", f'[model]\nid = "up"\n[engine]\nparallel = {args.streams}\n'
-                             f'max_queue = 64\nn_ctx = {args.streams * 256}\n', model)
+                             f'max_queue = 64\nn_ctx = {args.streams * 256}\nn_threads = 1\n', model)
     relay, relay_url = serve(tmp, "relay", f'[relay]\nurl = "{up_url}/v1"\n', None)
     procs = [relay, upstream]
     targets = {"direct": up_url, "edgellm relay": relay_url}
@@ -122,14 +129,20 @@ def main() -> None:
             proc, url = litellm(args.litellm, tmp, up_url)
             procs.insert(0, proc)
             targets["LiteLLM proxy"] = url
-        with httpx.Client(timeout=60) as client:
-            for url in targets.values():  # warm them all
-                latency(client, url, 10)
-                ttft(client, url, 5)
-            lat = {name: latency(client, url, args.requests) for name, url in targets.items()}
-            first = {name: ttft(client, url, args.requests // 2) for name, url in targets.items()}
-        rate = {name: throughput(url, args.streams, args.tokens) for name, url in targets.items()}
-        print(f"upstream: edgellm with {model.name}; {args.requests} requests; load average "
+        clients = {name: httpx.Client(timeout=60) for name in targets}
+        interleaved(one_latency, clients, targets, 10)  # warm everything up
+        interleaved(one_ttft, clients, targets, 5)
+        lat = interleaved(one_latency, clients, targets, args.requests)
+        first = interleaved(one_ttft, clients, targets, args.requests // 2)
+        for client in clients.values():
+            client.close()
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        for i in range(args.rounds):  # whole rounds in turn, the order alternating
+            for name in (list(targets) if i % 2 == 0 else list(reversed(targets))):
+                rates[name].append(throughput(targets[name], args.streams, args.tokens))
+        rate = {name: statistics.median(values) for name, values in rates.items()}
+        print(f"upstream: edgellm with {model.name}; {args.requests} requests each, taking turns; "
+              f"{args.rounds} rounds of {args.streams} streams; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"{'':16}{'median ms':>10}{'added':>9}{'TTFT ms':>9}{'added':>9}{'streams tok/s':>15}{'vs direct':>11}")
         for name in targets:
