@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / ".edgellm/demo/gemma-3-270m-q4_k_m.gguf",
                         help="GGUF for the upstream (default: the demo model); --tiny for a tiny random one")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--echo", action="store_true",
+                        help="an upstream that answers at once without a model: the relay's own cost, "
+                             "with no inference competing for the cores")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
@@ -119,9 +122,60 @@ def main() -> None:
         model = write_model(tmp / "tiny.gguf", seed=1)
     # One thread for the upstream's llama.cpp: its spinning OpenMP threads would otherwise take
     # both cores from the relay and the client, and a datacenter upstream runs elsewhere anyway.
-    upstream, up_url = serve(tmp, "upstream", f'[model]\nid = "up"\n[engine]\nparallel = {args.streams}\n'
-                             f'max_queue = 64\nn_ctx = {args.streams * 256}\nn_threads = 1\n', model)
+    if args.echo:
+        upstream, up_url = echo_upstream(tmp)
+    else:
+        upstream, up_url = _model_upstream(tmp, args, model)
     relay, relay_url = serve(tmp, "relay", f'[relay]\nurl = "{up_url}/v1"\n', None)
+    run(args, model if not args.echo else Path("echo"), upstream, up_url, relay, relay_url)
+
+
+def _model_upstream(tmp: Path, args, model: Path):
+    return serve(tmp, "upstream", f'[model]\nid = "up"\n[engine]\nparallel = {args.streams}\n'
+                 f'max_queue = 64\nn_ctx = {args.streams * 256}\nn_threads = 1\n', model)
+
+
+ECHO = """
+import asyncio, json, sys
+DONE = json.dumps({"id": "x", "object": "text_completion", "model": "up", "choices": [
+    {"index": 0, "text": "ok", "finish_reason": "length"}]}).encode()
+CHUNK = b'data: {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}\\n\\n'
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            length = next((int(l.split(b":")[1]) for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length")), 0)
+            body = json.loads(await reader.readexactly(length)) if length else {}
+            if b"/health" in head.split(b"\\r\\n")[0] or b"/models" in head.split(b"\\r\\n")[0]:
+                data = json.dumps({"status": "ok", "data": [{"id": "up"}]}).encode()
+                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(data), data))
+            elif body.get("stream"):
+                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+                for _ in range(body.get("max_tokens", 1)):
+                    writer.write(b"%x\\r\\n%s\\r\\n" % (len(CHUNK), CHUNK))
+                    await writer.drain()
+                end = b"data: [DONE]\\n\\n"
+                writer.write(b"%x\\r\\n%s\\r\\n0\\r\\n\\r\\n" % (len(end), end))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(DONE), DONE))
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print("listening on http://127.0.0.1:%d" % server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def echo_upstream(tmp: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    url = proc.stdout.readline().split("listening on ")[1].strip()
+    return proc, url
+
+
+def run(args, model: Path, upstream: subprocess.Popen, up_url: str, relay: subprocess.Popen, relay_url: str) -> None:
     procs = [relay, upstream]
     targets = {"direct": up_url, "edgellm relay": relay_url}
     try:
@@ -141,7 +195,8 @@ def main() -> None:
             for name in (list(targets) if i % 2 == 0 else list(reversed(targets))):
                 rates[name].append(throughput(targets[name], args.streams, args.tokens))
         rate = {name: statistics.median(values) for name, values in rates.items()}
-        print(f"upstream: edgellm with {model.name}; {args.requests} requests each, taking turns; "
+        upstream_name = "an echo server" if args.echo else f"edgellm with {model.name}"
+        print(f"upstream: {upstream_name}; {args.requests} requests each, taking turns; "
               f"{args.rounds} rounds of {args.streams} streams; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"{'':16}{'median ms':>10}{'added':>9}{'TTFT ms':>9}{'added':>9}{'streams tok/s':>15}{'vs direct':>11}")
