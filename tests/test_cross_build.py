@@ -15,7 +15,7 @@ CROSS = ROOT / "tools" / "cross-build"
 def test_scripts_parse():
     for script in ("build.sh", "smoke.sh", "jetson-build.sh", "vulkan-test.sh"):
         assert subprocess.run(["sh", "-n", str(CROSS / script)]).returncode == 0, script
-    for script in ("make_wheel.py", "check.py", "smoke.py"):
+    for script in ("make_wheel.py", "check.py", "smoke.py", "old_vulkan_headers.py"):
         compile((CROSS / script).read_text(), script, "exec")
 
 

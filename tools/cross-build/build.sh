@@ -37,6 +37,9 @@ echo "$sha256  $cache/$sdist" | sha256sum -c --quiet - || {
     echo "build.sh: $cache/$sdist is not the pinned sdist (SHA-256 differs); refusing it" >&2; exit 1; }
 src="$cache/src-$variant"
 rm -rf "$src" && mkdir -p "$src" && tar -xzf "$cache/$sdist" -C "$src" --strip-components=1
+if [ "$vulkan" = ON ] && ! grep -qs "LayerSettingEXT" /usr/include/vulkan/vulkan.hpp; then
+    python3 "$here/old_vulkan_headers.py" "$src"  # Debian 12's headers predate VK_EXT_layer_settings
+fi
 build="$cache/build-$variant"
 rm -rf "$build"
 # shellcheck disable=SC2086  # $toolchain and $cpu are lists of flags

@@ -8,8 +8,10 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="${EDGELLM_CROSS_CACHE:-$HOME/.cache/edgellm-cross}/vulkan-venv"
 rm -rf "$venv" && python3 -m venv "$venv"
 "$venv/bin/pip" install -q "$wheel"
-"$venv/bin/pip" install -q -e "$root" gguf
+"$venv/bin/pip" install -q -e "$root" gguf httpx pytest  # tests/ helpers write the model
 work="$(mktemp -d)"
+# lavapipe is a CPU-type Vulkan device, which ggml skips unless it is named explicitly.
+export GGML_VK_VISIBLE_DEVICES=0
 "$venv/bin/python" -c "import sys; sys.path.insert(0, '$root/tests'); from pathlib import Path; \
 from tiny_models import write_model; from conftest import SCRIPT; write_model(Path('$work/tiny.gguf'), script=SCRIPT)"
 echo "--- edgellm doctor (the build's devices and the plan, forced to Vulkan)"
