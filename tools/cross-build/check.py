@@ -1,5 +1,5 @@
-"""Check cross-built wheels: aarch64 ELF, only the expected NEEDED libraries, and the highest
-GLIBC / GLIBCXX symbol versions they need (which decide the board OSes that can run them).
+"""Check built wheels: ELF for the wheel's architecture, only the expected NEEDED libraries, and
+the highest GLIBC / GLIBCXX symbol versions they need (which decide the OSes that can run them).
 
     python3 check.py WHEEL...
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 EXPECTED = {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libgomp.so.1", "libdl.so.2",
             "libpthread.so.0", "libggml-base.so.0", "libggml-cpu.so.0", "libggml.so.0", "libllama.so.0",
-            "libvulkan.so.1", "libggml-vulkan.so.0", "ld-linux-aarch64.so.1"}
+            "libvulkan.so.1", "libggml-vulkan.so.0", "ld-linux-aarch64.so.1", "ld-linux-x86-64.so.2"}
 
 
 def highest(symbols: str, prefix: str) -> str:
@@ -28,18 +28,21 @@ def check(wheel: Path) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         zipfile.ZipFile(wheel).extractall(tmp)
         print(wheel.name)
+        aarch64 = wheel.name.endswith("linux_aarch64.whl")
+        tools = "aarch64-linux-gnu-" if aarch64 else ""
+        machine = "AArch64" if aarch64 else "X86-64"
         for lib in sorted(Path(tmp, "llama_cpp", "lib").glob("*.so")):
-            header = subprocess.run(["aarch64-linux-gnu-readelf", "-h", str(lib)], capture_output=True,
+            header = subprocess.run([f"{tools}readelf", "-h", str(lib)], capture_output=True,
                                     text=True).stdout
-            dynamic = subprocess.run(["aarch64-linux-gnu-readelf", "-d", str(lib)], capture_output=True,
+            dynamic = subprocess.run([f"{tools}readelf", "-d", str(lib)], capture_output=True,
                                      text=True).stdout
-            symbols = subprocess.run(["aarch64-linux-gnu-objdump", "-T", str(lib)], capture_output=True,
+            symbols = subprocess.run([f"{tools}objdump", "-T", str(lib)], capture_output=True,
                                      text=True).stdout
             needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
             unexpected = sorted(set(needed) - EXPECTED)
-            aarch64 = "AArch64" in header
-            ok &= aarch64 and not unexpected
-            print(f"  {lib.name:18} {'aarch64' if aarch64 else 'NOT AARCH64'}  {highest(symbols, 'GLIBC'):12} "
+            right = machine in header
+            ok &= right and not unexpected
+            print(f"  {lib.name:18} {machine if right else 'WRONG MACHINE'}  {highest(symbols, 'GLIBC'):12} "
                   f"{highest(symbols, 'GLIBCXX'):16} {highest(symbols, 'CXXABI'):12} "
                   f"{'unexpected NEEDED: ' + ', '.join(unexpected) if unexpected else 'NEEDED ok'}")
     return ok

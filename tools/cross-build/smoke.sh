@@ -13,12 +13,12 @@ mkdir -p "$cache/debs" "$cache/wheels"
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
     dpkg --add-architecture arm64 && apt-get update -q >/dev/null
 fi
-if [ ! -x "$cache/sysroot/usr/bin/python3.11" ]; then
+if [ ! -x "$cache/sysroot/usr/bin/python3.11" ] || [ ! -e "$cache/sysroot/usr/lib/aarch64-linux-gnu/libvulkan.so.1" ]; then
     (cd "$cache/debs" && apt-get download -q python3.11-minimal:arm64 libpython3.11-minimal:arm64 \
         libpython3.11-stdlib:arm64 libc6:arm64 libexpat1:arm64 zlib1g:arm64 libffi8:arm64 libgcc-s1:arm64 \
         libstdc++6:arm64 libgomp1:arm64 libssl3:arm64 libbz2-1.0:arm64 liblzma5:arm64 libsqlite3-0:arm64 \
         libuuid1:arm64 libncursesw6:arm64 libtinfo6:arm64 libreadline8:arm64 libcrypt1:arm64 libnsl2:arm64 \
-        libtirpc3:arm64 libdb5.3:arm64 libgdbm6:arm64 2>/dev/null)
+        libtirpc3:arm64 libdb5.3:arm64 libgdbm6:arm64 libvulkan1:arm64 2>/dev/null)
     for deb in "$cache"/debs/*.deb; do dpkg -x "$deb" "$cache/sysroot"; done
 fi
 if [ ! -d "$cache/pylib/numpy" ]; then
