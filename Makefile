@@ -19,7 +19,7 @@ run: $(VENV)/.installed $(DEMO_MODEL)
 test: $(VENV)/.installed-test $(DEMO_MODEL) test-tools
 	$(PY) -m pytest -q
 
-# aarch64 wheels of llama-cpp-python (tools/cross-build/README.md): about 10 minutes here.
+# aarch64 wheels of llama-cpp-python (tools/cross-build/README.md): about 8 minutes on 2 cores.
 wheels-aarch64: cross-tools
 	tools/cross-build/build.sh armv8.0 dist
 	tools/cross-build/build.sh armv8.2 dist
