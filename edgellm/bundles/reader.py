@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest, ManifestError
+from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest
 
 # Left on sticks by macOS and Windows; never part of a bundle.
 IGNORED = (".DS_Store", "Thumbs.db", "desktop.ini")

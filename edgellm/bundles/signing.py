@@ -103,13 +103,18 @@ def _payload(text: str, source: str, what: str) -> bytes:
         raise SignatureError(f"{source}: not a minisign {what} (bad base64)") from None
 
 
-def read_public_key(path: str | Path) -> PublicKey:
-    source = str(path)
+def _read_key(path: str | Path, what: str) -> bytes:
+    """The decoded payload of a minisign key file."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise SignatureError(f"{source}: cannot read the public key ({getattr(e, 'strerror', None) or e})") from None
-    blob = _payload(text, source, "public key")
+        raise SignatureError(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+    return _payload(text, str(path), what)
+
+
+def read_public_key(path: str | Path) -> PublicKey:
+    source = str(path)
+    blob = _read_key(path, "public key")
     if len(blob) != 42 or blob[:2] != b"Ed":
         raise SignatureError(f"{source}: not an ed25519 minisign public key")
     return PublicKey(blob[2:10], blob[10:], source)
@@ -117,11 +122,7 @@ def read_public_key(path: str | Path) -> PublicKey:
 
 def read_secret_key(path: str | Path) -> SecretKey:
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SignatureError(f"{source}: cannot read the secret key ({getattr(e, 'strerror', None) or e})") from None
-    blob = _payload(text, source, "secret key")
+    blob = _read_key(path, "secret key")
     if len(blob) != 158 or blob[:2] != b"Ed" or blob[4:6] != b"B2":
         raise SignatureError(f"{source}: not an ed25519 minisign secret key")
     if blob[2:4] != b"\0\0":

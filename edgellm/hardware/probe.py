@@ -154,7 +154,8 @@ class Hardware:
 def probe(root: str | Path = "/", build: Build | None = None) -> Hardware:
     """Everything at once; `build` defaults to the installed llama.cpp's."""
     root = Path(root)
-    return Hardware(board=board(root), cpu=cpu(root), memory=memory(root), gpus=gpus(root),
+    found = board(root)
+    return Hardware(board=found, cpu=cpu(root), memory=memory(root, found), gpus=gpus(root, found),
                     thermal=thermal(root), build=build or installed_build())
 
 
@@ -228,7 +229,7 @@ def cpu(root: Path) -> Cpu:
     return Cpu(arch=arch, features=features, logical=len(ids), physical=len(cores), clusters=clusters)
 
 
-def memory(root: Path) -> Memory:
+def memory(root: Path, board: Board) -> Memory:
     info = {k: int(v) * 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", _read(root / "proc/meminfo"), re.M)}
     mounts = [line.split()[:2] for line in _read(root / "proc/mounts").splitlines() if len(line.split()) > 2]
     swaps = []
@@ -245,17 +246,17 @@ def memory(root: Path) -> Memory:
             holders = [m for m in mounts if path.startswith(m[1].rstrip("/") + "/")]
             device = max(holders, key=lambda m: len(m[1]))[0] if holders else ""
         swaps.append(Swap(path, size, "mmcblk" in device))
-    jetson = board(root).kind == "jetson"
+    jetson = board.kind == "jetson"
     return Memory(total=info.get("MemTotal", 0), available=info.get("MemAvailable", info.get("MemFree", 0)),
                   swaps=swaps, shared_with_gpu=jetson)
 
 
-def gpus(root: Path) -> list[Gpu]:
+def gpus(root: Path, board: Board) -> list[Gpu]:
     found = []
     dev = root / "dev"
     if (dev / "nvhost-ctrl-gpu").exists() or (dev / "nvhost-gpu").exists():
-        release = board(root).l4t
-        found.append(Gpu("cuda", _jetson_gpu(board(root).compatible), f"nvgpu (Jetson Linux {release})"
+        release = board.l4t
+        found.append(Gpu("cuda", _jetson_gpu(board.compatible), f"nvgpu (Jetson Linux {release})"
                          if release else "nvgpu", integrated=True))
     elif any(dev.glob("nvidia[0-9]*")):
         version = re.search(r"Kernel Module(?: for \w+)?\s+([\d.]+)", _read(root / "proc/driver/nvidia/version"))

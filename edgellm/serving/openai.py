@@ -7,11 +7,9 @@ turn the pieces that come back into one JSON body or server-sent events.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -26,10 +24,10 @@ from edgellm.engine.stream import EngineError, Piece, Stream
 from edgellm.protocol import requests as proto
 from edgellm.protocol.errors import APIError, invalid
 from edgellm.protocol.responses import SSE_DONE, Reply, embeddings_body, model_object, sse
+from edgellm.serving.disconnect import unless_disconnected
 from edgellm.serving.errors import ClientGone, to_api_error
 from edgellm.serving.relay import route
 
-T = TypeVar("T")
 log = logging.getLogger("edgellm.serving")
 
 # Headers that keep proxies (nginx and friends) from buffering a token stream.
@@ -73,26 +71,6 @@ async def read_json(request: Request) -> dict:
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object", code="invalid_json")
     return data
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but give up with ClientGone as soon as the client disconnects."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task not in done:  # the client went first
-        raise ClientGone
-    return task.result()
 
 
 # --- models ------------------------------------------------------------------------------
@@ -198,11 +176,11 @@ async def _generate(request: Request, lease: Lease, tokenize: Callable[[], list[
     try:
         stream = loaded.runner.submit(await run_in_threadpool(prepare))
         if not options.stream:
-            text, last = await _unless_disconnected(request, _collect(stream))
+            text, last = await unless_disconnected(request, _collect(stream))
             return JSONResponse(reply.body(text, last.finish_reason, last.usage))
         # Wait for the first piece before answering, so a failure before the first
         # byte still gets a proper status code instead of a broken 200 stream.
-        first = await _unless_disconnected(request, anext(stream))
+        first = await unless_disconnected(request, anext(stream))
         handed_over = True  # from here the response cancels the stream and ends the lease
         return GenerationResponse(_events(stream, first, reply, options.include_usage), stream, lease.release)
     finally:
@@ -295,7 +273,7 @@ async def _embed(request: Request, loaded: Loaded, parsed: proto.EmbeddingReques
         return inputs
 
     inputs = await run_in_threadpool(prepare)
-    vectors = await _unless_disconnected(request, loaded.runner.embed(inputs))
+    vectors = await unless_disconnected(request, loaded.runner.embed(inputs))
     return JSONResponse(embeddings_body(loaded.id, vectors, parsed.encoding_format, sum(map(len, inputs))))
 
 

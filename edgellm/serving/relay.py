@@ -24,7 +24,7 @@ from edgellm.engine.stream import EngineError, QueueFull
 from edgellm.protocol.errors import APIError, invalid
 from edgellm.relay.upstream import Upstream, UpstreamError
 from edgellm.relay.vllm import openai_error, translate_guided
-from edgellm.serving.errors import ClientGone
+from edgellm.serving.disconnect import unless_disconnected, until_disconnect
 
 log = logging.getLogger("edgellm.relay")
 
@@ -72,26 +72,12 @@ async def relay(request: Request, body: dict, path: str, upstream: Upstream, *, 
                             "failures); try again shortly", code="upstream_unavailable",
                        headers={"Retry-After": str(max(1, int(upstream.breaker.cooldown)))})
     request.app.state.metrics.relayed.labels(why.split(" ")[0]).inc()
-    task = asyncio.ensure_future(upstream.send(path, json.dumps(body).encode()))
-    watcher = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if task not in done:  # the client left while waiting for the upstream: cancel it there too
-        task.cancel()
-        raise ClientGone
-    try:
-        response = task.result()
+    try:  # a client that leaves while the upstream thinks cancels the request there too
+        response = await unless_disconnected(request, upstream.send(path, json.dumps(body).encode()))
     except UpstreamError as e:
         headers = {"Retry-After": str(int(e.retry_after))} if e.retry_after else {}
         raise APIError(e.status, str(e), code="upstream_error", headers=headers) from None
     return Passthrough(response, request.app.state.metrics)
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class Passthrough:
@@ -130,7 +116,7 @@ class Passthrough:
             response.close()
 
     async def _close_when_gone(self, receive: Receive) -> None:
-        await _disconnected(receive)
+        await until_disconnect(receive)
         self.response.close()  # ends the read below and the upstream's work
 
     async def _pump(self, send: Send, streaming: bool) -> None:
