@@ -14,7 +14,7 @@ from pathlib import Path
 from edgellm import __version__
 from edgellm.bundles.reader import BundleError
 from edgellm.bundles.signing import SignatureError
-from edgellm.config import Config, ConfigError, is_loopback, load, read_keys
+from edgellm.config import Config, ConfigError, credential, is_loopback, load, read_keys
 from edgellm.engine import gguf
 from edgellm.engine.gguf import GGUFError
 from edgellm.progress import Bar
@@ -130,8 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
         model={"path": args.model},
     )
     _check_model_file(config, from_flag=args.model is not None)
-    keys = read_keys(config.server.api_keys, config.server.api_key_file, f"{config.source}: [server] api_key_file")
-    admin_keys = read_keys(config.server.admin_keys, config.server.admin_key_file,
+    keys = read_keys(config.server.api_keys, config.server.api_key_file or credential("api-keys"),
+                     f"{config.source}: [server] api_key_file")
+    admin_keys = read_keys(config.server.admin_keys, config.server.admin_key_file or credential("admin-keys"),
                            f"{config.source}: [server] admin_key_file")
     host, port = config.server.host, config.server.port
     if not is_loopback(host) and not keys and not args.insecure_no_auth:
@@ -153,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn  # here, so `edgellm --version` and config errors stay fast
 
     from edgellm.app import create_app
+    from edgellm.sdnotify import Notifier, supervise
 
     if not is_loopback(host) and not keys:
         log.warning("no API keys on %s (--insecure-no-auth): anyone on the network can use this service", host)
@@ -162,7 +164,21 @@ def _serve(args: argparse.Namespace) -> int:
              "required" if keys else "not required")
     app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root, port=bound_port)
 
+    notifier = Notifier()
+    where = f"http://{shown}:{bound_port}"
+
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:  # READY and the watchdog, once start-up loads end
+                self.supervising = asyncio.create_task(supervise(notifier, app.state.pool, where))
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            notifier.stopping()
+            if hasattr(self, "supervising"):
+                self.supervising.cancel()
+            await super().shutdown(sockets)
+
         def handle_exit(self, sig: int, frame) -> None:
             super().handle_exit(sig, frame)
             # End running generations at once (from the loop, not inside the signal handler),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import sys
 import typing
@@ -298,6 +299,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def credential(name: str) -> str:
+    """The file systemd passed as credential `name` (LoadCredential=), or "" when there is none.
+
+    The appliance's unit hands the API keys over this way: they stay readable by root only
+    on disk, and the service sees them in its own private, unswappable directory."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    path = Path(directory) / name
+    return str(path) if directory and path.is_file() else ""
 
 
 def read_keys(keys: tuple[str, ...], key_file: str, where: str) -> frozenset[str]:

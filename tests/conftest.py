@@ -46,7 +46,8 @@ class Server:
     """`python -m edgellm serve` in a subprocess, on a free loopback port."""
 
     def __init__(self, model: Path | None, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
-                 api_key: str | None = None, wait_ready: bool = True, state_dir: Path | None = None) -> None:
+                 api_key: str | None = None, wait_ready: bool = True, state_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = tmp / "server.log"
         self.state_dir = state_dir or tmp / "state"
         cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--state-dir", str(self.state_dir),
@@ -56,7 +57,8 @@ class Server:
             cmd += ["--config", str(tmp / "edgellm.toml")]
         self.api_key = api_key
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
+        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp,
+                                     env={**os.environ, **(env or {})})
         try:
             self.url = wait_until(self._listening_url, 30, message="the server to listen")
             if wait_ready:

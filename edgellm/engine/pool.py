@@ -197,6 +197,21 @@ class Pool:
         if not self._models:
             log.warning("no models yet: install one with `edgellm models add PATH` (it is picked up at once)")
 
+    async def started(self) -> None:
+        """Wait for the start-up loads to end, loaded or failed (health() says which)."""
+        await asyncio.gather(*self._startup, return_exceptions=True)
+
+    def dead(self) -> list[str]:
+        """Loaded models whose runner thread died."""
+        return [m.entry.id for m in self._models.values() if m.loaded and not m.loaded.runner.alive]
+
+    def summary(self) -> str:
+        """One line for `systemctl status`: models, loaded ones, requests in flight."""
+        loaded = [m.loaded for m in self._models.values() if m.loaded]
+        running = sum(lo.runner.in_flight for lo in loaded)
+        return (f"{len(self._models)} models, {len(loaded)} loaded, "
+                f"{running} request{'' if running == 1 else 's'} in flight")
+
     async def _preload(self, name: str) -> None:
         managed = self.find(name)
         try:

@@ -123,6 +123,15 @@ class Runner:
         mean = self._scheduler.mean_duration if self._scheduler else 2.0
         return mean * waiting / self.parallel
 
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def alive(self) -> bool:
+        """False when the thread died with the context still in use: only a restart helps then."""
+        return self._closing or self._thread.is_alive()
+
     def set_threads(self, n: int) -> None:
         """Use n threads from the next decode step on (thermal throttling)."""
         self._threads_wanted = max(1, n)
