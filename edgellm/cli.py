@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +108,16 @@ def _build_parser() -> argparse.ArgumentParser:
         step.add_argument("--config", metavar="FILE", help="TOML config file ([server] state_dir, [bundles])")
         step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
         step.set_defaults(func=_bundle)
+
+    firstboot = commands.add_parser("firstboot", help="make a freshly flashed appliance card this box "
+                                    "(run once by edgellm-firstboot.service)")
+    firstboot.add_argument("--boot", metavar="DIR", default="/boot/firmware",
+                           help="the FAT boot partition (default /boot/firmware)")
+    firstboot.add_argument("--root", metavar="DIR", default="/",
+                           help="the system to set up (default /: also sets the host name and grows the partition)")
+    firstboot.add_argument("--console", metavar="FILE", default="/dev/console",
+                           help="where the keys are shown (default /dev/console)")
+    firstboot.set_defaults(func=_firstboot)
     return parser
 
 
@@ -188,6 +199,27 @@ def _serve(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False))
     server.run(sockets=[sock])
     return 0
+
+
+def _firstboot(args: argparse.Namespace) -> int:
+    from edgellm import firstboot
+
+    layout = firstboot.Layout(root=Path(args.root), boot=Path(args.boot), console=Path(args.console))
+    if not layout.boot.is_dir():
+        raise ConfigError(f"boot partition {layout.boot}: not a directory (is it mounted?)")
+    try:
+        for line in firstboot.run(layout):
+            print(f"edgellm-firstboot: {line}")
+    except (firstboot.FirstBootError, OSError, subprocess.CalledProcessError) as e:
+        print(f"edgellm-firstboot: {_one_line(e)} (it runs again at the next boot)", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        return f"{' '.join(map(str, e.cmd))} failed: {(e.stderr or b'').decode(errors='replace').strip()}"
+    return str(e)
 
 
 def _doctor(args: argparse.Namespace) -> int:

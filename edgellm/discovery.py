@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
-import os
 import socket
 import uuid
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from edgellm import __version__
+from edgellm.files import write_atomic
 
 log = logging.getLogger("edgellm.discovery")
 
@@ -53,11 +53,7 @@ def device_id(state_dir: str | Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"device-id.tmp{os.getpid()}")
-    tmp.write_text(uuid.uuid4().hex + "\n")
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, uuid.uuid4().hex + "\n")
     return path.read_text().strip()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import wait_until
 from test_cli import assert_one_line_error, edgellm
 from test_store import assert_consistent, sha256
 from tiny_models import write_model
@@ -439,29 +439,6 @@ def test_uploads_need_the_admin_key(site, server_factory, tmp_path):
                             config='[server]\napi_keys = ["user"]\nadmin_keys = ["boss"]\n', api_key="user")
     refused = httpx.post(server.url + "/admin/bundles", content=b"x", headers={"Authorization": "Bearer user"})
     assert refused.status_code == 401
-
-
-# --- the USB units -------------------------------------------------------------------------------
-
-def test_usb_units_verify(tmp_path):
-    systemd = ROOT / "systemd"
-    root = tmp_path / "root"
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    (root / "etc/systemd/system").mkdir(parents=True)
-    shutil.copy(systemd / "edgellm-usb-import@.service", root / "etc/systemd/system")
-    (root / "usr/libexec/edgellm").mkdir(parents=True)
-    shutil.copy(systemd / "edgellm-usb-import", root / "usr/libexec/edgellm")
-    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}",
-                             "/etc/systemd/system/edgellm-usb-import@sda1.service"], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    unit = (systemd / "edgellm-usb-import@.service").read_text()
-    for setting in ("PrivateMounts=yes", "PrivateNetwork=yes", "ProtectSystem=strict", "BindsTo=dev-%i.device"):
-        assert setting in unit
-    script = (systemd / "edgellm-usb-import").read_text()
-    assert "mount -o ro,nosuid,nodev,noexec" in script and "umount" in script
-    assert subprocess.run(["sh", "-n", str(systemd / "edgellm-usb-import")]).returncode == 0
-    rule = (systemd / "90-edgellm-usb-import.rules").read_text().splitlines()[-1]
-    assert 'ENV{ID_BUS}=="usb"' in rule and 'ENV{SYSTEMD_WANTS}+="edgellm-usb-import@%k.service"' in rule
 
 
 def _patched(path: Path, index: int, field: slice, value: bytes) -> Path:

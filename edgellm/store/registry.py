@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgellm.engine import gguf
+from edgellm.files import fsync_dir
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 SYNC_EVERY = 256 << 20  # bytes written between fdatasyncs while copying: bounded dirty memory on a Pi
@@ -179,14 +180,6 @@ def copy_hashing(src: BinaryIO, dst: BinaryIO | None, progress: Callable[[int], 
             if job is not None:
                 job.result()
     return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:

@@ -1,0 +1,252 @@
+"""First boot of a freshly flashed card: make this box itself, once.
+
+Run by edgellm-firstboot.service before the network comes up. Every step can be
+run again (a power cut halfway means it runs again at the next boot and finishes);
+the last step writes the stamp that keeps it from ever running after that:
+
+1. a device id and a host name made from it (edgellm-XXXX, unique on the LAN);
+2. edgellm.toml, API keys and trusted bundle keys the operator pre-seeded on the
+   boot partition (in its edgellm/ folder) are checked and installed;
+3. API keys that were neither pre-seeded nor made before are generated;
+4. the host name, address and keys go to the boot partition (EDGELLM-API-KEY.txt,
+   readable on any laptop) and to the console; never to the journal;
+5. the root partition, which holds the models, grows to fill the card.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgellm.bundles.signing import SignatureError, read_public_key
+from edgellm.config import ConfigError, load, read_keys
+from edgellm.discovery import device_id
+from edgellm.files import write_atomic
+
+KEY_FILE = "EDGELLM-API-KEY.txt"  # on the boot partition
+SEED_DIR = "edgellm"  # on the boot partition: edgellm.toml, api-keys, admin-keys, trusted-keys/*.pub
+STAMP = "firstboot-done"  # in the state dir
+
+
+class FirstBootError(Exception):
+    """Something the operator must fix (one line)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things are; `root` is "/" on the box, a scratch tree in tests."""
+
+    root: Path
+    boot: Path  # the FAT boot partition
+    console: Path
+
+    def etc(self, name: str) -> Path:
+        return self.root / "etc" / name
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc/edgellm"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "var/lib/edgellm"
+
+    @property
+    def live(self) -> bool:
+        """Change the running system too (host name, partitions): only on the box itself."""
+        return self.root == Path("/")
+
+
+def run(layout: Layout, *, port: int = 8080) -> list[str]:
+    """Make the box itself; returns what was done, one line each (no secrets in them)."""
+    if (layout.state_dir / STAMP).exists():
+        return ["first boot was done before: nothing to do"]
+    done: list[str] = []
+    problems: list[str] = []
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    _own(layout.state_dir)
+    device = device_id(layout.state_dir)
+    _own(layout.state_dir / "device-id")
+    hostname = f"edgellm-{device[:4]}"
+    _set_hostname(layout, hostname)
+    done.append(f"host name {hostname}, device id {device}")
+
+    seed = layout.boot / SEED_DIR
+    done += _install_config(layout, seed, problems)
+    keys = {}
+    for name in ("api-keys", "admin-keys"):
+        keys[name], line = _install_keys(layout, seed, name, problems)
+        done.append(line)
+    done += _install_trusted_keys(layout, seed, problems)
+
+    config = load(layout.config_dir / "edgellm.toml") if (layout.config_dir / "edgellm.toml").exists() else None
+    if config is not None:
+        port = config.server.port
+    note = _key_note(hostname, port, keys, problems)
+    write_atomic(layout.boot / KEY_FILE, note, mode=0o600)
+    done.append(f"host name, address and keys written to the boot partition as {KEY_FILE}")
+    _to_console(layout.console, note)
+    layout.etc("issue.d").mkdir(parents=True, exist_ok=True)  # shown above the console's login prompt
+    write_atomic(layout.etc("issue.d/edgellm.issue"),
+                 f"edgellm: http://{hostname}.local:{port}/v1 (API key: {KEY_FILE} on the boot partition)\n\n")
+    if layout.live:
+        done.append(grow_root())
+    write_atomic(layout.state_dir / STAMP, f"{hostname}\n")
+    done += [f"problem: {p}" for p in problems]
+    return done
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+def _set_hostname(layout: Layout, hostname: str) -> None:
+    write_atomic(layout.etc("hostname"), hostname + "\n")
+    hosts = layout.etc("hosts")
+    lines = hosts.read_text().splitlines() if hosts.exists() else ["127.0.0.1\tlocalhost"]
+    lines = [line for line in lines if not line.startswith("127.0.1.1")]
+    write_atomic(hosts, "\n".join([*lines, f"127.0.1.1\t{hostname}"]) + "\n")
+    if layout.live:
+        socket.sethostname(hostname)
+
+
+# --- what the operator pre-seeded, and what is made here ------------------------------------
+
+
+def _install_config(layout: Layout, seed: Path, problems: list[str]) -> list[str]:
+    source = seed / "edgellm.toml"
+    if not source.exists():
+        return []
+    try:
+        load(source)
+        text = source.read_text()
+    except (ConfigError, OSError, UnicodeDecodeError) as e:
+        problems.append(f"the pre-seeded edgellm.toml was not installed, the image's own is used: {e}")
+        return []
+    layout.config_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(layout.config_dir / "edgellm.toml", text)
+    return ["edgellm.toml installed from the boot partition"]
+
+
+def _install_keys(layout: Layout, seed: Path, name: str, problems: list[str]) -> tuple[list[str], str]:
+    """Pre-seeded keys win over any made before; otherwise keep what exists; otherwise make one."""
+    target = layout.config_dir / name
+    layout.config_dir.mkdir(parents=True, exist_ok=True)
+    if (seed / name).exists():
+        try:
+            keys = sorted(read_keys((), str(seed / name), f"boot partition {SEED_DIR}/{name}"))
+        except ConfigError as e:
+            problems.append(str(e))
+            keys = []
+        bad = [k for k in keys if not _valid_key(k)]
+        if bad or not keys:
+            problems.append(f"{SEED_DIR}/{name} on the boot partition was not used: it needs one key per line, "
+                            "16 to 200 printable characters without spaces")
+        else:
+            write_atomic(target, "\n".join(keys) + "\n", mode=0o600)
+            return keys, f"{name} installed from the boot partition"
+    if target.exists():
+        return sorted(read_keys((), str(target), name)), f"{name} kept"
+    prefix = "sk-edgellm-admin-" if name == "admin-keys" else "sk-edgellm-"
+    key = prefix + secrets.token_urlsafe(24)
+    write_atomic(target, f"# made by edgellm-firstboot; one key per line\n{key}\n", mode=0o600)
+    return [key], f"{name} generated"
+
+
+def _valid_key(key: str) -> bool:
+    return 16 <= len(key) <= 200 and key.isprintable() and not any(c.isspace() for c in key)
+
+
+def _install_trusted_keys(layout: Layout, seed: Path, problems: list[str]) -> list[str]:
+    done = []
+    for source in sorted((seed / "trusted-keys").glob("*.pub")):
+        try:
+            read_public_key(source)
+        except SignatureError as e:
+            problems.append(f"trusted key {source.name} was not installed: {e}")
+            continue
+        directory = layout.state_dir / "trusted-keys"
+        directory.mkdir(exist_ok=True)
+        _own(directory)
+        write_atomic(directory / source.name, source.read_bytes())
+        _own(directory / source.name)
+        done.append(f"trusted bundle key {source.name} installed")
+    return done
+
+
+def _own(path: Path) -> None:
+    """State files belong to the service's user, where there is one (on the box)."""
+    try:
+        user = pwd.getpwnam("edgellm")
+    except KeyError:
+        return
+    os.chown(path, user.pw_uid, user.pw_gid)
+
+
+# --- telling the operator -------------------------------------------------------------------
+
+
+def _key_note(hostname: str, port: int, keys: dict[str, list[str]], problems: list[str]) -> str:
+    lines = [
+        "edgellm on this card",
+        "",
+        f"Host name: {hostname} (on the LAN: {hostname}.local)",
+        f"API:       http://{hostname}.local:{port}/v1",
+        "",
+        "API key (Authorization: Bearer KEY; OpenAI SDKs: api_key=KEY):",
+        *[f"  {k}" for k in keys["api-keys"]],
+        "",
+        "Admin key (the /admin API: load and unload models, upload bundles):",
+        *[f"  {k}" for k in keys["admin-keys"]],
+        "",
+        "To change them: edit /etc/edgellm/api-keys or admin-keys on the box, or put your own",
+        f"files named api-keys and admin-keys in a folder {SEED_DIR}/ on this partition before the",
+        "first boot of a freshly flashed card.",
+    ]
+    if problems:
+        lines += ["", "Problems at first boot:", *[f"  - {p}" for p in problems]]
+    return "\n".join(lines) + "\n"
+
+
+def _to_console(console: Path, note: str) -> None:
+    try:
+        with open(console, "a") as f:
+            f.write("\n" + note + "\n")
+    except OSError:
+        pass  # no console (a headless board): the boot partition has it
+
+
+# --- the data partition ---------------------------------------------------------------------
+
+
+def grow_root() -> str:
+    """Grow the partition holding / (when it is the disk's last) and its ext4 to the end of the card."""
+    st = os.stat("/")
+    sysfs = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+    if not (sysfs / "partition").exists():
+        return "root is not on a partition: nothing to grow"
+    number = int((sysfs / "partition").read_text())
+    disk = sysfs.parent
+    start, size = int((sysfs / "start").read_text()), int((sysfs / "size").read_text())
+    later = [p for p in disk.iterdir() if (p / "start").exists() and int((p / "start").read_text()) > start]
+    free = int((disk / "size").read_text()) - (start + size)
+    if later or free < 2048:  # another partition after it, or less than 1 MiB to gain
+        return "root partition already fills the card"
+    grow_partition(Path("/dev") / disk.name, number)
+    subprocess.run(["partx", "--update", "--nr", str(number), f"/dev/{disk.name}"], check=True, capture_output=True)
+    subprocess.run(["resize2fs", f"/dev/{sysfs.name}"], check=True, capture_output=True)
+    grown = shutil.disk_usage("/").total / 2**30
+    return f"root partition /dev/{sysfs.name} grown to the end of the card ({grown:.1f} GiB)"
+
+
+def grow_partition(disk: Path, number: int) -> None:
+    """Extend partition `number` of `disk` (a device or an image file) to the end; start unchanged."""
+    result = subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "-N", str(number), str(disk)],
+                            input=", +\n", text=True, capture_output=True)
+    if result.returncode != 0:
+        raise FirstBootError(f"cannot grow partition {number} of {disk}: {result.stderr.strip()}")
