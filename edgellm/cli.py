@@ -115,8 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="the FAT boot partition (default /boot/firmware)")
     firstboot.add_argument("--root", metavar="DIR", default="/",
                            help="the system to set up (default /: also sets the host name and grows the partition)")
-    firstboot.add_argument("--console", metavar="FILE", default="/dev/console",
-                           help="where the keys are shown (default /dev/console)")
+    firstboot.add_argument("--console", metavar="FILE",
+                           help="where the keys are shown (default: every active console)")
     firstboot.set_defaults(func=_firstboot)
     return parser
 
@@ -204,7 +204,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _firstboot(args: argparse.Namespace) -> int:
     from edgellm import firstboot
 
-    layout = firstboot.Layout(root=Path(args.root), boot=Path(args.boot), console=Path(args.console))
+    layout = firstboot.Layout(root=Path(args.root), boot=Path(args.boot),
+                              console=Path(args.console) if args.console else None)
     if not layout.boot.is_dir():
         raise ConfigError(f"boot partition {layout.boot}: not a directory (is it mounted?)")
     try:

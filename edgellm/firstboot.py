@@ -44,7 +44,7 @@ class Layout:
 
     root: Path
     boot: Path  # the FAT boot partition
-    console: Path
+    console: Path | None  # None: every active console (HDMI and serial on a Pi)
 
     def etc(self, name: str) -> Path:
         return self.root / "etc" / name
@@ -213,12 +213,23 @@ def _key_note(hostname: str, port: int, keys: dict[str, list[str]], problems: li
     return "\n".join(lines) + "\n"
 
 
-def _to_console(console: Path, note: str) -> None:
-    try:
-        with open(console, "a") as f:
-            f.write("\n" + note + "\n")
-    except OSError:
-        pass  # no console (a headless board): the boot partition has it
+def _to_console(console: Path | None, note: str) -> None:
+    """To the screen and the serial port alike: /dev/console is only the last console= of the
+    kernel's command line, and the operator may be looking at the other."""
+    if console is None:
+        try:
+            names = Path("/sys/class/tty/console/active").read_text().split()
+        except OSError:
+            names = ["console"]
+        targets = [Path("/dev") / name for name in names]
+    else:
+        targets = [console]
+    for target in targets:
+        try:
+            with open(target, "a") as f:
+                f.write("\n" + note + "\n")
+        except OSError:
+            pass  # no such console (a headless board): the boot partition has the note
 
 
 # --- the data partition ---------------------------------------------------------------------
