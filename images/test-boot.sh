@@ -1,0 +1,115 @@
+#!/bin/bash
+# images/test-boot.sh [IMAGE.img.xz]: boot the SD-card image under qemu-system-aarch64 -M virt
+# with the image's own Debian generic arm64 kernel and initrd, as a card twice its size with
+# a USB stick holding a signed bundle of a tiny model plugged in, and check what an operator
+# would see:
+#   first boot: edgellm-firstboot shows the API key on the console, systemd reports the
+#   service started (Type=notify: after its READY=1), /health answers through a forwarded
+#   loopback port, the USB import installs the model, a chat completion with the key works
+#   and one without it is refused; after power-off the boot partition holds the key file and
+#   the root partition fills the card.
+#   second boot: no first boot again (same key), the imported model still served.
+# The guest's network is qemu's user-mode one with restrict=on: nothing leaves the machine;
+# only the forwarded port on 127.0.0.1 reaches in.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(dirname "$here")"
+image="${1:-$(ls "$repo"/dist/image/edgellm-*-rpi4-arm64.img.xz 2>/dev/null | tail -1)}"
+python="${PYTHON:-$repo/.venv/bin/python}"
+boot_timeout="${BOOT_TIMEOUT:-1200}"
+started=$(date +%s)
+export PATH="$PATH:/usr/sbin:/sbin"
+
+say() { echo "test-boot: $* ($(( $(date +%s) - started )) s)"; }
+die() { echo "test-boot: FAILED: $*" >&2; [ -z "${console:-}" ] || tail -40 "$console" >&2; exit 1; }
+[ -f "$image" ] || die "no image (make image first)"
+
+work="$(mktemp -d /var/tmp/edgellm-boot.XXXXXX)"
+qemu_pid=""
+cleanup() { [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# The card: a copy of the image, 1 GiB bigger than it.
+say "unpacking $(basename "$image")"
+xz -dc "$image" > "$work/card.img"
+truncate -s +1G "$work/card.img"
+part() { sfdisk -J "$work/card.img" | "$python" -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][$1]; print(p['$2'])"; }
+boot_at="$work/card.img@@$(( $(part 0 start) * 512 ))"
+mcopy -n -i "$boot_at" "::$(mdir -b -i "$boot_at" :: | grep -o 'vmlinuz-[^ ]*' | head -1)" "$work/vmlinuz"
+mcopy -n -i "$boot_at" "::$(mdir -b -i "$boot_at" :: | grep -o 'initrd.img-[^ ]*' | head -1)" "$work/initrd.img"
+cmdline="$(mtype -i "$boot_at" ::cmdline.txt | tr -d '\r' | sed 's/console=[^ ]*//g') console=ttyAMA0"
+
+# What the operator pre-seeds on the boot partition: the site's bundle-signing key.
+"$python" -m edgellm keygen -o "$work/site" >/dev/null
+mmd -i "$boot_at" ::edgellm ::edgellm/trusted-keys
+mcopy -i "$boot_at" "$work/site.pub" ::edgellm/trusted-keys/site.pub
+
+# The USB stick: a FAT filesystem with a signed bundle of a tiny scripted chat model.
+PYTHONPATH="$repo/tests" "$python" -c "
+from pathlib import Path
+from conftest import SCRIPT
+from tiny_models import CHATML, write_model
+write_model(Path('$work/tiny.gguf'), script=SCRIPT, chat_template=CHATML)"
+"$python" -m edgellm bundle create "$work/tiny.gguf" -o "$work/stick/tiny" --key "$work/site.key" >/dev/null
+mkfs.vfat -n MODELS -C "$work/stick.img" 65536 >/dev/null
+mcopy -s -i "$work/stick.img" "$work/stick/tiny" ::/
+
+port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+boot() {  # boot N: start the VM, console in $work/console-N.log
+    console="$work/console-$1.log"
+    qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 -accel tcg,thread=multi \
+        -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -append "$cmdline" \
+        -drive "file=$work/card.img,format=raw,if=virtio" \
+        -netdev "user,id=lan,restrict=on,hostfwd=tcp:127.0.0.1:$port-:8080" -device virtio-net-pci,netdev=lan \
+        -device qemu-xhci,id=usb -drive "if=none,id=stick,format=raw,file=$work/stick.img" \
+        -device usb-storage,bus=usb.0,drive=stick \
+        -display none -serial "file:$console" -monitor "unix:$work/monitor.sock,server,nowait" &
+    qemu_pid=$!
+}
+wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
+    local deadline=$(( $(date +%s) + $1 )) what="$2"; shift 2
+    until "$@" >/dev/null 2>&1; do
+        kill -0 "$qemu_pid" 2>/dev/null || die "the VM stopped while waiting for $what"
+        [ "$(date +%s)" -lt "$deadline" ] || die "timed out waiting for $what"
+        sleep 2
+    done
+}
+power_off() {
+    "$python" -c "import socket; s=socket.socket(socket.AF_UNIX); s.connect('$work/monitor.sock'); s.sendall(b'system_powerdown\n')"
+    local deadline=$(( $(date +%s) + 300 ))
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        [ "$(date +%s)" -lt "$deadline" ] || die "the VM did not power off"
+        sleep 2
+    done
+    qemu_pid=""
+}
+api() { PYTHONPATH="$repo/tests" "$python" "$here/check_api.py" "http://127.0.0.1:$port" "$@"; }
+
+say "first boot"
+boot 1
+wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "Started.*edgellm.service" "$console"
+ready=$(( $(date +%s) - started ))
+say "edgellm.service READY"
+key="$(grep -aoE 'sk-edgellm-[A-Za-z0-9_-]{32}' "$console" | head -1)"
+[ -n "$key" ] || die "no API key on the console"
+grep -aq "edgellm-firstboot.*Finished\|Finished.*edgellm-firstboot" "$console" || die "first boot did not finish"
+api health || die "/health"
+wait_for 600 "the USB import of the tiny model" api has-model "$key" tiny
+say "the USB stick's bundle is imported"
+api chat "$key" tiny || die "chat completion"
+say "chat completion answered"
+power_off
+mtype -i "$boot_at" ::EDGELLM-API-KEY.txt | grep -q -- "$key" || die "no key file on the boot partition"
+[ "$(( $(part 1 start) + $(part 1 size) ))" = "$(( $(stat -c %s "$work/card.img") / 512 ))" ] \
+    || die "the root partition was not grown to the end of the card"
+say "powered off: key file on the boot partition, root partition grown"
+
+say "second boot"
+boot 2
+wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "Started.*edgellm.service" "$console"
+! grep -aq "edgellm on this card" "$console" || die "first boot ran again"
+api chat "$key" tiny || die "chat completion after a reboot"
+power_off
+say "second boot: same key, the model still served, no first boot"
+echo "test-boot: PASSED in $(( $(date +%s) - started )) s (first boot to READY: $ready s)"
