@@ -80,11 +80,12 @@ prerequisites:
 
 # Debian tools the tests use as independent implementations: minisign checks bundle
 # signatures both ways, dosfstools and mtools build a FAT32 stick image, Avahi browses
-# for the service inside the tests' network namespaces. Installed when running as root
+# for the service inside the tests' network namespaces, sfdisk grows a partition table, systemd-analyze
+# checks the units. Installed when running as root
 # (CI), with policy-rc.d keeping the package's daemons from starting on the real network;
 # otherwise the command is printed and those tests skip.
 TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools avahi-daemon:avahi-daemon avahi-browse:avahi-utils \
-	dbus-daemon:dbus
+	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \
