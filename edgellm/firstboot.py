@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.bundles.signing import SignatureError, read_public_key
-from edgellm.config import ConfigError, load, read_keys
+from edgellm.config import ConfigError, ServerConfig, load, read_keys
 from edgellm.discovery import device_id
 from edgellm.files import write_atomic
 
@@ -63,7 +63,7 @@ class Layout:
         return self.root == Path("/")
 
 
-def run(layout: Layout, *, port: int = 8080) -> list[str]:
+def run(layout: Layout) -> list[str]:
     """Make the box itself; returns what was done, one line each (no secrets in them)."""
     if (layout.state_dir / STAMP).exists():
         return ["first boot was done before: nothing to do"]
@@ -85,9 +85,8 @@ def run(layout: Layout, *, port: int = 8080) -> list[str]:
         done.append(line)
     done += _install_trusted_keys(layout, seed, problems)
 
-    config = load(layout.config_dir / "edgellm.toml") if (layout.config_dir / "edgellm.toml").exists() else None
-    if config is not None:
-        port = config.server.port
+    config_file = layout.config_dir / "edgellm.toml"
+    port = load(config_file).server.port if config_file.exists() else ServerConfig.port
     note = _key_note(hostname, port, keys, problems)
     write_atomic(layout.boot / KEY_FILE, note, mode=0o600)
     done.append(f"host name, address and keys written to the boot partition as {KEY_FILE}")

@@ -73,8 +73,8 @@ mmdebstrap --mode=root --arch=arm64 --variant=minbase --components="main non-fre
     --essential-hook='chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs' \
     --essential-hook='printf "#!/bin/sh\nexit 0\n" > "$1/usr/sbin/update-initramfs"; chmod 755 "$1/usr/sbin/update-initramfs"' \
     --customize-hook="cp -r '$work/wheels' \"\$1/tmp/wheels\"" \
-    --customize-hook='chroot "$1" python3 -m venv /opt/edgellm' \
-    --customize-hook='chroot "$1" /opt/edgellm/bin/pip install -q --no-index --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
+    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin python3 -m venv /opt/edgellm' \
+    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/edgellm/bin/pip install -q --no-index --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
     --customize-hook='rm -rf "$1/tmp/wheels"' \
     --customize-hook="'$repo/systemd/install.sh' --image \"\$1\"" \
     --customize-hook="'$here/configure-rootfs.sh' \"\$1\"" \
@@ -85,10 +85,10 @@ mmdebstrap --mode=root --arch=arm64 --variant=minbase --components="main non-fre
 say "making the partitions"
 root_used=$(du -sm "$work/rootfs" | cut -f1)
 root_mib=$(( root_used + root_used / 4 + 256 ))  # room for the journal, logs and a first model
-mkfs.vfat -F 32 -n EDGELLM-BOOT -C "$work/boot.img" $(( boot_mib * 1024 )) >/dev/null
+mkfs.vfat -F 32 -n EDGELLMBOOT -C "$work/boot.img" $(( boot_mib * 1024 )) >/dev/null
 mcopy -s -i "$work/boot.img" "$work"/boot/* ::/
-mkfs.ext4 -q -L EDGELLM-ROOT -d "$work/rootfs" -E root_owner=0:0 "$work/root.img" "${root_mib}M"
-e2fsck -fn "$work/root.img" >/dev/null
+mkfs.ext4 -q -L EDGELLM-ROOT -d "$work/rootfs" -E root_owner=0:0 "$work/root.img" "${root_mib}M" >/dev/null
+e2fsck -fn "$work/root.img" >/dev/null 2>&1
 
 # 4. The card: MBR (what the Pi 4's boot ROM reads), boot at 8 MiB, root after it.
 say "assembling $name.img"

@@ -22,7 +22,7 @@ chroot "$root" update-initramfs -c -k all
 
 cat > "$root/etc/fstab" <<'EOT'
 LABEL=EDGELLM-ROOT  /               ext4  defaults,noatime,errors=remount-ro,commit=30  0 1
-LABEL=EDGELLM-BOOT  /boot/firmware  vfat  defaults,noatime,fmask=0077,dmask=0077,flush  0 2
+LABEL=EDGELLMBOOT   /boot/firmware  vfat  defaults,noatime,fmask=0077,dmask=0077,flush  0 2
 EOT
 echo edgellm > "$root/etc/hostname"  # edgellm-firstboot makes it edgellm-XXXX
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tedgellm\n' > "$root/etc/hosts"

@@ -75,13 +75,16 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
         sleep 2
     done
 }
-power_off() {
-    "$python" -c "import socket; s=socket.socket(socket.AF_UNIX); s.connect('$work/monitor.sock'); s.sendall(b'system_powerdown\n')"
+monitor() { "$python" -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('$work/monitor.sock')
+s.sendall(sys.argv[1].encode() + b'\n')" "$1"; }
+power_off() {  # the power button (systemd-logind shuts down cleanly)
+    monitor system_powerdown
     local deadline=$(( $(date +%s) + 300 ))
     while kill -0 "$qemu_pid" 2>/dev/null; do
-        [ "$(date +%s)" -lt "$deadline" ] || die "the VM did not power off"
+        [ "$(date +%s)" -lt "$deadline" ] || die "the VM did not power off within 300 s of the power button"
         sleep 2
     done
+    wait "$qemu_pid" || true
     qemu_pid=""
 }
 api() { PYTHONPATH="$repo/tests" "$python" "$here/check_api.py" "http://127.0.0.1:$port" "$@"; }
