@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, GGUFError, BundleError, SignatureError) as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_RUNTIME
+    except OSError as e:  # a file the command cannot reach: permissions, a stick pulled out
+        print(f"edgellm: {e.filename}: {e.strerror}" if e.filename else f"edgellm: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
 

@@ -64,7 +64,7 @@ say "mmdebstrap $suite arm64"
 packages=(
     systemd-sysv udev kmod dbus systemd-resolved systemd-timesyncd
     linux-image-arm64 raspi-firmware dosfstools e2fsprogs fdisk
-    python3 python3-venv ca-certificates iproute2 netbase
+    python3 python3-venv libgomp1 ca-certificates iproute2 netbase
 )
 # Every package that touches the kernel or udev would rebuild the initramfs (6 minutes each under
 # qemu-user): update-initramfs is a no-op until configure-rootfs.sh runs it once, at the end.
@@ -76,6 +76,7 @@ mmdebstrap --mode=root --arch=arm64 --variant=minbase --components="main non-fre
     --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin python3 -m venv /opt/edgellm' \
     --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/edgellm/bin/pip install -q --no-index --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
     --customize-hook='rm -rf "$1/tmp/wheels"' \
+    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/edgellm/bin/python -c "import llama_cpp.llama_cpp"' \
     --customize-hook="'$repo/systemd/install.sh' --image \"\$1\"" \
     --customize-hook="'$here/configure-rootfs.sh' \"\$1\"" \
     --customize-hook="cp -a \"\$1/boot/firmware/.\" '$work/boot/' && rm -rf \"\$1\"/boot/firmware/*" \

@@ -38,7 +38,9 @@ part() { sfdisk -J "$work/card.img" | "$python" -c "import json,sys; p=json.load
 boot_at="$work/card.img@@$(( $(part 0 start) * 512 ))"
 mcopy -n -i "$boot_at" "::$(mdir -b -i "$boot_at" :: | grep -o 'vmlinuz-[^ ]*' | head -1)" "$work/vmlinuz"
 mcopy -n -i "$boot_at" "::$(mdir -b -i "$boot_at" :: | grep -o 'initrd.img-[^ ]*' | head -1)" "$work/initrd.img"
-cmdline="$(mtype -i "$boot_at" ::cmdline.txt | tr -d '\r' | sed 's/console=[^ ]*//g') console=ttyAMA0"
+# The image's own command line, on qemu's serial port; the journal goes to the console too:
+# the getty there mutes systemd's status lines, and a failure must be readable in this log.
+cmdline="$(mtype -i "$boot_at" ::cmdline.txt | tr -d '\r' | sed 's/console=[^ ]*//g') console=ttyAMA0 systemd.journald.forward_to_console=1"
 
 # What the operator pre-seeds on the boot partition: the site's bundle-signing key.
 "$python" -m edgellm keygen -o "$work/site" >/dev/null
@@ -91,7 +93,7 @@ api() { PYTHONPATH="$repo/tests" "$python" "$here/check_api.py" "http://127.0.0.
 
 say "first boot"
 boot 1
-wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "Started.*edgellm.service" "$console"
+wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "systemd\[1\]: Started edgellm.service" "$console"
 ready=$(( $(date +%s) - started ))
 say "edgellm.service READY"
 key="$(grep -aoE 'sk-edgellm-[A-Za-z0-9_-]{32}' "$console" | head -1)"
@@ -110,7 +112,7 @@ say "powered off: key file on the boot partition, root partition grown"
 
 say "second boot"
 boot 2
-wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "Started.*edgellm.service" "$console"
+wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "systemd\[1\]: Started edgellm.service" "$console"
 ! grep -aq "edgellm on this card" "$console" || die "first boot ran again"
 api chat "$key" tiny || die "chat completion after a reboot"
 power_off

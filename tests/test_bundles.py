@@ -479,3 +479,17 @@ def test_tars_built_to_exhaust_the_importer_are_refused_quickly(site, tmp_path):
 def test_names_with_a_trailing_newline_are_refused(site):
     edit_manifest(site["bundle"], site["secret"], lambda d: d["models"][0].update(id="scripted\n"))
     assert_one_line_error(do_import(site["bundle"], site["state"]), "'id'", status=1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="drops root's file access rights")
+def test_a_stick_the_import_cannot_read_is_one_line(tmp_path):
+    """The USB import runs as the edgellm user: a mount point it cannot reach is a plain error.
+    (Root without CAP_DAC_OVERRIDE meets a directory another user keeps to itself.)"""
+    locked = tmp_path / "run"
+    (locked / "sda").mkdir(parents=True)
+    os.chown(locked, 65534, 65534)
+    locked.chmod(0o700)
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+                             "edgellm", "bundle", "import", str(locked / "sda"), "--state-dir", str(tmp_path / "state")],
+                            capture_output=True, text=True)
+    assert_one_line_error(result, f"{locked / 'sda'}: Permission denied", status=1)
