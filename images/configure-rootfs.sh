@@ -26,8 +26,8 @@ LABEL=EDGELLMBOOT   /boot/firmware  vfat  defaults,noatime,fmask=0077,dmask=0077
 EOT
 echo edgellm > "$root/etc/hostname"  # edgellm-firstboot makes it edgellm-XXXX
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tedgellm\n' > "$root/etc/hosts"
-# Each card gets its own machine id at first boot.
-printf 'uninitialized\n' > "$root/etc/machine-id"
+# /etc/machine-id: mmdebstrap leaves it empty, so systemd writes a new one on each card's
+# first boot (empty rather than "uninitialized": no first-boot wizard, no presets applied).
 rm -f "$root/var/lib/dbus/machine-id"
 
 # Network: DHCP on any wired interface; edgellm answers mDNS itself (zeroconf), so
