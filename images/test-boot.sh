@@ -79,11 +79,12 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
 }
 monitor() { "$python" -c "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('$work/monitor.sock')
 s.sendall(sys.argv[1].encode() + b'\n')" "$1"; }
-power_off() {  # the power button (systemd-logind shuts down cleanly)
-    monitor system_powerdown
-    local deadline=$(( $(date +%s) + 300 ))
+power_off() {  # the power button (systemd-logind shuts down cleanly), pressed again every 20 s:
+    # a press while logind is still setting up its input devices is lost, as on a real box
+    local deadline=$(( $(date +%s) + 300 )) pressed=0
     while kill -0 "$qemu_pid" 2>/dev/null; do
         [ "$(date +%s)" -lt "$deadline" ] || die "the VM did not power off within 300 s of the power button"
+        if [ "$(date +%s)" -ge $(( pressed + 20 )) ]; then monitor system_powerdown || true; pressed=$(date +%s); fi
         sleep 2
     done
     wait "$qemu_pid" || true
