@@ -86,9 +86,11 @@ def test_status_follows_requests_in_flight(models, tmp_path):
         # The tick-tock script never ends: the request runs until max_tokens, long enough to be seen.
         with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                           json={"prompt": " tick", "max_tokens": 2000, "stream": True}) as response:
-            next(response.iter_lines())
+            lines = response.iter_lines()  # kept: a dropped iterator closes the stream (a hang-up)
+            next(lines)
             wait_until(lambda: any("1 request in flight" in m.get("STATUS", "") for m in systemd.poll()), 10,
                        message="STATUS with the running request")
+            lines.close()
         wait_until(lambda: "0 requests in flight" in [m for m in systemd.poll() if "STATUS" in m][-1]["STATUS"], 10,
                    message="STATUS after the request")
     finally:
