@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -182,6 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
     where = f"http://{shown}:{bound_port}"
 
     class Server(uvicorn.Server):
+        supervising: asyncio.Task | None = None
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if not self.should_exit:  # READY and the watchdog, once start-up loads end
@@ -189,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             notifier.stopping()
-            if hasattr(self, "supervising"):
+            if self.supervising is not None:
                 self.supervising.cancel()
             await super().shutdown(sockets)
 
@@ -214,16 +215,10 @@ def _firstboot(args: argparse.Namespace) -> int:
     try:
         for line in firstboot.run(layout):
             print(f"edgellm-firstboot: {line}")
-    except (firstboot.FirstBootError, OSError, subprocess.CalledProcessError) as e:
-        print(f"edgellm-firstboot: {_one_line(e)} (it runs again at the next boot)", file=sys.stderr)
+    except (firstboot.FirstBootError, OSError) as e:
+        print(f"edgellm-firstboot: {e} (it runs again at the next boot)", file=sys.stderr)
         return EXIT_RUNTIME
     return 0
-
-
-def _one_line(e: Exception) -> str:
-    if isinstance(e, subprocess.CalledProcessError):
-        return f"{' '.join(map(str, e.cmd))} failed: {(e.stderr or b'').decode(errors='replace').strip()}"
-    return str(e)
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> None
     """Temp file beside `path` (created with `mode`, so a secret is never readable by others
     even for an instant), fsync, rename over `path`, fsync the directory."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -163,15 +163,16 @@ def _valid_key(key: str) -> bool:
 
 def _install_trusted_keys(layout: Layout, seed: Path, problems: list[str]) -> list[str]:
     done = []
+    directory = layout.state_dir / "trusted-keys"
     for source in sorted((seed / "trusted-keys").glob("*.pub")):
         try:
             read_public_key(source)
         except SignatureError as e:
             problems.append(f"trusted key {source.name} was not installed: {e}")
             continue
-        directory = layout.state_dir / "trusted-keys"
-        directory.mkdir(exist_ok=True)
-        _own(directory)
+        if not directory.exists():
+            directory.mkdir()
+            _own(directory)
         write_atomic(directory / source.name, source.read_bytes())
         _own(directory / source.name)
         done.append(f"trusted bundle key {source.name} installed")
@@ -248,15 +249,18 @@ def grow_root() -> str:
     if later or free < 2048:  # another partition after it, or less than 1 MiB to gain
         return "root partition already fills the card"
     grow_partition(Path("/dev") / disk.name, number)
-    subprocess.run(["partx", "--update", "--nr", str(number), f"/dev/{disk.name}"], check=True, capture_output=True)
-    subprocess.run(["resize2fs", f"/dev/{sysfs.name}"], check=True, capture_output=True)
+    _run(["partx", "--update", "--nr", str(number), f"/dev/{disk.name}"])  # the kernel learns the new size
+    _run(["resize2fs", f"/dev/{sysfs.name}"])  # online
     grown = shutil.disk_usage("/").total / 2**30
     return f"root partition /dev/{sysfs.name} grown to the end of the card ({grown:.1f} GiB)"
 
 
 def grow_partition(disk: Path, number: int) -> None:
     """Extend partition `number` of `disk` (a device or an image file) to the end; start unchanged."""
-    result = subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "-N", str(number), str(disk)],
-                            input=", +\n", text=True, capture_output=True)
+    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "-N", str(number), str(disk)], input=", +\n")
+
+
+def _run(command: list[str], input: str = "") -> None:
+    result = subprocess.run(command, input=input, text=True, capture_output=True)
     if result.returncode != 0:
-        raise FirstBootError(f"cannot grow partition {number} of {disk}: {result.stderr.strip()}")
+        raise FirstBootError(f"{' '.join(command)} failed: {result.stderr.strip()}")

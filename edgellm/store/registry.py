@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgellm.engine import gguf
-from edgellm.files import fsync_dir
+from edgellm.files import fsync_dir, write_atomic
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 SYNC_EVERY = 256 << 20  # bytes written between fdatasyncs while copying: bounded dirty memory on a Pi
@@ -262,13 +262,7 @@ class Registry:
         self._write(entries)
 
     def _write(self, entries: list[Entry]) -> None:
-        tmp = self.root / f"catalog.json.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"version": 1, "models": [e.record() for e in entries]}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.catalog)
-        fsync_dir(self.root)
+        write_atomic(self.catalog, json.dumps({"version": 1, "models": [e.record() for e in entries]}, indent=2))
 
     def add(self, path: str | Path, *, alias: str | None = None, source: str | None = None,
             progress: Callable[[int], None] | None = None) -> tuple[Entry, bool]:
