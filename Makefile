@@ -58,8 +58,12 @@ CROSS_TOOLS := aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++
 cross-tools:
 	@$(call install-missing,$(CROSS_TOOLS))
 
-IMAGE_TOOLS := mmdebstrap:mmdebstrap qemu-aarch64-static:qemu-user-static qemu-system-aarch64:qemu-system-arm \
-	mkfs.vfat:dosfstools mcopy:mtools sfdisk:fdisk bmaptool:bmap-tools xz:xz-utils mkfs.ext4:e2fsprogs
+# Every command images/build.sh, configure-rootfs.sh and test-boot.sh run (or make a tool run,
+# such as mmdebstrap's arch-test for a foreign architecture) that Debian 12 does not guarantee:
+# tests/test_images.py fails when one is missing here.
+IMAGE_TOOLS := mmdebstrap:mmdebstrap arch-test:arch-test qemu-aarch64-static:qemu-user-static \
+	qemu-system-aarch64:qemu-system-arm mkfs.vfat:dosfstools mcopy:mtools mdir:mtools mtype:mtools mmd:mtools \
+	sfdisk:fdisk bmaptool:bmap-tools xz:xz-utils mkfs.ext4:e2fsprogs e2fsck:e2fsprogs systemctl:systemd
 image-tools:
 	@$(call install-missing,$(IMAGE_TOOLS))
 
@@ -81,11 +85,12 @@ prerequisites:
 # Debian tools the tests use as independent implementations: minisign checks bundle
 # signatures both ways, dosfstools and mtools build a FAT32 stick image, Avahi browses
 # for the service inside the tests' network namespaces, sfdisk grows a partition table, systemd-analyze
-# checks the units. Installed when running as root
+# checks the units, shfmt parses the image scripts for the commands they run and qemu-system-aarch64
+# starts the boot test's VM paused (its device set, in seconds). Installed when running as root
 # (CI), with policy-rc.d keeping the package's daemons from starting on the real network;
 # otherwise the command is printed and those tests skip.
 TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools avahi-daemon:avahi-daemon avahi-browse:avahi-utils \
-	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd
+	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd shfmt:shfmt qemu-system-aarch64:qemu-system-arm
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \

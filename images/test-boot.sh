@@ -11,6 +11,10 @@
 #   second boot: no first boot again (same key), the imported model still served.
 # The guest's network is qemu's user-mode one with restrict=on: nothing leaves the machine;
 # only the forwarded port on 127.0.0.1 reaches in.
+#
+# images/test-boot.sh --check-devices: start that VM's machine and devices paused (-S, no
+# kernel) and quit: seconds, for make test, where a missing ROM or device would only show
+# after a 25-minute image build otherwise.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,12 +27,31 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 say() { echo "test-boot: $* ($(( $(date +%s) - started )) s)"; }
 die() { echo "test-boot: FAILED: $*" >&2; [ -z "${console:-}" ] || tail -40 "$console" >&2; exit 1; }
-[ -f "$image" ] || die "no image (make image first)"
+free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# vm CARD STICK PORT [QEMU OPTION...]: the machine, the card, the LAN and the USB stick. The NIC
+# gets no option ROM (romfile=): that is iPXE for firmware network boot, and -kernel runs no
+# firmware, so the VM needs nothing from the ipxe-qemu package.
+vm() {
+    local card="$1" stick="$2" port="$3"; shift 3
+    qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 -accel tcg,thread=multi \
+        -drive "file=$card,format=raw,if=virtio" \
+        -netdev "user,id=lan,restrict=on,hostfwd=tcp:127.0.0.1:$port-:8080" -device virtio-net-pci,netdev=lan,romfile= \
+        -device qemu-xhci,id=usb -drive "if=none,id=stick,format=raw,file=$stick" \
+        -device usb-storage,bus=usb.0,drive=stick -display none "$@"
+}
 
 work="$(mktemp -d /var/tmp/edgellm-boot.XXXXXX)"
 qemu_pid=""
 cleanup() { [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+
+if [ "${1:-}" = --check-devices ]; then
+    truncate -s 1M "$work/card.img" "$work/stick.img"
+    echo quit | vm "$work/card.img" "$work/stick.img" "$(free_port)" -S -monitor stdio -serial none >/dev/null
+    echo "test-boot: the VM's machine and devices start"
+    exit 0
+fi
+[ -f "$image" ] || die "no image (make image first)"
 
 # The card: a copy of the image, 1 GiB bigger than it.
 say "unpacking $(basename "$image")"
@@ -57,16 +80,11 @@ write_model(Path('$work/tiny.gguf'), script=SCRIPT, chat_template=CHATML)"
 mkfs.vfat -n MODELS -C "$work/stick.img" 65536 >/dev/null
 mcopy -s -i "$work/stick.img" "$work/stick/tiny" ::/
 
-port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 boot() {  # boot N: start the VM, console in $work/console-N.log
     console="$work/console-$1.log"
-    qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 -accel tcg,thread=multi \
-        -kernel "$work/vmlinuz" -initrd "$work/initrd.img" -append "$cmdline" \
-        -drive "file=$work/card.img,format=raw,if=virtio" \
-        -netdev "user,id=lan,restrict=on,hostfwd=tcp:127.0.0.1:$port-:8080" -device virtio-net-pci,netdev=lan \
-        -device qemu-xhci,id=usb -drive "if=none,id=stick,format=raw,file=$work/stick.img" \
-        -device usb-storage,bus=usb.0,drive=stick \
-        -display none -serial "file:$console" -monitor "unix:$work/monitor.sock,server,nowait" &
+    vm "$work/card.img" "$work/stick.img" "$port" -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
+        -append "$cmdline" -serial "file:$console" -monitor "unix:$work/monitor.sock,server,nowait" &
     qemu_pid=$!
 }
 wait_for() {  # wait_for SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
