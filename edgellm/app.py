@@ -14,17 +14,18 @@ from starlette.middleware import Middleware
 
 from edgellm.config import Config, is_loopback
 from edgellm.discovery import Announcer, device_id
-from edgellm.engine import gguf
 from edgellm.engine.pool import Pool
+from edgellm.engine.service import GenerationService
 from edgellm.hardware.plan import make_plan
 from edgellm.hardware.probe import probe
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
+from edgellm.modelfile import gguf
 from edgellm.relay.upstream import Upstream
 from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
-from edgellm.serving.relay import ServedBy
 from edgellm.serving.errors import HANDLERS
+from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
 
 log = logging.getLogger("edgellm")
@@ -35,7 +36,9 @@ def command_line_model(config: Config) -> Entry:
     path = Path(config.model.path)
     parts = gguf.split_parts(path)
     files = [ModelFile(name=p.name, sha256="", size=p.stat().st_size) for p in parts]
-    return describe(parts, model_id=config.model.id or model_id_for(path), source="command line", files=files)
+    entry = describe(parts, model_id=config.model.id or model_id_for(path), source="command line", files=files)
+    entry.chat_template = config.model.chat_template
+    return entry
 
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
@@ -49,11 +52,12 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     log.info("backend %s, %d threads: %s", plan.backend, plan.threads, "; ".join(plan.reasons))
     for warning in [*plan.refused, *plan.warnings]:
         log.warning("%s", warning)
-    extra = [(command_line_model(config), config.model.chat_template)] if config.model.path else []
+    extra = [command_line_model(config)] if config.model.path else []
     engine = dataclasses.replace(config.engine, n_threads=plan.threads)
     registry = Registry(config.server.state_dir)
     pool = Pool(engine, config.models, plan=plan, registry=registry, extra=extra, metrics=stats)
-    thermals = ThermalWatch(Path(hardware_root), stats, pool, threads=plan.threads,
+    service = GenerationService(pool, log_prompts=config.log.prompts)
+    thermals = ThermalWatch(Path(hardware_root), stats, on_threads=pool.set_threads, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 
     upstream = Upstream(config.relay) if config.relay.url else None
@@ -69,7 +73,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
             announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
                                   interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
                                   device=device_id(config.server.state_dir),
-                                  models=lambda: [e.id for e in pool.entries()])
+                                  models=lambda: [m.id for m in service.models()])
             await announcer.start()
         yield
         if announcer is not None:
@@ -86,7 +90,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
-    app.state.pool = pool
+    app.state.pool = pool  # for the lifespan and shutdown only: routes use the service
+    app.state.service = service
     app.state.registry = registry
     app.state.upstream = upstream
     app.state.config = config
@@ -94,5 +99,4 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     app.state.hardware = (hardware_root, config.engine)
     app.state.metrics = stats
     app.state.max_body_bytes = config.server.max_body_bytes
-    app.state.log_prompts = config.log.prompts
     return app

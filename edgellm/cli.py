@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 from edgellm import __version__
-from edgellm.bundles.reader import BundleError
-from edgellm.bundles.signing import SignatureError
 from edgellm.config import Config, ConfigError, credential, is_loopback, load, read_keys
-from edgellm.engine import gguf
-from edgellm.engine.gguf import GGUFError
+from edgellm.errors import EdgeError
+from edgellm.modelfile import gguf
 from edgellm.progress import Bar
 from edgellm.store.registry import Registry, StoreError
 
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (StoreError, GGUFError, BundleError, SignatureError) as e:
+    except EdgeError as e:
         print(f"edgellm: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     except OSError as e:  # a file the command cannot reach: permissions, a stick pulled out
@@ -186,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if not self.should_exit:  # READY and the watchdog, once start-up loads end
-                self.supervising = asyncio.create_task(supervise(notifier, app.state.pool, where))
+                self.supervising = asyncio.create_task(supervise(notifier, app.state.service, where))
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             notifier.stopping()
@@ -273,7 +271,13 @@ def _keygen(args: argparse.Namespace) -> int:
 def _bundle(args: argparse.Namespace) -> int:
     from edgellm.bundles import signing
     from edgellm.bundles.create import create
-    from edgellm.bundles.importer import Policy, import_bundle, memory_limit, verify, verify_files
+    from edgellm.bundles.importer import (
+        Policy,
+        import_bundle,
+        memory_limit,
+        verify,
+        verify_files,
+    )
     from edgellm.bundles.reader import find_bundles, open_source
 
     config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
@@ -294,15 +298,14 @@ def _bundle(args: argparse.Namespace) -> int:
             source = open_source(path)
             if args.action == "verify":
                 manifest, signer = verify(source, policy)
-                verify_files(source, manifest, lambda name, done, total: bar("hashing", name, done, total))
+                verify_files(source, manifest, bar)
                 print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signer})")
             else:
-                outcomes = import_bundle(
-                    source, registry.open(), policy, engine=config.engine, memory_limit=memory_limit(config),
-                    progress=lambda name, done, total: bar("importing", name, done, total))
+                outcomes = import_bundle(source, registry.open(), policy, engine=config.engine,
+                                         memory_limit=memory_limit(config), progress=bar)
                 for outcome in outcomes:
                     print(f"{outcome.status} {outcome.model} from {path}")
-        except (BundleError, StoreError, GGUFError, OSError) as e:
+        except (EdgeError, OSError) as e:
             failed += 1
             print(f"edgellm: {e}", file=sys.stderr)
         finally:

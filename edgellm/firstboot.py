@@ -27,6 +27,7 @@ from pathlib import Path
 from edgellm.bundles.signing import SignatureError, read_public_key
 from edgellm.config import ConfigError, ServerConfig, load, read_keys
 from edgellm.discovery import device_id
+from edgellm.errors import EdgeError
 from edgellm.files import write_atomic
 
 KEY_FILE = "EDGELLM-API-KEY.txt"  # on the boot partition
@@ -34,8 +35,10 @@ SEED_DIR = "edgellm"  # on the boot partition: edgellm.toml, api-keys, admin-key
 STAMP = "firstboot-done"  # in the state dir
 
 
-class FirstBootError(Exception):
+class FirstBootError(EdgeError):
     """Something the operator must fix (one line)."""
+
+    code = "first_boot_failed"
 
 
 @dataclass(frozen=True)

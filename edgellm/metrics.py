@@ -6,9 +6,16 @@ are thread-safe, and each update is a lock and an addition.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 OUTCOMES = ("completed", "cancelled", "failed", "rejected", "invalid")
+RELAY_REASONS = ("missing", "overflow", "fallback")  # the [relay] policies' names
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -49,8 +56,11 @@ class Metrics:
         self.threads = Gauge("edgellm_threads", "CPU threads each decode step uses", registry=r)
         self.served = Counter("edgellm_served", "API responses by where they were served: local or upstream",
                               ["by"], registry=r)
-        self.relayed = Counter("edgellm_relayed", "Requests relayed upstream, by reason: not (installed "
-                               "here), local (wait over the budget), local (failure)", ["reason"], registry=r)
+        self.relayed = Counter("edgellm_relayed", "Requests relayed upstream, by the [relay] policy that sent "
+                               "them: missing (not installed here), overflow (local wait over ttft_budget), "
+                               "fallback (the local attempt failed)", ["reason"], registry=r)
+        for reason in RELAY_REASONS:
+            self.relayed.labels(reason)
         self.upstream_tokens = Counter("edgellm_upstream_tokens", "Tokens the upstream reported for relayed "
                                        "requests", ["kind"], registry=r)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+
+# What long copies and hashes report: (stage, file name, bytes done, bytes in all).
+Progress = Callable[[str, str, int, int], None]
 
 
 class Bar:

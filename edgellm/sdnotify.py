@@ -13,7 +13,8 @@ import os
 import socket
 from collections.abc import Mapping
 
-from edgellm.engine.pool import NotReady, Pool
+from edgellm.engine.service import GenerationService
+from edgellm.errors import EdgeError
 
 log = logging.getLogger("edgellm")
 _STATUS_EVERY = 5.0  # seconds between STATUS updates when there is no watchdog (or a slow one)
@@ -86,32 +87,33 @@ def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
     return usec / 2e6
 
 
-async def supervise(notifier: Notifier, pool: Pool, where: str) -> None:
+async def supervise(notifier: Notifier, service: GenerationService, where: str) -> None:
     """READY once the start-up loads have ended (loaded or failed: /health tells which), then
     WATCHDOG while the event loop turns and every runner thread lives, and STATUS when it changes.
 
-    A runner thread that died leaves its model's requests waiting forever; without pings
-    systemd restarts the service (Restart=on-failure), which is the only cure.
+    A model whose runner stopped is loaded afresh by the service; one that cannot be brought
+    back (broken) ends the pings, and systemd restarts the service (Restart=on-failure).
     """
-    await pool.started()
+    await service.started()
     try:
-        pool.health()
+        service.health()
         problem = ""
-    except NotReady as e:
+    except EdgeError as e:
         problem = f"; {e}"
-    notifier.ready(f"serving on {where}: {pool.summary()}{problem}")
+    notifier.ready(f"serving on {where}: {service.summary()}{problem}")
     interval = min(notifier.watchdog_interval or _STATUS_EVERY, _STATUS_EVERY)
     reported = False
     while True:
-        dead = pool.dead()
-        if dead:
+        broken = service.broken()
+        if broken:
             if not reported:
-                log.error("the runner thread of %s died: %s", ", ".join(dead),
+                log.error("model %s cannot be brought back: %s", ", ".join(broken),
                           "stopping the watchdog so systemd restarts the service" if notifier.watchdog_interval
                           else "restart the service")
                 reported = True
-            notifier.status(f"runner thread of {', '.join(dead)} died: waiting for a restart")
+            notifier.status(f"model {', '.join(broken)} stopped working: waiting for a restart")
         else:
+            reported = False
             notifier.watchdog()
-            notifier.status(f"serving on {where}: {pool.summary()}")
+            notifier.status(f"serving on {where}: {service.summary()}")
         await asyncio.sleep(interval)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tiny_models import CHATML, SPACE, write_model
 
 ROOT = Path(__file__).resolve().parent.parent

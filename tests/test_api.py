@@ -9,7 +9,6 @@ import jsonschema
 import openai
 import psutil
 import pytest
-
 from tiny_models import SPACE, vocabulary
 
 # Token ids are vocabulary indices, so tests can name them.

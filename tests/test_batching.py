@@ -10,7 +10,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import wait_until
 from test_errors import assert_error
 

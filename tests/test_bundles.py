@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import wait_until
 from test_cli import assert_one_line_error, edgellm
 from test_store import assert_consistent, sha256

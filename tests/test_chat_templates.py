@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_errors import assert_error
 
 from edgellm.engine.chat import BUILTIN, ChatTemplate, TemplateError, builtin_for
 from edgellm.engine.model import Model
-from test_errors import assert_error
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from edgellm import __version__
 from edgellm.config import Config, ConfigError, from_dict, load
 

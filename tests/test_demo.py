@@ -8,7 +8,6 @@ import sys
 
 import openai
 import pytest
-
 from conftest import ROOT
 
 README_URL = "http://127.0.0.1:8080"

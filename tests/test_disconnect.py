@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import wait_until
 
 FREED_WITHIN_S = 2.0

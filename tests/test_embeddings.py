@@ -8,7 +8,6 @@ import struct
 
 import openai
 import pytest
-
 from test_errors import assert_error
 from tiny_models import N_EMBD
 
@@ -87,7 +86,6 @@ def test_disconnect_stops_a_long_embedding_job(server):
     import time
 
     import httpx
-
     from conftest import wait_until
 
     inputs = [[1] + [300 + i % 100] * 63 for i in range(2048)]  # 64 tokens each: seconds of work

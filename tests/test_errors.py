@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
 from conftest import wait_until
 
 
@@ -195,16 +194,16 @@ def test_requests_wait_for_a_loading_model_within_a_bound(models, monkeypatch, t
     """The real app on a real socket, with the real load held back until the test has looked."""
     from edgellm.app import create_app
     from edgellm.config import Config, ModelConfig, ModelsConfig, ServerConfig
-    from edgellm.engine.pool import Pool
+    from edgellm.engine import loader
 
     gate = threading.Event()
-    real_load = Pool._load_blocking
+    real_load = loader.load
 
-    def held_load(self, managed):
+    def held_load(*args, **kwargs):
         gate.wait(30)
-        return real_load(self, managed)
+        return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(Pool, "_load_blocking", held_load)
+    monkeypatch.setattr(loader, "load", held_load)
     app = create_app(Config(server=ServerConfig(state_dir=str(tmp_path)), models=ModelsConfig(load_timeout="1s"),
                             model=ModelConfig(path=str(models["scripted"]))))
     sock = socket.socket()

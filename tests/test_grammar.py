@@ -13,6 +13,7 @@ from edgellm.config import EngineConfig
 from edgellm.engine.grammar import SchemaError, atoms_regex, int_range_atoms, to_gbnf
 from edgellm.engine.model import Model
 from edgellm.engine.runner import GenerationRequest, Runner
+from edgellm.engine.stream import Finish
 from edgellm.engine.sampling import Sampler, SamplingParams
 
 
@@ -122,9 +123,13 @@ def test_random_model_output_validates(runner, model, name):
     async def generate(seed: int) -> tuple[str, str]:
         sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema=SCHEMAS[name]))
         parts, finish = [], None
-        async for piece in runner.submit(GenerationRequest(model.tokenize("json:"), sampler, 400)):
-            parts.append(piece.text)
-            finish = piece.finish_reason or finish
+        stream = runner.submit(GenerationRequest(model.tokenize("json:"), sampler, 400))
+        stream.when_finished(sampler.close)
+        async for event in stream:
+            if isinstance(event, Finish):
+                finish = event.reason
+            else:
+                parts.append(event.text)
         return "".join(parts), finish
 
     completed = 0

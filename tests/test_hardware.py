@@ -13,16 +13,16 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from conftest import ROOT, wait_until
 from test_cli import assert_one_line_error, edgellm
 
 from edgellm.config import EngineConfig, ModelsConfig
-from edgellm.engine.memory import MiB, Estimate
 from edgellm.engine.pool import Pool
 from edgellm.hardware.plan import ALL_LAYERS, Plan, Step, make_plan
 from edgellm.hardware.probe import Build, Device, probe
+from edgellm.modelfile.memory import Estimate
 from edgellm.store.registry import ModelFile, describe
+from edgellm.units import MiB
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hardware"
 GiB = 1 << 30
@@ -167,11 +167,11 @@ def test_a_failed_gpu_load_falls_back_to_the_cpu(models, caplog):
                 reasons=[])
 
     async def load() -> tuple[str, str]:
-        pool = Pool(EngineConfig(n_threads=1), ModelsConfig(), plan=plan, extra=[(entry, "")])
+        pool = Pool(EngineConfig(n_threads=1), ModelsConfig(), plan=plan, extra=[entry])
         await pool.start()
         lease = await pool.acquire("scripted")
         try:
-            return lease.managed.backend, lease.managed.state
+            return lease.loaded.backend, pool.find("scripted").state
         finally:
             lease.release()
             await pool.close()

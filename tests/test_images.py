@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import ROOT, SCRIPT, Server
 from tiny_models import CHATML, write_model
 

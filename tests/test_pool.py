@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, wait_until
 from test_cli import edgellm
 

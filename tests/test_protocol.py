@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from edgellm.protocol.responses import Reply, sse
+from edgellm.protocol.openai import Reply
+from edgellm.protocol.sse import event as sse
 
 
 @pytest.mark.parametrize("chat", [True, False])

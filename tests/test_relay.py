@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import wait_until
 
 
@@ -164,6 +163,7 @@ def test_missing_models_go_upstream_and_the_listing_merges(server_factory, model
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert metric(server, 'edgellm_served_total{by="upstream"}') == 2
+    assert metric(server, 'edgellm_relayed_total{reason="missing"}') == 2  # the [relay] policy's name
     assert metric(server, 'edgellm_upstream_tokens_total{kind="completion"}') > 0
 
     offline = server_factory(models["random"], config=relay_config(upstream.base_url, "offline = true\n"))
@@ -175,16 +175,15 @@ def test_fallback_when_the_local_model_fails_before_the_first_byte(server_factor
     data = models["scripted"].read_bytes()
     broken.write_bytes(data[:len(data) // 2])  # the header reads, the weights are cut: the load fails here
     server = server_factory(broken, config=relay_config(upstream.base_url), wait_ready=False)
-    wait_until(lambda: "failed to load" in server.log() or "could not load" in server.log(), 30,
-               message="the local load to fail")
+    wait_until(lambda: "failed to load" in server.get("/health").text, 30, message="the local load to fail")
     reply = complete(server)
     assert reply.status_code == 200 and reply.headers["x-edgellm-served-by"] == "upstream"
-    assert "relaying upstream" in server.log()
+    assert metric(server, 'edgellm_relayed_total{reason="fallback"}') == 1
     no_fallback = server_factory(broken, config=relay_config(upstream.base_url, "fallback = false\n"),
                                  wait_ready=False)
-    wait_until(lambda: "failed to load" in no_fallback.log() or "could not load" in no_fallback.log(), 30,
-               message="the local load to fail")
+    wait_until(lambda: "failed to load" in no_fallback.get("/health").text, 30, message="the local load to fail")
     assert complete(no_fallback).status_code == 503
+    assert metric(no_fallback, 'edgellm_relayed_total{reason="fallback"}') == 0
 
 
 def test_overflow_when_the_local_wait_is_over_budget(server_factory, models, upstream):
@@ -198,7 +197,8 @@ def test_overflow_when_the_local_wait_is_over_budget(server_factory, models, ups
         next(lines)
         reply = complete(server)
         assert reply.status_code == 200 and reply.headers["x-edgellm-served-by"] == "upstream"
-    assert metric(server, 'edgellm_relayed_total{reason="local"}') >= 1
+    assert metric(server, 'edgellm_relayed_total{reason="overflow"}') >= 1
+    assert metric(server, 'edgellm_relayed_total{reason="fallback"}') == 0  # told apart from overflow
 
 
 def test_an_upstream_that_is_down_fails_fast_opens_the_circuit_and_recovers(server_factory, models, faulty):

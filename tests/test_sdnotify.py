@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import Server, wait_until
+
 from edgellm.sdnotify import Notifier, _watchdog_interval
 
 

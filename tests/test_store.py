@@ -11,14 +11,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from test_cli import assert_one_line_error, edgellm
 from tiny_models import write_model
 
 from edgellm.store.registry import Registry
 
 FIELDS = {"id", "aliases", "files", "size", "sha256", "architecture", "quantization", "parameters",
-          "context_length", "chat_template", "embedding", "defaults", "source", "installed", "license", "template"}
+          "context_length", "has_chat_template", "embedding", "defaults", "source", "installed", "license",
+          "chat_template"}
 
 
 def sha256(path: Path) -> str:
@@ -63,7 +63,7 @@ def test_add_list_show_remove(tmp_path, models):
     assert entry["id"] == "scripted-chatml" and entry["aliases"] == ["greeter"]
     assert entry["sha256"] == sha256(source) and entry["size"] == source.stat().st_size
     assert entry["architecture"] == "llama" and entry["quantization"] == "F16"
-    assert entry["chat_template"] is True and entry["embedding"] is False
+    assert entry["has_chat_template"] is True and entry["chat_template"] == "" and entry["embedding"] is False
     assert entry["context_length"] == 65536 and entry["parameters"] > 0
     assert entry["source"] == f"file:{source}"
     # Same filesystem: a hard link, not a copy.
@@ -224,7 +224,7 @@ def _kv(key: str, kind: int, payload: bytes) -> bytes:
 def test_hostile_gguf_headers_are_clean_errors(tmp_path, name, data):
     import time
 
-    from edgellm.engine import gguf
+    from edgellm.modelfile import gguf
     path = tmp_path / "bad.gguf"
     path.write_bytes(data + bytes(64))
     started = time.monotonic()

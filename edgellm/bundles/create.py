@@ -17,13 +17,20 @@ from typing import BinaryIO
 
 from edgellm import __version__
 from edgellm.bundles import signing
-from edgellm.bundles.manifest import (FILE_RE, FILES, MANIFEST, MAX_FILE, SIGNATURE, BundleFile, BundleModel,
-                                      Manifest)
+from edgellm.bundles.manifest import (
+    FILE_RE,
+    FILES,
+    MANIFEST,
+    MAX_FILE,
+    SIGNATURE,
+    BundleFile,
+    BundleModel,
+    Manifest,
+)
 from edgellm.bundles.reader import BundleError
-from edgellm.engine import gguf
+from edgellm.modelfile import gguf
+from edgellm.progress import Progress
 from edgellm.store.registry import Registry, copy_hashing, describe, model_id_for
-
-Progress = Callable[[str, str, int, int], None]  # (stage, file name, bytes done, bytes in all)
 
 
 @dataclass
@@ -103,9 +110,7 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
         if not FILE_RE.fullmatch(file_name):
             raise BundleError(f"{file_name}: a bundle's file names are letters, digits and . _ - ending in .gguf")
         parts.append(_Part(file_name, path, size, sha))
-    template = None
-    if not entry.chat_template and entry.template:
-        template = entry.template
+    template = entry.chat_template if not entry.has_chat_template and entry.chat_template else None
     model = BundleModel(id=entry.id, files=parts, aliases=list(entry.aliases), architecture=entry.architecture,
                         quantization=entry.quantization, context_length=entry.context_length,
                         parameters=entry.parameters, defaults=dict(entry.defaults), chat_template=template,

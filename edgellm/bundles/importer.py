@@ -34,16 +34,24 @@ import psutil
 
 from edgellm import __version__
 from edgellm.bundles import signing
-from edgellm.bundles.manifest import SIGNATURE, BundleFile, BundleModel, Manifest, ManifestError, parse, version_tuple
+from edgellm.bundles.manifest import (
+    SIGNATURE,
+    BundleFile,
+    BundleModel,
+    Manifest,
+    ManifestError,
+    parse,
+    version_tuple,
+)
 from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, TarSource
-from edgellm.config import Config, EngineConfig, parse_size
-from edgellm.engine import gguf, memory
-from edgellm.engine.memory import MiB
+from edgellm.config import Config, EngineConfig
+from edgellm.modelfile import gguf, memory
+from edgellm.progress import Progress
 from edgellm.store.registry import Entry, ModelFile, Registry, copy_hashing, describe
+from edgellm.units import MiB, parse_size
 
 DISK_MARGIN = 64 * MiB  # left free on the state dir's filesystem
 
-Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes in all)
 Source = DirectorySource | TarSource | StreamSource
 
 
@@ -156,7 +164,7 @@ def _import(source: Source, manifest: Manifest, signer: str, registry: Registry,
             nonlocal done
             done += n
             if progress:
-                progress(name, done, total)
+                progress("importing", name, done, total)
         return step
 
     files = source.files(manifest) if isinstance(source, StreamSource) else (
@@ -222,7 +230,7 @@ def _entry(model: BundleModel, registry: Registry, source: Source, signer: str,
                      source=f"bundle {Path(source.name).name} ({signer})", files=files, headers=headers)
     entry.aliases = list(model.aliases)
     entry.license = model.license
-    entry.template = model.chat_template or ""
+    entry.chat_template = model.chat_template or ""
     entry.defaults.update(model.defaults)
     return entry
 
@@ -236,7 +244,7 @@ def verify_files(source: DirectorySource | TarSource, manifest: Manifest, progre
             nonlocal done
             done += n
             if progress:
-                progress(name, done, total)
+                progress("importing", name, done, total)
         with source.open(f.name) as stream:
             sha, size = copy_hashing(stream, None, step, limit=f.size)
         if size != f.size or sha != f.sha256:

@@ -9,6 +9,9 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from edgellm.errors import InvalidRequest
+from edgellm.modelfile import defaults as sampling_defaults
+
 FORMAT = "edgellm-bundle"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,11 +26,12 @@ FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.gguf$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
-DEFAULT_KEYS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_last_n"}
 
 
-class ManifestError(Exception):
+class ManifestError(InvalidRequest):
     """The manifest is not one edgellm can accept; the message says where and why."""
+
+    code = "bad_manifest"
 
 
 @dataclass
@@ -46,7 +50,7 @@ class BundleModel:
     quantization: str = ""
     context_length: int = 0
     parameters: int = 0
-    defaults: dict[str, float] = field(default_factory=dict)
+    defaults: dict[str, int | float] = field(default_factory=dict)
     chat_template: str | None = None
     license: str = ""
     min_edgellm_version: str = "0.1.0"
@@ -131,10 +135,11 @@ def parse(data: bytes, source: str) -> Manifest:
             need(isinstance(m.get(key, ""), kind) and len(m.get(key, "")) <= 256, f"'{key}' must be a short string")
         for key in ("context_length", "parameters"):
             need(isinstance(m.get(key, 0), int) and m.get(key, 0) >= 0, f"'{key}' must be a whole number")
-        defaults = m.get("defaults", {})
-        need(isinstance(defaults, dict) and set(defaults) <= DEFAULT_KEYS
-             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in defaults.values()),
-             f"'defaults' may hold numbers for {sorted(DEFAULT_KEYS)}")
+        need(isinstance(m.get("defaults", {}), dict), "'defaults' must be an object")
+        try:
+            defaults = sampling_defaults.check(m.get("defaults", {}))
+        except ValueError as e:
+            raise ManifestError(f"{where}: defaults: {e}") from None
         template = m.get("chat_template")
         need(template is None or (isinstance(template, str) and len(template) <= 65536),
              "'chat_template' must be a string (up to 64 KiB) or null")

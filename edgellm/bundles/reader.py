@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest
+from edgellm.errors import InvalidRequest
 
 # Left on sticks by macOS and Windows; never part of a bundle.
 IGNORED = (".DS_Store", "Thumbs.db", "desktop.ini")
@@ -57,8 +58,10 @@ def _ignored(name: str) -> bool:
     return name in IGNORED or name.startswith("._")
 
 
-class BundleError(Exception):
+class BundleError(InvalidRequest):
     """A bundle that cannot be imported; the message names the file and the reason."""
+
+    code = "bundle_refused"
 
 
 class DirectorySource:

@@ -25,12 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edgellm.errors import InvalidRequest
 
-class SignatureError(Exception):
+
+class SignatureError(InvalidRequest):
     """A key or signature that cannot be used; the message says which file and why."""
+
+    code = "bad_signature"
 
 
 def key_id_text(key_id: bytes) -> str:

@@ -15,13 +15,10 @@ from datetime import datetime
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edgellm.engine.errors import TemplateError
 from edgellm.engine.model import Model
 
 log = logging.getLogger("edgellm.engine")
-
-
-class TemplateError(ValueError):
-    """The chat template could not render these messages."""
 
 
 # Our own minimal templates for the common chat formats. Each takes the system

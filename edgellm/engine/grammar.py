@@ -17,12 +17,10 @@ import json
 import math
 import re
 
+from edgellm.engine.errors import SchemaError
+
 MAX_INT_DIGITS = 15
 MAX_DEPTH = 100  # path segments: keeps deep schemas from exhausting the Python stack
-
-
-class SchemaError(ValueError):
-    """A schema this converter cannot enforce; the message names the keyword and where it is."""
 
 
 # Keywords that constrain values but have no grammar here: refused, never ignored.

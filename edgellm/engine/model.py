@@ -15,6 +15,8 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as C
 
+from edgellm.engine.errors import ModelLoadError
+
 log = logging.getLogger("edgellm.engine")
 _llama_log = logging.getLogger("edgellm.llama")
 
@@ -46,10 +48,6 @@ def init_llama() -> None:
             C.llama_log_set(_on_llama_log, None)
             C.llama_backend_init()
             _initialized = True
-
-
-class ModelLoadError(Exception):
-    """llama.cpp could not load a model file."""
 
 
 def _device(name: str) -> int:

@@ -4,6 +4,12 @@ The event loop calls submit() (generation) or embed(); they only queue work.
 The thread creates the context, takes whatever has arrived before each
 scheduler step, runs the step (scheduler.py: continuous batching), and hands
 the results back through an Outbox in one event-loop wake-up per step.
+
+The thread cannot die unnoticed: whatever ends it other than stop(), every
+request it had accepted ends with RunnerFailed, `failure` says why, and
+`on_exit` tells its owner (the pool), which loads the model afresh. Start-up
+cannot hang either: every failure of the thread resolves the ready future, and
+the wait for it is bounded.
 """
 
 from __future__ import annotations
@@ -14,15 +20,25 @@ import logging
 import math
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as C
 import psutil
 
 from edgellm.config import EngineConfig
+from edgellm.engine.errors import (
+    EngineError,
+    ModelLoadError,
+    QueueFull,
+    RunnerFailed,
+    ShuttingDown,
+)
 from edgellm.engine.model import Model
 from edgellm.engine.scheduler import GenerationRequest, Job, Scheduler
-from edgellm.engine.stream import EngineError, Outbox, QueueFull, ShuttingDown, Stream
+from edgellm.engine.stream import Outbox, Stream
+from edgellm.errors import EdgeError
 from edgellm.metrics import Metrics
 
 log = logging.getLogger("edgellm.engine")
@@ -32,12 +48,15 @@ _FLASH_ATTN = {
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+# Context creation and the warm-up decode, which reads every weight: minutes for a big model
+# on an SD card, never forever (the appliance's unit allows 15 minutes to start).
+START_TIMEOUT = 900.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _EmbedJob:
     inputs: list[list[int]]
-    future: concurrent.futures.Future
+    future: concurrent.futures.Future[list[list[float]]]
     cancelled: bool = False
 
 
@@ -48,8 +67,9 @@ def physical_cores() -> int:
 class Runner:
     """Owns one llama context on its own thread."""
 
-    def __init__(self, model: Model, settings: EngineConfig, *, model_id: str = "", metrics: Metrics | None = None
-                 ) -> None:
+    def __init__(self, model: Model, settings: EngineConfig, *, model_id: str = "", metrics: Metrics | None = None,
+                 on_exit: Callable[[str], None] | None = None, start_timeout: float = START_TIMEOUT) -> None:
+        """`on_exit(reason)` is called from the thread if it ends for any reason but stop()."""
         self.model = model
         self.settings = settings
         self.model_id = model_id or model.path.stem
@@ -63,51 +83,45 @@ class Runner:
         # Embedding models run one input at a time; generation runs `parallel` sequences, each
         # of which needs a place in every batch (llama.cpp caps the batch at the context).
         self.parallel = 1 if model.is_embedding else min(settings.parallel, settings.n_batch, self._n_ctx_wanted)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._closing = False
-        self._in_flight = 0  # accepted generations not yet ended: running, queued, or on their way
+        self.failure: str | None = None  # why the thread ended, when it ended by itself
+        self._on_exit = on_exit
+        self._jobs: queue.SimpleQueue[Job | _EmbedJob | None] = queue.SimpleQueue()
+        self._stopping = False
+        self._accepted: set[Job | _EmbedJob] = set()  # queued or running: what a dying thread must still end
         self._lock = threading.Lock()  # guards both; nothing is queued after the stop sentinel
         self._outbox = Outbox()
         self._scheduler: Scheduler | None = None
+        self._embed_seconds = 1.0  # an embeddings request's duration, smoothed (for Retry-After)
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._main, args=(ready,), name="edgellm-runner", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
-        # llama.cpp adjusts both (n_ctx is padded to 256, n_batch capped at n_ctx for causal
-        # models): use what it chose.
-        self.n_ctx, self.n_batch = ready.result()
+        try:
+            # llama.cpp adjusts both (n_ctx is padded to 256, n_batch capped at n_ctx for causal
+            # models): use what it chose.
+            self.n_ctx, self.n_batch = ready.result(timeout=start_timeout)
+        except TimeoutError:
+            self.stop()  # should it get there after all, the thread frees the context and ends
+            raise ModelLoadError(f"llama.cpp did not set up a context within {start_timeout:.0f} s") from None
 
     # --- called from the event loop -------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Queue a generation; iterate the returned Stream for its pieces. Takes over the sampler.
+        """Queue a generation; iterate the returned Stream for its events.
 
         Raises QueueFull (with a Retry-After estimate) when all `parallel` places are taken and
         max_queue requests already wait for one.
         """
-        stream = Stream()
+        job = Job(request, Stream())
         with self._lock:
-            if self._closing:
-                request.sampler.close()
-                raise ShuttingDown("the server is shutting down")
-            if self._in_flight >= self.parallel + self.settings.max_queue:
-                request.sampler.close()
-                waiting = self._in_flight - self.parallel
-                retry = math.ceil(self._scheduler.mean_duration * (waiting + 1) / self.parallel)
-                raise QueueFull(waiting, max(1, retry))
-            self._in_flight += 1
-            self._jobs.put(Job(request, stream))
-        return stream
-
-    def _released(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
+            self._admit(job)
+            self._jobs.put(job)
+        return job.stream
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """L2-normalised embeddings, one per tokenized input; cancelling stops between inputs."""
         job = _EmbedJob(inputs, concurrent.futures.Future())
         with self._lock:
-            if self._closing:
-                raise ShuttingDown("the server is shutting down")
+            self._admit(job)
             self._jobs.put(job)
         try:
             return await asyncio.wrap_future(job.future)
@@ -115,22 +129,35 @@ class Runner:
             job.cancelled = True
             raise
 
+    def _admit(self, job: Job | _EmbedJob) -> None:
+        """Accept a job, or refuse it: stopped, or `parallel` running and max_queue waiting (hold the lock)."""
+        if self._stopping:
+            raise ShuttingDown() if self.failure is None else self._failed()
+        if len(self._accepted) >= self.parallel + self.settings.max_queue:
+            waiting = len(self._accepted) - self.parallel
+            retry = math.ceil(self._mean_duration() * (waiting + 1) / self.parallel)
+            raise QueueFull(f"the server is busy: {waiting} requests are already waiting; retry in {retry} s",
+                            retry_after=max(1, retry))
+        self._accepted.add(job)
+
+    def _released(self, job: Job | _EmbedJob) -> None:
+        with self._lock:
+            self._accepted.discard(job)
+
+    def _mean_duration(self) -> float:
+        if self.model.is_embedding:
+            return self._embed_seconds
+        return self._scheduler.mean_duration if self._scheduler else 2.0
+
     def estimated_wait(self) -> float:
         """Seconds a new request would wait for a place: 0 while one is free."""
-        waiting = self._in_flight - self.parallel + 1
-        if waiting <= 0:
-            return 0.0
-        mean = self._scheduler.mean_duration if self._scheduler else 2.0
-        return mean * waiting / self.parallel
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+        waiting = len(self._accepted) - self.parallel + 1
+        return self._mean_duration() * waiting / self.parallel if waiting > 0 else 0.0
 
     @property
     def alive(self) -> bool:
-        """False when the thread died with the context still in use: only a restart helps then."""
-        return self._closing or self._thread.is_alive()
+        """False once the thread ended by itself (a bug, a crash in a step): only a reload helps then."""
+        return self.failure is None
 
     def set_threads(self, n: int) -> None:
         """Use n threads from the next decode step on (thermal throttling)."""
@@ -139,8 +166,8 @@ class Runner:
     def stop(self) -> None:
         """Take no more work; running and queued requests end with ShuttingDown. Does not wait."""
         with self._lock:
-            if not self._closing:
-                self._closing = True
+            if not self._stopping:
+                self._stopping = True
                 self._jobs.put(None)
 
     def close(self) -> None:
@@ -148,9 +175,13 @@ class Runner:
         self.stop()
         self._thread.join()
 
+    def _failed(self) -> RunnerFailed:
+        return RunnerFailed(f"model '{self.model_id}' stopped working ({self.failure}); "
+                            "it is loaded afresh on the next request", retry_after=1)
+
     # --- the thread -------------------------------------------------------------------
 
-    def _context_params(self):
+    def _context_params(self) -> C.llama_context_params:
         s = self.settings
         params = C.llama_context_default_params()
         n_ctx = params.n_ctx = self._n_ctx_wanted
@@ -170,50 +201,72 @@ class Runner:
         params.no_perf = True
         return params
 
-    def _main(self, ready: concurrent.futures.Future) -> None:
+    def _run(self, ready: concurrent.futures.Future[tuple[int, int]]) -> None:
+        try:
+            self._main(ready)
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if not ready.done():  # it never started: the load fails with the reason
+                ready.set_exception(e if isinstance(e, EdgeError) else ModelLoadError(
+                    f"the runner failed while starting ({reason})"))
+                return
+            log.exception("the runner thread of model %s failed; its requests end, and the model is loaded "
+                          "afresh on the next one", self.model_id)
+            self.failure = reason
+            self._end_accepted(self._failed())
+            if self._on_exit is not None:
+                self._on_exit(reason)
+            return
+        self._end_accepted(ShuttingDown())
+
+    def _main(self, ready: concurrent.futures.Future[tuple[int, int]]) -> None:
         ctx = C.llama_init_from_model(self.model.ptr, self._context_params())
         if not ctx:
-            ready.set_exception(EngineError("llama.cpp could not create a context (not enough memory for n_ctx?)"))
-            return
-        n_ctx = C.llama_n_ctx(ctx)
-        n_batch = min(C.llama_n_batch(ctx), n_ctx)
-        batch = C.llama_batch_init(n_batch, 0, 1)
+            raise ModelLoadError("llama.cpp could not create a context (not enough memory for n_ctx?)")
         try:
-            self._warm_up(ctx, batch)
-        except EngineError as e:
-            C.llama_batch_free(batch)
-            C.llama_free(ctx)
-            ready.set_exception(e)
-            return
-        scheduler = self._scheduler = Scheduler(
-            ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch, parallel=self.parallel,
-            outbox=self._outbox, metrics=self.metrics, on_release=self._released)
-        ready.set_result((n_ctx, n_batch))
-        try:
-            threads = self.n_threads
-            while self._take_jobs(scheduler, ctx, batch):
-                if self._threads_wanted != threads:
-                    threads = self._threads_wanted
-                    C.llama_set_n_threads(ctx, threads, threads)
+            n_ctx = C.llama_n_ctx(ctx)
+            n_batch = min(C.llama_n_batch(ctx), n_ctx)
+            batch = C.llama_batch_init(n_batch, 0, 1)
+            try:
+                self._warm_up(ctx, batch)
+                scheduler = self._scheduler = Scheduler(
+                    ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch,
+                    parallel=self.parallel, outbox=self._outbox, metrics=self.metrics, on_release=self._released)
+                ready.set_result((n_ctx, n_batch))
                 try:
-                    scheduler.step()
-                except Exception as e:  # a bug must end the requests in hand, not the service
-                    log.exception("scheduler step failed")
-                    scheduler.stop_all(EngineError(str(e)))
-                self._outbox.flush()
-        except BaseException:
-            log.exception("the engine thread failed; this model takes no more requests")
-            raise
+                    self._serve(scheduler, ctx, batch)
+                finally:
+                    scheduler.abandon()
+            finally:
+                C.llama_batch_free(batch)
         finally:
-            with self._lock:  # whatever ended the loop, later submits are refused, not left hanging
-                self._closing = True
-            scheduler.stop_all(ShuttingDown("the server is shutting down"))
-            self._drain()
-            self._outbox.flush()
-            C.llama_batch_free(batch)
             C.llama_free(ctx)
 
-    def _warm_up(self, ctx, batch) -> None:
+    def _serve(self, scheduler: Scheduler, ctx: C.llama_context_p, batch: C.llama_batch) -> None:
+        """Step until stopped; an exception here ends the thread (and the model is loaded afresh)."""
+        threads = self.n_threads
+        while self._take_jobs(scheduler, ctx, batch):
+            if self._threads_wanted != threads:
+                threads = self._threads_wanted
+                C.llama_set_n_threads(ctx, threads, threads)
+            scheduler.step()
+            self._outbox.flush()
+
+    def _end_accepted(self, error: EngineError) -> None:
+        """End every request accepted and not yet ended with `error` (the thread is done with them)."""
+        with self._lock:
+            self._stopping = True
+            jobs, self._accepted = self._accepted, set()
+        for job in jobs:
+            if isinstance(job, _EmbedJob):
+                if not job.future.done():
+                    job.future.set_exception(error)
+            else:
+                self._outbox.put(job.stream, error)
+                self._outbox.end(job.stream)
+        self._outbox.flush()
+
+    def _warm_up(self, ctx: C.llama_context_p, batch: C.llama_batch) -> None:
         """One tiny decode before the first request: it reads every weight into memory (so the
         first request is not slow and the measured RSS is honest) and proves that the backend
         can run this model, while a failure can still be reported as a failed load."""
@@ -228,9 +281,9 @@ class Runner:
         status = C.llama_decode(ctx, batch)
         C.llama_memory_clear(C.llama_get_memory(ctx), True)
         if status != 0:
-            raise EngineError(f"a first test decode failed (llama_decode status {status})")
+            raise ModelLoadError(f"a first test decode failed (llama_decode status {status})")
 
-    def _take_jobs(self, scheduler: Scheduler, ctx, batch) -> bool:
+    def _take_jobs(self, scheduler: Scheduler, ctx: C.llama_context_p, batch: C.llama_batch) -> bool:
         """Move what has arrived into the scheduler (waiting when idle); False once stopping."""
         block = not scheduler.busy
         while True:
@@ -246,39 +299,28 @@ class Runner:
             else:
                 scheduler.add(job)
 
-    def _drain(self) -> None:
-        """End whatever is still queued at shutdown, so no client waits forever."""
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(job, _EmbedJob):
-                job.future.cancel()
-            elif job is not None:
-                job.request.sampler.close()
-                self._outbox.put(job.stream, ShuttingDown("the server is shutting down"))
-                self._outbox.end(job.stream)
-                self._released()
-
-    def _embed(self, ctx, batch, job: _EmbedJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return  # the client went away while this waited
+    def _embed(self, ctx: C.llama_context_p, batch: C.llama_batch, job: _EmbedJob) -> None:
+        started = time.perf_counter()
         try:
+            if not job.future.set_running_or_notify_cancel():
+                return  # the client went away while this waited
             vectors = []
             for tokens in job.inputs:
-                if job.cancelled or self._closing:
+                if job.cancelled or self._stopping:
                     log.info("embedding cancelled after %d of %d inputs", len(vectors), len(job.inputs))
-                    job.future.set_exception(ShuttingDown("the server is shutting down") if self._closing
-                                             else EngineError("cancelled"))
+                    job.future.set_exception(ShuttingDown() if self._stopping else EngineError("cancelled"))
                     return
                 vectors.append(self._embedding(ctx, batch, tokens))
             job.future.set_result(vectors)
-        except Exception as e:
-            log.exception("embedding failed")
-            job.future.set_exception(e if isinstance(e, EngineError) else EngineError(str(e)))
+        except EngineError as e:
+            log.error("embedding failed: %s", e)
+            job.future.set_exception(e)
+        finally:
+            if job.future.done():  # else the thread is failing, and ends the job as it goes
+                self._released(job)
+            self._embed_seconds += 0.2 * (time.perf_counter() - started - self._embed_seconds)
 
-    def _embedding(self, ctx, batch, tokens: list[int]) -> list[float]:
+    def _embedding(self, ctx: C.llama_context_p, batch: C.llama_batch, tokens: list[int]) -> list[float]:
         n = len(tokens)
         if not 0 < n <= self.n_batch:  # llama.cpp aborts the process on a batch over n_batch
             raise EngineError(f"cannot embed {n} tokens at once (batch size {self.n_batch})")

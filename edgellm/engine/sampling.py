@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-from edgellm.engine.grammar import SchemaError, to_gbnf
+from edgellm.engine.errors import SchemaError
+from edgellm.engine.grammar import to_gbnf
 from edgellm.engine.model import Model
 
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
 
+from edgellm.engine.errors import EngineError
 from edgellm.engine.model import Model
 from edgellm.engine.sampling import Sampler
-from edgellm.engine.stream import EngineError, Outbox, Piece, Stream, Usage
+from edgellm.engine.stream import Finish, Outbox, Stream, Text, Usage
 from edgellm.engine.text import TextAssembler
 from edgellm.metrics import Metrics
 
@@ -39,7 +40,8 @@ log = logging.getLogger("edgellm.engine")
 
 @dataclass
 class GenerationRequest:
-    """A tokenized prompt ready to run; the runner takes ownership of `sampler`."""
+    """A tokenized prompt ready to run. The sampler stays its owner's (the generation
+    service's): the scheduler only uses it, until it ends the request's stream."""
 
     prompt: list[int]
     sampler: Sampler
@@ -47,7 +49,7 @@ class GenerationRequest:
     stops: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     request: GenerationRequest
     stream: Stream
@@ -104,7 +106,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, ctx, batch, model: Model, *, model_id: str, n_ctx: int, n_batch: int, parallel: int,
-                 outbox: Outbox, metrics: Metrics, on_release: Callable[[], None]) -> None:
+                 outbox: Outbox, metrics: Metrics, on_release: Callable[[Job], None]) -> None:
         self.ctx = ctx
         self.batch = batch
         self.mem = C.llama_get_memory(ctx)
@@ -118,7 +120,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: prefill is served first come, first served
         self.outbox = outbox
         self.metrics = metrics.for_model(model_id)
-        self.on_release = on_release  # the runner's in-flight count
+        self.on_release = on_release  # the runner's count of what it has accepted
         self.mean_duration = 2.0  # seconds a request runs, smoothed (read by the runner for Retry-After)
         self._update_gauges()
 
@@ -144,12 +146,12 @@ class Scheduler:
                 self._sample(sequence, index)
         self._update_gauges()
 
-    def stop_all(self, error: EngineError) -> None:
-        """End every sequence, running or waiting, with `error`."""
-        for sequence in [*self.running, *self.waiting]:
-            self.outbox.put(sequence.stream, error)
-            self._release(sequence, keep_cache=False)
+    def abandon(self) -> None:
+        """Forget every sequence, running or waiting, without touching the context: the runner
+        is stopping, or failed, and ends their streams itself."""
+        self.running.clear()
         self.waiting.clear()
+        self._update_gauges()
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self.running if s.stream.cancelled]:
@@ -331,7 +333,7 @@ class Scheduler:
         self.metrics.generated_tokens.inc()
         text = sequence.text.feed(self.model.piece(token))
         if text:
-            self.outbox.put(sequence.stream, Piece(text))
+            self.outbox.put(sequence.stream, Text(text))
         if sequence.text.stopped:
             self._finish(sequence, "stop")
         elif sequence.generated >= sequence.limit:
@@ -341,7 +343,10 @@ class Scheduler:
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
         usage = Usage(sequence.prompt_len, sequence.generated, sequence.cached)
-        self.outbox.put(sequence.stream, Piece(sequence.text.finish(), finish_reason=reason, usage=usage))
+        text = sequence.text.finish()
+        if text:
+            self.outbox.put(sequence.stream, Text(text))
+        self.outbox.put(sequence.stream, Finish(reason, usage))
         self.metrics.requests["completed"].inc()
         now = time.perf_counter()
         self.mean_duration += 0.2 * (now - sequence.started - self.mean_duration)
@@ -359,7 +364,7 @@ class Scheduler:
             self._release(sequence, keep_cache=False)
 
     def _release(self, sequence: Sequence, *, keep_cache: bool) -> None:
-        """End a sequence: its stream, its sampler, and its slot (whose cells stay as cache if kept)."""
+        """End a sequence: its stream and its slot (whose cells stay as cache if kept)."""
         slot = sequence.slot
         if slot is not None:
             if not keep_cache:
@@ -370,9 +375,8 @@ class Scheduler:
             sequence.slot = None
         if sequence in self.running:
             self.running.remove(sequence)
-        sequence.sampler.close()
         self.outbox.end(sequence.stream)
-        self.on_release()
+        self.on_release(sequence.job)
 
     def _update_gauges(self) -> None:
         m = self.metrics

@@ -1,17 +1,22 @@
-"""The bridge from the scheduler thread to the event loop.
+"""The bridge from a runner thread to the event loop, and the events that cross it.
 
-The scheduler thread must never block on a slow client, and the event loop
-must never block on llama.cpp. What the thread produces during one scheduler
-step goes into an Outbox, which hands it to the event loop in a single
-call_soon_threadsafe per loop; each request handler iterates its Stream.
-cancel() is a flag the scheduler checks before each step.
+The runner thread must never block on a slow client, and the event loop must
+never block on llama.cpp. What the thread produces during one scheduler step
+goes into an Outbox, which hands it to the event loop in a single
+call_soon_threadsafe per loop; each request iterates its Stream. cancel() is a
+flag the scheduler checks before each step.
+
+A generation's events are Text pieces and, last, one Finish; a failure ends the
+stream by raising an EdgeError from the iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 _END = object()
 
@@ -28,47 +33,55 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Text for the client; the last piece of a stream carries finish_reason and usage."""
+class Text:
+    """Generated text, whole characters only, that no stop string can take back."""
 
     text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
 
 
-class EngineError(Exception):
-    """Generation failed inside llama.cpp; the request ends, the service goes on."""
+@dataclass(frozen=True)
+class Finish:
+    """The end of a generation: why it stopped ("stop" or "length") and the token counts."""
+
+    reason: str
+    usage: Usage
 
 
-class ShuttingDown(EngineError):
-    """The engine is stopping and takes no more work."""
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; retry_after estimates when one will fit, in seconds."""
-
-    def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(f"the server is busy: {waiting} requests are already waiting; retry in {retry_after} s")
-        self.retry_after = retry_after
+Event = Text | Finish
 
 
 class Stream:
-    """Async iterator over the pieces of one generation."""
+    """Async iterator over the events of one generation."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._ended = False
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._ended = False  # the reader has seen the end
+        self._finished: list[Callable[[], None]] | None = []  # None once the runner is done with it
         self.cancelled = False
 
     def cancel(self) -> None:
         """Ask the scheduler to stop this generation before its next step."""
         self.cancelled = True
 
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop once the runner has let go of this generation for good."""
+        if self._finished is None:
+            callback()
+        else:
+            self._finished.append(callback)
+
+    def _put(self, item: object) -> None:
+        if item is _END and self._finished is not None:
+            callbacks, self._finished = self._finished, None
+            for callback in callbacks:
+                callback()
+        self._queue.put_nowait(item)
+
     def __aiter__(self) -> Stream:
         return self
 
-    async def __anext__(self) -> Piece:
+    async def __anext__(self) -> Event:
         if self._ended:
             raise StopAsyncIteration
         item = await self._queue.get()
@@ -78,26 +91,27 @@ class Stream:
         if isinstance(item, BaseException):
             self._ended = True
             raise item
-        return item
+        return cast(Event, item)
 
 
 class Outbox:
-    """What the scheduler thread produced for the event loop since the last flush."""
+    """What a runner thread produced for the event loop since the last flush."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Stream, object]] = []
 
-    def put(self, stream: Stream, item: Piece | BaseException) -> None:
+    def put(self, stream: Stream, item: Event | BaseException) -> None:
         self._items.append((stream, item))
 
     def end(self, stream: Stream) -> None:
+        """The runner is done with `stream`: nothing more comes, and what it lent may be freed."""
         self._items.append((stream, _END))
 
     def flush(self) -> None:
         """Hand everything over: one wake-up of each event loop, however many streams."""
         if not self._items:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, object]]] = defaultdict(list)
         for stream, item in self._items:
             by_loop[stream.loop].append((stream, item))
         self._items = []
@@ -111,4 +125,4 @@ class Outbox:
 
 def _deliver(items: list[tuple[Stream, object]]) -> None:
     for stream, item in items:
-        stream._queue.put_nowait(item)
+        stream._put(item)

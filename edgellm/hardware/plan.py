@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from edgellm.config import EngineConfig
-from edgellm.engine.memory import MiB, Estimate
 from edgellm.hardware.probe import Hardware
+from edgellm.modelfile.memory import Estimate
+from edgellm.units import MiB
 
 ALL_LAYERS = 999  # llama.cpp clamps n_gpu_layers to the model's layer count (+1 for the output)
 _GPU_RESERVE = 256 * MiB  # of GPU memory, left for the driver and other users

@@ -6,9 +6,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from edgellm.config import EngineConfig
-from edgellm.engine.memory import MiB
 from edgellm.hardware.plan import make_plan
 from edgellm.hardware.probe import probe
+from edgellm.units import MiB
 
 
 def report(root: str | Path = "/", engine: EngineConfig | None = None) -> dict:

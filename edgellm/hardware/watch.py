@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from edgellm.engine.pool import Pool
 from edgellm.hardware.probe import Thermal, thermal
 from edgellm.metrics import Metrics
 
@@ -17,10 +17,12 @@ INTERVAL = 2.0  # seconds; a handful of small sysfs reads
 
 
 class ThermalWatch:
-    def __init__(self, root: Path, metrics: Metrics, pool: Pool, *, threads: int, throttle_threads: bool) -> None:
+    def __init__(self, root: Path, metrics: Metrics, *, on_threads: Callable[[int], None], threads: int,
+                 throttle_threads: bool) -> None:
+        """`on_threads(n)`: use n threads for decoding from now on (the pool's set_threads)."""
         self.root = root
         self.metrics = metrics
-        self.pool = pool
+        self.on_threads = on_threads
         self.threads = threads
         self.throttle_threads = throttle_threads
         self.latest: Thermal = thermal(root)
@@ -47,7 +49,7 @@ class ThermalWatch:
         wanted = max(1, self.threads // 2) if self.throttle_threads and now.throttled else self.threads
         if wanted != self._applied:
             log.info("using %d threads (was %d)", wanted, self._applied)
-            self.pool.set_threads(wanted)
+            self.on_threads(wanted)
             self._applied = wanted
         self.metrics.threads.set(self._applied)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import aiohttp
 
-from edgellm.config import ConfigError, RelayConfig, parse_duration
+from edgellm.config import ConfigError, RelayConfig
+from edgellm.errors import EdgeError
 from edgellm.relay.breaker import Breaker
+from edgellm.units import parse_duration
 
 log = logging.getLogger("edgellm.relay")
 
@@ -26,13 +28,11 @@ _METRIC_RE = re.compile(rb"^(vllm:num_requests_waiting|vllm:kv_cache_usage_perc|
                         rb"(?:\{[^}]*\})? ([0-9.eE+-]+)", re.M)
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer in time; says which and why."""
+class UpstreamError(EdgeError):
+    """The upstream could not be reached, did not answer in time, or answered with an error."""
 
-    def __init__(self, message: str, status: int = 502, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+    status = 502
+    code = "upstream_error"
 
 
 class Upstream:
@@ -134,7 +134,7 @@ class Upstream:
             except TimeoutError:
                 self.breaker.failure()
                 raise UpstreamError(f"the upstream did not answer within {self.first_byte_timeout:g} s",
-                                    504) from None
+                                    status=504) from None
             except aiohttp.ClientError as e:
                 if attempt == 1 and time.monotonic() - started < (self.connect_timeout or 3):
                     continue  # a dropped kept-alive connection: once more, on a fresh one

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 
+from edgellm.relay.upstream import UpstreamError
+
 # vLLM removed these in favour of "structured_outputs": {"json" | "regex" | "choice" | "grammar": ...}.
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 # Options of the old guided decoding that have no counterpart edgellm can translate to.
 UNTRANSLATABLE = ("guided_decoding_backend", "guided_whitespace_pattern", "guided_json_object")
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error"}
-
 
 def translate_guided(body: dict) -> tuple[dict, str | None]:
     """Move guided_* fields into structured_outputs; an error message for ones that cannot be."""
@@ -33,22 +30,20 @@ def translate_guided(body: dict) -> tuple[dict, str | None]:
     return translated, None
 
 
-def openai_error(status: int, body: bytes) -> dict:
-    """An upstream error body in OpenAI's shape, whatever shape it came in."""
+def upstream_error(status: int, body: bytes) -> UpstreamError:
+    """An upstream's error answer, whatever shape it came in (OpenAI's, or vLLM's own
+    {"object": "error", "message", "type": "BadRequestError", "code": 400}), as ours."""
     try:
         doc = json.loads(body)
     except ValueError:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         error = doc["error"]
-    elif isinstance(doc, dict):  # vLLM: {"object": "error", "message", "type": "BadRequestError", "code": 400}
+    elif isinstance(doc, dict):
         error = doc
     else:
         error = {"message": body[:500].decode(errors="replace").strip() or f"upstream answered {status}"}
-    code = error.get("code")
-    return {"error": {
-        "message": f"upstream: {error.get('message') or f'status {status}'}",
-        "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-        "param": error.get("param"),
-        "code": code if isinstance(code, str) else None,
-    }}
+    code, param = error.get("code"), error.get("param")
+    return UpstreamError(f"upstream: {error.get('message') or f'status {status}'}", status=status,
+                         code=code if isinstance(code, str) else "upstream_error",
+                         param=param if isinstance(param, str) else None)

@@ -8,7 +8,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edgellm.protocol.errors import APIError
+from edgellm.errors import EdgeError
+from edgellm.protocol.openai import error_body
 
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -43,14 +44,15 @@ class APIKeyAuth:
             await self.app(scope, receive, send)
             return
         if admin and not digests:
-            await _refuse(send, APIError(403, "the admin API is closed on a network address without admin keys: "
-                                              "set [server] admin_keys or admin_key_file", code="admin_disabled"))
+            await _refuse(send, EdgeError("the admin API is closed on a network address without admin keys: "
+                                          "set [server] admin_keys or admin_key_file", status=403,
+                                          code="admin_disabled"))
             return
         presented = _presented_key(scope)
         kind = "admin key" if admin else "API key"
         message = (f"missing {kind}: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None
                    else f"invalid {kind}")
-        await _refuse(send, APIError(401, message, code="invalid_api_key"))
+        await _refuse(send, EdgeError(message, status=401, code="invalid_api_key"))
 
 
 def _valid(scope: Scope, digests: list[bytes]) -> bool:
@@ -61,8 +63,8 @@ def _valid(scope: Scope, digests: list[bytes]) -> bool:
     return any(hmac.compare_digest(digest, d) for d in digests)
 
 
-async def _refuse(send: Send, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _refuse(send: Send, error: EdgeError) -> None:
+    body = json.dumps(error_body(error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="edgellm"'))

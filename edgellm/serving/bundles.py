@@ -9,21 +9,20 @@ same checks. Events: `progress` ({"file", "done", "total"}), then `done`
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from edgellm.bundles import signing
-from edgellm.bundles.importer import Policy, import_bundle, memory_limit
-from edgellm.bundles.reader import BundleError, StreamSource
-from edgellm.engine.gguf import GGUFError
-from edgellm.serving.openai import SSE_HEADERS
-from edgellm.store.registry import StoreError
+from edgellm.bundles.importer import Outcome, Policy, import_bundle, memory_limit
+from edgellm.bundles.reader import StreamSource
+from edgellm.errors import EdgeError
+from edgellm.protocol import sse
+from edgellm.protocol.openai import error_body
+from edgellm.serving.sse import EventStream
+
 
 class _Body:
     """The request body as a blocking file for the importer's thread; the event loop fills it."""
@@ -72,43 +71,22 @@ log = logging.getLogger("edgellm.bundles")
 IDLE_TIMEOUT = 60.0  # seconds without a byte of the upload: it is treated as cut off
 
 
-def _event(name: str, data: dict) -> str:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
-
-
-class _EventStream:
-    """Server-sent events from `events`, sent as they come. Not Starlette's StreamingResponse:
-    that one reads the request's messages while it streams (to notice a disconnect), which
-    would take the upload's body away from the importer."""
-
-    def __init__(self, events: Callable[[], AsyncIterator[str]]) -> None:
-        self.events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                   *((k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for event in self.events():
-            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def upload(request: Request) -> _EventStream:
+async def upload(request: Request) -> EventStream:
     config = request.app.state.config
     registry = request.app.state.registry
     loop = asyncio.get_running_loop()
     body = _Body(loop)
-    events: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
+    events: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
     last = 0.0
 
-    def progress(name: str, done: int, total: int) -> None:
+    def progress(stage: str, name: str, done: int, total: int) -> None:
         nonlocal last
         now = time.monotonic()
         if done >= total or now - last >= 0.2:  # a few events a second are plenty
             last = now
             loop.call_soon_threadsafe(events.put_nowait, ("progress", {"file": name, "done": done, "total": total}))
 
-    def work() -> list:
+    def work() -> list[Outcome]:
         source = StreamSource(body, "upload")
         try:
             return import_bundle(source, registry.open(wait=False), Policy.from_config(config),
@@ -117,7 +95,7 @@ async def upload(request: Request) -> _EventStream:
         finally:
             source.close()
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream() -> AsyncIterator[bytes]:
         pump = asyncio.create_task(body.pump(request))
         job = asyncio.ensure_future(asyncio.to_thread(work))
         try:
@@ -125,27 +103,27 @@ async def upload(request: Request) -> _EventStream:
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield _event(*getter.result())
+                    name, data = getter.result()
+                    yield sse.event(data, name)
                 else:
                     getter.cancel()
             try:
                 outcomes = job.result()
-            except (BundleError, StoreError, GGUFError, signing.SignatureError, OSError) as e:
-                yield _event("error", {"error": {"message": str(e), "type": "invalid_request_error",
-                                                 "param": None, "code": "bundle_refused"}})
+            except (EdgeError, OSError) as e:
+                refused = EdgeError(str(e), status=400, code="bundle_refused")
+                yield sse.event(error_body(refused), "error")
                 return
             except Exception:
                 log.exception("bundle upload failed")
-                yield _event("error", {"error": {"message": "internal error while importing (see the log)",
-                                                 "type": "server_error", "param": None, "code": "internal_error"}})
+                yield sse.event(error_body(EdgeError("internal error while importing (see the log)")), "error")
                 return
-            await request.app.state.pool.refresh()  # served at once, not within the next second
-            yield _event("done", {"models": [{"id": o.model, "status": o.status} for o in outcomes]})
+            await request.app.state.service.refresh()  # served at once, not within the next second
+            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes]}, "done")
         finally:
             pump.cancel()  # and so the importer sees the end, if the client went away mid-import
             await asyncio.wait({job})
 
-    return _EventStream(stream)
+    return EventStream(stream(), watch_disconnect=False)
 
 
 routes = [Route("/admin/bundles", upload, methods=["POST"])]

@@ -19,17 +19,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgellm.engine.pool import ModelNotFound, ModelTooLarge, NotReady
-from edgellm.engine.stream import EngineError, QueueFull
-from edgellm.protocol.errors import APIError, invalid
+from edgellm.engine.service import GenerationService
+from edgellm.errors import EdgeError, LocalFailure, Unsupported
+from edgellm.protocol import sse
+from edgellm.protocol.openai import error_body
 from edgellm.relay.upstream import Upstream, UpstreamError
-from edgellm.relay.vllm import openai_error, translate_guided
+from edgellm.relay.vllm import translate_guided, upstream_error
 from edgellm.serving.disconnect import unless_disconnected, until_disconnect
 
 log = logging.getLogger("edgellm.relay")
 
 SERVED_BY = b"x-edgellm-served-by"
-_LOCAL_FAILURES = (NotReady, QueueFull, EngineError, ModelTooLarge)
 
 
 async def route(request: Request, body: dict, path: str, local: Callable[[], Awaitable[Response]]) -> Response:
@@ -37,46 +37,40 @@ async def route(request: Request, body: dict, path: str, local: Callable[[], Awa
     upstream: Upstream | None = request.app.state.upstream
     if upstream is None or upstream.config.offline:
         return await local()
-    pool = request.app.state.pool
+    service: GenerationService = request.app.state.service
     name = body.get("model") if isinstance(body.get("model"), str) else None
-    here = pool.has(name)
+    here = service.has(name)
     if not here and upstream.config.missing and upstream.has(name):
-        return await relay(request, body, path, upstream, why="not installed here")
+        return await relay(request, body, path, upstream, reason="missing")
     if here and upstream.config.overflow and upstream.has(name) and upstream.usable and not upstream.saturated:
-        wait = pool.estimated_wait(name)
+        assert name is not None
+        wait = service.estimated_wait(name)
         if wait > upstream.ttft_budget:
-            return await relay(request, body, path, upstream, why=f"local wait about {wait:.1f} s")
+            log.info("model %s: local wait about %.1f s; relaying upstream", name, wait)
+            return await relay(request, body, path, upstream, reason="overflow")
     try:
         return await local()
-    except _LOCAL_FAILURES as e:
-        model = name or _only_model(pool)
+    except LocalFailure as e:
+        model = name or service.resolve(None)
         if not (upstream.config.fallback and upstream.has(model) and upstream.usable):
             raise
         log.warning("model %s failed here before its first byte (%s); relaying upstream", model, e)
-        return await relay(request, body, path, upstream, why="local failure")
+        return await relay(request, body, path, upstream, reason="fallback")
 
 
-def _only_model(pool) -> str | None:
-    try:
-        return pool.find(None).entry.id
-    except ModelNotFound:
-        return None
-
-
-async def relay(request: Request, body: dict, path: str, upstream: Upstream, *, why: str) -> Response:
+async def relay(request: Request, body: dict, path: str, upstream: Upstream, *, reason: str) -> Response:
+    """Send the request upstream; `reason` is the [relay] policy that chose to (missing, overflow,
+    fallback), counted by name in edgellm_relayed."""
     body, problem = translate_guided(body)
     if problem:
-        raise invalid(problem, "structured_outputs", code="unsupported_parameter")
+        raise Unsupported(problem, param="structured_outputs")
     if upstream.breaker.state == "open":
-        raise APIError(503, f"the upstream is unavailable (circuit open after {upstream.breaker.failures} "
-                            "failures); try again shortly", code="upstream_unavailable",
-                       headers={"Retry-After": str(max(1, int(upstream.breaker.cooldown)))})
-    request.app.state.metrics.relayed.labels(why.split(" ")[0]).inc()
-    try:  # a client that leaves while the upstream thinks cancels the request there too
-        response = await unless_disconnected(request, upstream.send(path, json.dumps(body).encode()))
-    except UpstreamError as e:
-        headers = {"Retry-After": str(int(e.retry_after))} if e.retry_after else {}
-        raise APIError(e.status, str(e), code="upstream_error", headers=headers) from None
+        raise EdgeError(f"the upstream is unavailable (circuit open after {upstream.breaker.failures} failures); "
+                        "try again shortly", status=503, code="upstream_unavailable",
+                        retry_after=max(1.0, upstream.breaker.cooldown))
+    request.app.state.metrics.relayed.labels(reason).inc()
+    # A client that leaves while the upstream thinks cancels the request there too.
+    response = await unless_disconnected(request, upstream.send(path, json.dumps(body).encode()))
     return Passthrough(response, request.app.state.metrics)
 
 
@@ -94,7 +88,7 @@ class Passthrough:
         response = self.response
         try:
             if response.status >= 400:
-                body = json.dumps(openai_error(response.status, await response.read())).encode()
+                body = json.dumps(error_body(upstream_error(response.status, await response.read()))).encode()
                 headers = [(b"content-type", b"application/json"), (SERVED_BY, b"upstream")]
                 if "Retry-After" in response.headers:
                     headers.append((b"retry-after", response.headers["Retry-After"].encode()))
@@ -131,10 +125,8 @@ class Passthrough:
                 return  # the client left: nobody to tell
             log.warning("the upstream's response broke off: %s", e or type(e).__name__)
             if streaming:
-                error = {"error": {"message": "upstream: the response broke off", "type": "server_error",
-                                   "param": None, "code": "upstream_error"}}
-                await send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode(),
-                            "more_body": True})
+                error = UpstreamError("upstream: the response broke off")
+                await send({"type": "http.response.body", "body": sse.event(error_body(error)), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _count(self, chunk: bytes) -> None:

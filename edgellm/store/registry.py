@@ -32,12 +32,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from edgellm.engine import gguf
+from edgellm.errors import InvalidRequest
 from edgellm.files import fsync_dir, write_atomic
+from edgellm.modelfile import defaults, gguf
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 SYNC_EVERY = 256 << 20  # bytes written between fdatasyncs while copying: bounded dirty memory on a Pi
@@ -51,19 +52,15 @@ QUANTIZATIONS = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
     37: "TQ2_0", 38: "MXFP4",
 }
-# GGUF's recommended sampling settings -> the request fields they are defaults for.
-SAMPLING_DEFAULTS = {
-    "general.sampling.temp": "temperature",
-    "general.sampling.top_k": "top_k",
-    "general.sampling.top_p": "top_p",
-    "general.sampling.min_p": "min_p",
-    "general.sampling.penalty_repeat": "repeat_penalty",
-    "general.sampling.penalty_last_n": "penalty_last_n",
-}
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+CATALOG_VERSION = 2  # 2: chat_template is the template to use, has_chat_template the file's flag
 
 
-class StoreError(Exception):
+class StoreError(InvalidRequest):
     """A store operation that cannot be done; the message says why, in one line."""
+
+    code = "store_error"
 
 
 @dataclass
@@ -84,13 +81,15 @@ class Entry:
     quantization: str
     parameters: int
     context_length: int
-    chat_template: bool
+    has_chat_template: bool  # the GGUF file carries a chat template
     embedding: bool
-    defaults: dict[str, float]
+    defaults: dict[str, int | float]  # sampling defaults the model recommends, by request field
     source: str
     installed: str
     license: str = ""
-    template: str = ""  # a chat template that came with the model (a bundle's); "" for the file's own
+    # A chat template to use instead of the file's (a bundle's, for a file without one; the
+    # [model] chat_template setting for the --model file): a built-in format's name or Jinja.
+    chat_template: str = ""
     # Not stored: where the files are (the catalog's blobs, or a file given on the command line).
     paths: list[Path] = field(default_factory=list, compare=False, repr=False)
 
@@ -100,9 +99,9 @@ class Entry:
     @property
     def created(self) -> int:
         """The install time as a Unix timestamp (OpenAI's `created`)."""
-        return calendar.timegm(time.strptime(self.installed, "%Y-%m-%dT%H:%M:%SZ"))
+        return calendar.timegm(time.strptime(self.installed, TIME_FORMAT))
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, object]:
         record = asdict(self)
         del record["paths"]
         return record
@@ -110,9 +109,14 @@ class Entry:
 
 def describe(parts: list[Path], *, model_id: str, source: str, files: list[ModelFile],
              headers: list[gguf.GGUFFile] | None = None) -> Entry:
-    """An entry for a model from its GGUF header(s) (read from `parts` unless given)."""
+    """An entry for a model from its GGUF header(s) (read from `parts` unless given); a StoreError
+    names a sampling default in the header that could not be honoured."""
     headers = headers or [gguf.read(p) for p in parts]
     head = headers[0]
+    try:
+        recommended = defaults.from_gguf(head.metadata)
+    except ValueError as e:
+        raise StoreError(f"{head.path.name}: its sampling default {e}; fix the file's metadata") from None
     arch = head.architecture
     file_type = head.get("general.file_type")
     pooling = head.arch("pooling_type")
@@ -127,11 +131,11 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
         quantization=QUANTIZATIONS.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown",
         parameters=sum(h.n_params for h in headers),
         context_length=int(head.arch("context_length", 0) or 0),
-        chat_template=head.get("tokenizer.chat_template") is not None,
+        has_chat_template=head.get("tokenizer.chat_template") is not None,
         embedding=pooling not in (None, 0),
-        defaults={name: head.get(key) for key, name in SAMPLING_DEFAULTS.items() if head.get(key) is not None},
+        defaults=recommended,
         source=source,
-        installed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        installed=time.strftime(TIME_FORMAT, time.gmtime()),
         paths=parts,
     )
 
@@ -203,12 +207,20 @@ class Registry:
             data = json.loads(self.catalog.read_text())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise StoreError(f"{self.catalog}: unreadable catalog ({e}); it was not written by edgellm") from None
+        if not isinstance(data, dict) or not isinstance(data.get("models", []), list) or \
+                not isinstance(data.get("version", 1), int) or data.get("version", 1) > CATALOG_VERSION:
+            raise StoreError(f"{self.catalog}: not a catalog this edgellm reads (version {data.get('version')!r} "
+                             f"of at most {CATALOG_VERSION}, or not a list of models)"
+                             if isinstance(data, dict) else f"{self.catalog}: not a catalog (not a JSON object)")
         entries = []
-        for record in data.get("models", []):
-            record["files"] = [ModelFile(**f) for f in record["files"]]
-            entry = Entry(**record)
+        for i, record in enumerate(data.get("models", [])):
+            try:
+                entry = _entry(record, data.get("version", 1))
+            except (ValueError, TypeError) as e:
+                raise StoreError(f"{self.catalog}: models[{i}]: {e}; the catalog was changed by hand or is damaged"
+                                 ) from None
             entry.paths = [self.blob(f.sha256) for f in entry.files]
             entries.append(entry)
         return entries
@@ -262,7 +274,8 @@ class Registry:
         self._write(entries)
 
     def _write(self, entries: list[Entry]) -> None:
-        write_atomic(self.catalog, json.dumps({"version": 1, "models": [e.record() for e in entries]}, indent=2))
+        write_atomic(self.catalog, json.dumps({"version": CATALOG_VERSION, "models": [e.record() for e in entries]},
+                                              indent=2))
 
     def add(self, path: str | Path, *, alias: str | None = None, source: str | None = None,
             progress: Callable[[int], None] | None = None) -> tuple[Entry, bool]:
@@ -346,3 +359,43 @@ class Registry:
                     self.blob(f.sha256).unlink(missing_ok=True)
             fsync_dir(self.blobs)
             return entry
+
+
+# The catalog record's fields and their JSON types (Entry's, but for `paths`).
+_RECORD = {"id": str, "aliases": list, "files": list, "size": int, "sha256": str, "architecture": str,
+           "quantization": str, "parameters": int, "context_length": int, "has_chat_template": bool,
+           "embedding": bool, "defaults": dict, "source": str, "installed": str, "license": str,
+           "chat_template": str}
+_OPTIONAL = {"license", "chat_template"}
+
+
+def _entry(record: object, version: int) -> Entry:
+    """A catalog record, checked field by field; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError("not an object")
+    if version == 1:  # chat_template was the file's flag, template the bundle's template
+        record = {**record, "has_chat_template": record.get("chat_template"), "chat_template": record.get("template", "")}
+        record.pop("template", None)
+    unknown = set(record) - set(_RECORD)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    for name, kind in _RECORD.items():
+        if name not in record and name in _OPTIONAL:
+            continue
+        value = record.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"'{name}' must be a {kind.__name__}, got {type(value).__name__}")
+    if not record["id"] or not all(isinstance(a, str) and a for a in record["aliases"]):
+        raise ValueError("'id' and 'aliases' must be names")
+    files = []
+    for f in record["files"]:
+        if not (isinstance(f, dict) and set(f) == {"name", "sha256", "size"} and isinstance(f["name"], str)
+                and isinstance(f["sha256"], str) and SHA_RE.fullmatch(f["sha256"])
+                and isinstance(f["size"], int) and not isinstance(f["size"], bool) and f["size"] >= 0):
+            raise ValueError("'files' must list {name, sha256 (64 hex digits), size}")
+        files.append(ModelFile(f["name"], f["sha256"], f["size"]))
+    if not files:
+        raise ValueError("'files' is empty")
+    time.strptime(record["installed"], TIME_FORMAT)  # ValueError when it is not a timestamp
+    return Entry(**{**record, "files": files, "defaults": defaults.check(record["defaults"])})
+

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from edgellm.config import EngineConfig
-from edgellm.engine import gguf, memory
+from edgellm.modelfile import gguf, memory
 from edgellm.engine.model import Model, init_llama
 from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams

@@ -127,7 +127,7 @@ def main() -> None:
     else:
         upstream, up_url = _model_upstream(tmp, args, model)
     relay, relay_url = serve(tmp, "relay", f'[relay]\nurl = "{up_url}/v1"\n', None)
-    run(args, model if not args.echo else Path("echo"), upstream, up_url, relay, relay_url)
+    run(args, tmp, model if not args.echo else Path("echo"), upstream, up_url, relay, relay_url)
 
 
 def _model_upstream(tmp: Path, args, model: Path):
@@ -175,7 +175,8 @@ def echo_upstream(tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def run(args, model: Path, upstream: subprocess.Popen, up_url: str, relay: subprocess.Popen, relay_url: str) -> None:
+def run(args, tmp: Path, model: Path, upstream: subprocess.Popen, up_url: str, relay: subprocess.Popen,
+        relay_url: str) -> None:
     procs = [relay, upstream]
     targets = {"direct": up_url, "edgellm relay": relay_url}
     try:

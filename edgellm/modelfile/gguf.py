@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm.errors import InvalidRequest
+
 MAGIC = b"GGUF"
 SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -24,8 +26,10 @@ _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_LAYERS = 10_000
 
 
-class GGUFError(ValueError):
+class GGUFError(InvalidRequest):
     """Not a GGUF file, or a damaged one."""
+
+    code = "invalid_model_file"
 
 
 @dataclass

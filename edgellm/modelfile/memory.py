@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgellm.engine.gguf import GGUFFile
+from edgellm.modelfile.gguf import GGUFFile
+from edgellm.units import MiB
 
-MiB = 1 << 20
 _F16 = 2
 _CTX_PAD = 256
 _REPACK_SHARE = 0.05  # of the weights: the CPU backend's interleaved copies (5.4% measured on Gemma 3 Q4_K_M)

@@ -1,0 +1,105 @@
+"""The catalog view: which models the service knows, and what each would take to load.
+
+Every installed model (the store's catalog) and the --model file gets a Known
+record: its entry, its GGUF headers and its memory estimate at the configured
+context. refresh() takes in changes made by anyone (the CLI, the admin API, an
+import) and says what came and went; names resolve to records here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from edgellm.config import EngineConfig, ModelsConfig
+from edgellm.engine.errors import ModelNotFound
+from edgellm.errors import EdgeError
+from edgellm.modelfile import gguf, memory
+from edgellm.modelfile.memory import Estimate
+from edgellm.store.registry import Entry, Registry
+
+log = logging.getLogger("edgellm.engine")
+
+
+@dataclass(frozen=True)
+class Known:
+    """A model the service can serve: what it is, and what loading it will take."""
+
+    entry: Entry
+    headers: list[gguf.GGUFFile]
+    estimate: Estimate
+    pinned: bool  # never unloaded for being idle or to make room
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+
+class Catalog:
+    def __init__(self, registry: Registry | None, extra: list[Entry], engine: EngineConfig,
+                 settings: ModelsConfig) -> None:
+        """`extra`: models served from where they are (the --model file), before the installed ones."""
+        self._registry = registry
+        self._extra = list(extra)
+        self._engine = engine
+        self._settings = settings
+        self._known: dict[str, Known] = {}
+        self._names: dict[str, Known] = {}
+        self._stamp: int | None = None
+        self.problem = ""  # why the store's catalog cannot be read, while it cannot
+
+    async def refresh(self) -> tuple[list[Known], list[Known]]:
+        """Read the store's catalog if it changed: the models that (re)appeared and those that went.
+        A model whose files changed under the same id is both: gone, and new."""
+        stamp = self._registry.stamp() if self._registry else 0
+        if stamp == self._stamp:
+            return [], []
+        entries = list(self._extra)
+        if self._registry is not None:
+            try:
+                entries += await asyncio.to_thread(self._registry.entries)
+                self.problem = ""
+            except EdgeError as e:  # a damaged catalog: keep serving what is known, say why
+                if e.message != self.problem:
+                    log.error("%s", e)
+                self.problem = e.message
+                return [], []
+        self._stamp = stamp
+        current = {e.id: e for e in entries}  # an installed model wins a clash of ids with the --model file
+        gone = [k for i, k in self._known.items() if i not in current or current[i].sha256 != k.entry.sha256]
+        for known in gone:
+            del self._known[known.id]
+        came = []
+        for model_id, entry in current.items():
+            if model_id not in self._known:
+                try:
+                    self._known[model_id] = await asyncio.to_thread(self._describe, entry)
+                    came.append(self._known[model_id])
+                except (OSError, EdgeError) as e:  # a damaged blob: the others still serve
+                    log.error("model %s cannot be served: %s", model_id, e)
+        self._names = {name: k for k in self._known.values() for name in k.entry.names()}
+        return came, gone
+
+    def _describe(self, entry: Entry) -> Known:
+        headers = [gguf.read(p) for p in entry.paths]
+        engine = self._engine
+        estimate = memory.estimate(headers, n_ctx=engine.n_ctx, parallel=engine.parallel,
+                                   n_ubatch=min(engine.n_ubatch, engine.n_batch), embedding=entry.embedding)
+        pinned = not set(entry.names()).isdisjoint(self._settings.pinned)
+        return Known(entry, headers, estimate, pinned)
+
+    def all(self) -> list[Known]:
+        return list(self._known.values())
+
+    def has(self, name: str | None) -> bool:
+        return name is not None and name in self._names
+
+    def find(self, name: str | None) -> Known:
+        """The model called `name` (an id or an alias); None names the only model there is."""
+        if name is None and len(self._known) == 1:
+            return next(iter(self._known.values()))
+        known = self._names.get(name) if name is not None else None
+        if known is None:
+            raise ModelNotFound(name, sorted(self._known))
+        return known

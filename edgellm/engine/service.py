@@ -1,0 +1,268 @@
+"""The generation service: the one entry point every front end uses (OpenAI's /v1 today,
+Ollama's /api and the console next), so a feature is built once and shows up in all.
+
+generate() takes a request in the engine's own terms (messages or a prompt, options, the
+model's name) and does everything between the protocol and the runner: it leases the model
+(loading it if need be), applies the chat template, tokenizes, checks the context and the
+token ids, merges the model's sampling defaults under the request's, builds the sampler
+and owns it until the runner has let go of it, and submits. What comes back is a
+Generation: an async iterator of Text and Finish events, raising an EdgeError on failure.
+embed() does the same for embeddings. Front ends never see a model, a runner or a sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from edgellm.engine.errors import NotGenerative
+from edgellm.engine.loader import Loaded
+from edgellm.engine.pool import Lease, Pool
+from edgellm.engine.sampling import Sampler, SamplingParams
+from edgellm.engine.scheduler import GenerationRequest
+from edgellm.engine.stream import Finish, Stream, Text, Usage
+from edgellm.errors import InvalidRequest
+
+log = logging.getLogger("edgellm.engine")
+T = TypeVar("T")
+
+__all__ = ["Embeddings", "EmbedRequest", "Finish", "GenerateRequest", "Generation", "GenerationService",
+           "ModelInfo", "Text", "Usage"]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What to generate. Exactly one of `messages` (chat, through the model's chat template) and
+    `prompt` (text, or token ids) is set. `sampling` holds only the knobs the client set."""
+
+    model: str | None
+    messages: list[dict[str, object]] | None = None
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = None
+    stops: tuple[str, ...] = ()
+    sampling: dict[str, object] = field(default_factory=dict)
+    keep_alive: float | None | bool = False  # seconds, None (until evicted), False (the default)
+
+    @property
+    def param(self) -> str:
+        """The request field that holds the input, for errors about it."""
+        return "messages" if self.messages is not None else "prompt"
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    model: str | None
+    inputs: list[str | list[int]]
+    keep_alive: float | None | bool = False
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    model: str
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    created: int  # install time, Unix seconds
+    aliases: tuple[str, ...]
+
+
+class Generation:
+    """One generation on its way: iterate it for its events; close() when the response has ended
+    (it cancels what is still running and ends the model's lease)."""
+
+    def __init__(self, stream: Stream, lease: Lease, prompt_tokens: int) -> None:
+        self.model = lease.loaded.id
+        self.prompt_tokens = prompt_tokens
+        self._stream = stream
+        self._lease = lease
+        self._pending: asyncio.Future[Text | Finish] | None = None
+
+    def __aiter__(self) -> Stream:
+        return self._stream  # the events come straight from the runner's stream: nothing per token here
+
+    async def first(self, timeout: float) -> Text | Finish | None:
+        """The next event, or None when none came within `timeout` seconds (it is not lost: the
+        next call or iteration gets it)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._stream))
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        if not done:
+            return None
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._stream.cancel()  # a no-op once the generation has finished
+        self._lease.release()
+
+
+class GenerationService:
+    def __init__(self, pool: Pool, *, log_prompts: bool = False) -> None:
+        self._pool = pool
+        self._log_prompts = log_prompts
+
+    # --- the models, for listings and for the relay's routing ---------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(s.known.id, s.known.entry.created, tuple(s.known.entry.aliases)) for s in self._pool.states()]
+
+    def model(self, name: str) -> ModelInfo:
+        known = self._pool.find(name).known
+        return ModelInfo(known.id, known.entry.created, tuple(known.entry.aliases))
+
+    def has(self, name: str | None) -> bool:
+        return self._pool.has(name)
+
+    def resolve(self, name: str | None) -> str | None:
+        """The id of the model a request naming `name` would get here, or None if none would."""
+        if name is None:
+            states = self._pool.states()
+            return states[0].known.id if len(states) == 1 else None
+        return self._pool.find(name).known.id if self._pool.has(name) else None
+
+    def estimated_wait(self, name: str) -> float:
+        return self._pool.estimated_wait(name)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive)
+        try:
+            loaded = lease.loaded
+            if loaded.chat_template is None:
+                raise NotGenerative(f"model '{loaded.id}' is an embedding model; use /v1/embeddings")
+            if self._log_prompts:
+                log.info("prompt for %s: %s", loaded.id, json.dumps(request.messages or request.prompt,
+                                                                    ensure_ascii=False))
+            prepared = await _in_thread(lambda: self._prepare(loaded, request))
+            try:
+                stream = loaded.runner.submit(prepared)
+            except BaseException:
+                prepared.sampler.close()
+                raise
+            stream.when_finished(prepared.sampler.close)  # the runner is done with it
+            return Generation(stream, lease, len(prepared.prompt))
+        except BaseException:
+            lease.release()
+            raise
+
+    @staticmethod
+    def _prepare(loaded: Loaded, request: GenerateRequest) -> GenerationRequest:
+        """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds)."""
+        with loaded.held():
+            model, param = loaded.model, request.param
+            if request.messages is not None:
+                assert loaded.chat_template is not None
+                prompt = model.tokenize(loaded.chat_template.render(request.messages))
+            elif isinstance(request.prompt, str):
+                prompt = model.tokenize(request.prompt)
+            else:
+                prompt = _checked_tokens(loaded, request.prompt or [], param)
+            n_ctx = loaded.runner.n_ctx
+            if not prompt:
+                raise InvalidRequest("the prompt is empty", param=param)
+            if len(prompt) >= n_ctx:
+                raise InvalidRequest(f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} tokens "
+                                     "(and needs room for at least one generated token)", param=param,
+                                     code="context_length_exceeded")
+            sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
+            _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
+            return GenerationRequest(prompt, Sampler(model, sampling), request.max_tokens, request.stops)
+
+    # --- embeddings -----------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive)
+        try:
+            loaded = lease.loaded
+            if not loaded.model.is_embedding:
+                raise NotGenerative(f"model '{loaded.id}' does not support embeddings (it declares no pooling "
+                                    "type)")
+            inputs = await _in_thread(lambda: self._tokenize_inputs(loaded, request.inputs))
+            vectors = await loaded.runner.embed(inputs)
+            return Embeddings(loaded.id, vectors, sum(map(len, inputs)))
+        finally:
+            lease.release()
+
+    @staticmethod
+    def _tokenize_inputs(loaded: Loaded, raw: list[str | list[int]]) -> list[list[int]]:
+        # One input is decoded in one batch, and never past the positions the model was trained for.
+        limit = min(loaded.runner.n_batch, loaded.model.n_ctx_train or loaded.runner.n_batch)
+        with loaded.held():
+            inputs = [loaded.model.tokenize(x) if isinstance(x, str) else _checked_tokens(loaded, x, "input")
+                      for x in raw]
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise InvalidRequest(f"input {i} is empty once tokenized", param="input")
+            if len(tokens) > limit:
+                raise InvalidRequest(f"input {i} is {len(tokens)} tokens but this model embeds at most {limit} "
+                                     "at once", param="input", code="context_length_exceeded")
+        return inputs
+
+
+    # --- the operator's view: the admin API, /health, systemd's STATUS and watchdog ---------------
+
+    def status(self) -> list[dict[str, object]]:
+        return [self._pool.describe(s) for s in self._pool.states()]
+
+    async def load(self, name: str) -> dict[str, object]:
+        return self._pool.describe(await self._pool.load(name))
+
+    async def unload(self, name: str) -> tuple[bool, dict[str, object]]:
+        """Unload now if idle (True), else once the requests in flight end (False); and its status."""
+        now = await self._pool.unload(name)
+        return now, self._pool.describe(self._pool.find(name))
+
+    async def remove(self, name: str) -> str:
+        """Uninstall a model; the id it had."""
+        return (await self._pool.remove(name)).id
+
+    async def refresh(self) -> None:
+        """Take in the store's changes now (an import just finished) rather than within a second."""
+        await self._pool.refresh()
+
+    async def started(self) -> None:
+        await self._pool.started()
+
+    def health(self) -> None:
+        """Raises NotReady (503) with the reason while the service is not fully able to serve."""
+        self._pool.health()
+
+    def summary(self) -> str:
+        return self._pool.summary()
+
+    def broken(self) -> list[str]:
+        """Models that stopped working and cannot be brought back without a restart."""
+        return self._pool.broken()
+
+def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
+    bad = next((t for t in tokens if not 0 <= t < loaded.model.n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{loaded.model.n_vocab - 1})",
+                             param=param)
+    return tokens
+
+
+async def _in_thread(work: Callable[[], T]) -> T:
+    """Run `work` in a worker thread. If the caller is cancelled meanwhile (the client left),
+    whatever it built is still cleaned up: a sampler is closed once it is done."""
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        def clean_up(done: asyncio.Future[T]) -> None:
+            result = None if done.cancelled() or done.exception() else done.result()
+            if isinstance(result, GenerationRequest):
+                result.sampler.close()
+        task.add_done_callback(clean_up)
+        raise

@@ -1,0 +1,404 @@
+"""OpenAI's API: request bodies parsed into plain values, and the bodies and events of replies.
+
+Everything here is pure: a dict goes in, a dataclass or an InvalidRequest comes out; values
+come in, JSON-ready dicts and SSE bytes go out. Fields edgellm does not know are ignored, as
+SDKs add new ones often; fields it knows but cannot honour (n > 1, logprobs, tools) are
+refused, never silently dropped. Every number is bounded (limits.py, docs/api.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgellm import limits
+from edgellm.errors import EdgeError, InvalidRequest, Unsupported
+from edgellm.protocol.sse import event
+from edgellm.units import parse_duration
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What chat and text completions share."""
+
+    model: str | None
+    max_tokens: int | None
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, object]  # only the fields the request sets
+    keep_alive: float | None | bool  # seconds, None (forever), or False (not given)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    options: GenerationOptions
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt: str | list[int]
+    options: GenerationOptions
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str | None
+    inputs: list[str | list[int]]
+    encoding_format: str
+    keep_alive: float | None | bool
+
+
+_MISSING = object()
+_KINDS = {
+    "number": ((int, float), "a number"),
+    "integer": ((int,), "an integer"),
+    "string": ((str,), "a string"),
+    "boolean": ((bool,), "a boolean"),
+    "object": ((dict,), "an object"),
+    "array": ((list,), "an array"),
+}
+
+
+def _get(body: dict, name: str, kind: str, default=None, *, minimum=None, maximum=None, param: str | None = None):
+    """One field, type- and range-checked; null counts as absent, as in OpenAI's API."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    types, described = _KINDS[kind]
+    if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
+        raise _invalid(f"'{param or name}' must be {described}, got {_json_type(value)}", param or name)
+    if minimum is not None and value < minimum:
+        raise _invalid(f"'{param or name}' must be at least {minimum}, got {value}", param or name)
+    if maximum is not None and value > maximum:
+        raise _invalid(f"'{param or name}' must be at most {maximum}, got {value}", param or name)
+    return value
+
+
+def _json_type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def _refuse_unless(condition: bool, param: str, message: str) -> None:
+    if not condition:
+        raise Unsupported(message, param=param)
+
+
+def _options(body: dict, *, chat: bool) -> GenerationOptions:
+    n = _get(body, "n", "integer", 1)
+    _refuse_unless(n == 1, "n", "n must be 1: edgellm generates one choice per request")
+    if chat:
+        _refuse_unless(not _get(body, "logprobs", "boolean", False), "logprobs", "logprobs are not supported")
+        _refuse_unless(_get(body, "top_logprobs", "integer") is None, "top_logprobs", "logprobs are not supported")
+        _refuse_unless(not _get(body, "tools", "array"), "tools", "tool calling is not supported yet")
+    else:
+        _refuse_unless(_get(body, "logprobs", "integer") is None, "logprobs", "logprobs are not supported")
+        _refuse_unless(not _get(body, "echo", "boolean", False), "echo", "echo is not supported")
+        _refuse_unless(not _get(body, "suffix", "string"), "suffix", "suffix (fill-in-the-middle) is not supported")
+        _refuse_unless(_get(body, "best_of", "integer", 1) == 1, "best_of", "best_of must be 1")
+
+    max_tokens = _get(body, "max_tokens", "integer", minimum=1)
+    max_completion = _get(body, "max_completion_tokens", "integer", minimum=1)
+    stream = _get(body, "stream", "boolean", False)
+    stream_options = _get(body, "stream_options", "object", {})
+    include_usage = _get(stream_options, "include_usage", "boolean", False, param="stream_options.include_usage")
+    return GenerationOptions(
+        model=_get(body, "model", "string"),
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        stops=_stops(body),
+        stream=stream,
+        include_usage=include_usage,
+        sampling=_sampling(body),
+        keep_alive=_keep_alive(body),
+    )
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _invalid("'stop' must be a string or an array of strings", "stop")
+    if len(stop) > limits.MAX_STOPS:
+        raise _invalid(f"'stop' may hold at most {limits.MAX_STOPS} strings, got {len(stop)}", "stop")
+    if any(len(s) > limits.MAX_STOP_LENGTH for s in stop):
+        raise _invalid(f"a 'stop' string may be at most {limits.MAX_STOP_LENGTH} characters long", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _sampling(body: dict) -> dict[str, object]:
+    """The sampling fields the request sets; the model's and the server's defaults fill the rest."""
+    fields = {name: _bounded(body, name) for name in _KNOBS}
+    fields.update({
+        "logit_bias": _logit_bias(body) or None,
+        "ignore_eos": _get(body, "ignore_eos", "boolean"),
+        "json_schema": _response_format(body),
+    })
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+# The sampling knobs a request may set (llama-server's names beyond OpenAI's).
+_KNOBS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty")
+
+
+def _bounded(body: dict, name: str) -> int | float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    problem = limits.SAMPLING[name].check(value)
+    if problem:
+        raise _invalid(f"'{name}' {problem}" + ("" if "got" in problem else f", got {_json_type(value)}"), name)
+    assert isinstance(value, int | float)
+    return value
+
+
+def _keep_alive(body: dict) -> float | None | bool:
+    """Ollama's keep_alive: how long the model stays loaded after this request; False when not given."""
+    value = body.get("keep_alive")
+    if value is None:
+        return False
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _invalid("'keep_alive' must be a duration such as \"5m\", or seconds", "keep_alive")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise _invalid(f"'keep_alive': {e}", "keep_alive") from None
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    raw = _get(body, "logit_bias", "object", {})
+    if len(raw) > limits.MAX_LOGIT_BIAS:
+        raise _invalid(f"'logit_bias' may hold at most {limits.MAX_LOGIT_BIAS} entries, got {len(raw)}", "logit_bias")
+    biases = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise _invalid(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if token < 0:
+            raise _invalid(f"'logit_bias' token id {token} is negative", "logit_bias")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise _invalid(f"'logit_bias' values must be numbers from -100 to 100, got {value!r} for {key}",
+                          "logit_bias")
+        biases[token] = float(value)
+    return biases
+
+
+def _response_format(body: dict) -> dict | None:
+    """None for free text, {} for any JSON object, else the JSON schema to follow."""
+    fmt = _get(body, "response_format", "object")
+    if fmt is None:
+        return None
+    kind = _get(fmt, "type", "string", param="response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = _get(fmt, "json_schema", "object", param="response_format.json_schema")
+        if spec is None:
+            raise _invalid("response_format json_schema needs a 'json_schema' object", "response_format.json_schema")
+        schema = _get(spec, "schema", "object", {}, param="response_format.json_schema.schema")
+        return schema or {}
+    raise _invalid(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                  "response_format.type")
+
+
+def _content(message: dict, where: str) -> str:
+    """A message's content as text: a string, or the text parts of an array."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _invalid(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise _invalid(f"'{where}.content[{i}]' must be an object with a 'type'", f"{where}.content[{i}]")
+        if part["type"] != "text":
+            raise _invalid(f"content parts of type '{part['type']}' are not supported; only 'text' is",
+                          f"{where}.content[{i}].type", code="unsupported_content")
+        if not isinstance(part.get("text"), str):
+            raise _invalid(f"'{where}.content[{i}].text' must be a string", f"{where}.content[{i}].text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty array of messages", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid(f"'{where}' must be an object", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise _invalid(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+        if message.get("tool_calls"):
+            raise Unsupported("tool calls are not supported yet", param=f"{where}.tool_calls")
+        entry = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        parsed.append(entry)
+    return ChatRequest(messages=parsed, options=_options(body, chat=True))
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    prompt = body.get("prompt")
+    # A one-element array is the same prompt; several prompts would need several choices.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        pass
+    elif _is_token_list(prompt) and prompt:
+        pass
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        raise Unsupported("only one prompt per request is supported", param="prompt")
+    else:
+        raise _invalid("'prompt' must be a string or an array of token ids", "prompt")
+    return CompletionRequest(prompt=prompt, options=_options(body, chat=False))
+
+
+def parse_embeddings(body: dict) -> EmbeddingRequest:
+    raw = body.get("input")
+    if isinstance(raw, str) or _is_token_list(raw):
+        inputs = [raw]
+    elif isinstance(raw, list) and all(isinstance(x, str) or _is_token_list(x) for x in raw):
+        inputs = raw
+    else:
+        raise _invalid("'input' must be a string, an array of strings, or token ids", "input")
+    if not inputs or any(len(x) == 0 for x in inputs):
+        raise _invalid("'input' must not be empty", "input")
+    if len(inputs) > limits.MAX_EMBEDDING_INPUTS:
+        raise _invalid(f"'input' may hold at most {limits.MAX_EMBEDDING_INPUTS} items, got {len(inputs)}", "input")
+    encoding = _get(body, "encoding_format", "string", "float")
+    if encoding not in ("float", "base64"):
+        raise _invalid(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    _refuse_unless(_get(body, "dimensions", "integer") is None, "dimensions", "'dimensions' is not supported")
+    return EmbeddingRequest(model=_get(body, "model", "string"), inputs=inputs, encoding_format=encoding,
+                            keep_alive=_keep_alive(body))
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+# --- replies ------------------------------------------------------------------------------
+
+class TokenCounts(Protocol):
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+
+
+def error_body(error: EdgeError) -> dict[str, object]:
+    """The one shape of an error under /v1; OpenAI SDKs raise typed exceptions from it and show
+    `message`, so it says what is wrong and `param` names the field at fault."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def usage_body(usage: TokenCounts) -> dict[str, object]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+@dataclass
+class Reply:
+    """The identity every body and chunk of one response shares."""
+
+    model: str
+    chat: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        # Every text chunk is the same JSON but for the text: render that part per token only.
+        marker = "\u0000text\u0000"
+        head, tail = event(self.chunk(marker)).split(json.dumps(marker).encode())
+        self._text_head, self._text_tail = head, tail
+
+    def text_event(self, text: str) -> bytes:
+        """event(self.chunk(text)), without building and encoding the whole chunk each token."""
+        return self._text_head + json.dumps(text, ensure_ascii=False).encode() + self._text_tail
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def body(self, text: str, finish_reason: str, usage: TokenCounts) -> dict:
+        """The whole response of a non-streamed request."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_reason}
+            body = self._base("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            body = self._base("text_completion")
+        body["choices"] = [choice]
+        body["usage"] = usage_body(usage)
+        return body
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> dict:
+        """One streamed chunk; `first` adds the assistant role to a chat delta."""
+        if self.chat:
+            delta: dict = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            body = self._base("chat.completion.chunk")
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            body = self._base("text_completion")
+        body["choices"] = [choice]
+        return body
+
+    def usage_chunk(self, usage: TokenCounts) -> dict:
+        """The extra last chunk stream_options.include_usage asks for: no choices, just usage."""
+        body = self._base("chat.completion.chunk" if self.chat else "text_completion")
+        body["choices"] = []
+        body["usage"] = usage_body(usage)
+        return body
+
+
+def model_object(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "edgellm"}
+
+
+def embeddings_body(model: str, vectors: list[list[float]], encoding_format: str, prompt_tokens: int) -> dict:
+    def encode(vector: list[float]):
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }

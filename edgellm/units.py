@@ -1,0 +1,34 @@
+"""Sizes and durations as operators and clients write them ('512MiB', '5m'). A leaf."""
+
+from __future__ import annotations
+
+import re
+
+MiB = 1 << 20
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+               "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_SECONDS = 10 * 365 * 86400.0  # longer is "forever" in all but name, and keeps arithmetic finite
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '1.5GB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 512MiB or 2GB, got {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+def parse_duration(text: str | int | float) -> float | None:
+    """Ollama's keep_alive: '5m', '1h', '30s', or seconds; 0 is now; negative is forever (None)."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
+        if not match:
+            raise ValueError(f"expected a duration such as 30s, 5m or 1h (negative: forever), got {text!r}")
+        seconds = float(match[1]) * _TIME_UNITS[match[2]]
+    if seconds != seconds:  # NaN
+        raise ValueError(f"expected a duration such as 30s, 5m or 1h (negative: forever), got {text!r}")
+    return None if seconds < 0 or seconds > MAX_SECONDS else seconds
