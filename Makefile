@@ -17,7 +17,10 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 run: $(VENV)/.installed $(DEMO_MODEL)
 	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
 
+# Static checks first (seconds), then the tests, with every warning an error (pyproject.toml).
 test: $(VENV)/.installed-test $(DEMO_MODEL) test-tools
+	$(VENV)/bin/ruff check edgellm tests tools images
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 # aarch64 wheels of llama-cpp-python (tools/cross-build/README.md): about 8 minutes on 2 cores.

@@ -9,7 +9,10 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 from edgellm import __version__
 from edgellm.config import Config, ConfigError, credential, is_loopback, load, read_keys
@@ -25,7 +28,7 @@ EXIT_RUNTIME = 1
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -192,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
                 self.supervising.cancel()
             await super().shutdown(sockets)
 
-        def handle_exit(self, sig: int, frame) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             # End running generations at once (from the loop, not inside the signal handler),
             # so open streams finish with an error event instead of being cut off later.
@@ -326,10 +329,10 @@ def _models(args: argparse.Namespace) -> int:
                    [[e.id, ",".join(e.aliases) or "-", e.architecture, e.quantization, _count(e.parameters),
                      str(e.context_length), _bytes(e.size)] for e in entries])
     elif args.action == "add":
-        entry, new = registry.add(args.path, alias=args.alias, progress=_progress(Path(args.path)))
+        added, new = registry.add(args.path, alias=args.alias, progress=_progress(Path(args.path)))
         verb = "installed" if new else "already installed as"
-        print(f"{verb} {entry.id} ({_bytes(entry.size)}, {entry.architecture} {entry.quantization}, "
-              f"sha256 {entry.sha256[:12]})")
+        print(f"{verb} {added.id} ({_bytes(added.size)}, {added.architecture} {added.quantization}, "
+              f"sha256 {added.sha256[:12]})")
     elif args.action == "remove":
         print(f"removed {registry.remove(args.model).id}")
     else:
@@ -341,7 +344,7 @@ def _models(args: argparse.Namespace) -> int:
         else:
             for key, value in entry.record().items():
                 if key == "files":
-                    value = ", ".join(f"{f['name']} ({_bytes(f['size'])}, sha256 {f['sha256'][:12]})" for f in value)
+                    value = ", ".join(f"{f.name} ({_bytes(f.size)}, sha256 {f.sha256[:12]})" for f in entry.files)
                 print(f"{key + ':':16}{value}")
             print(f"{'paths:':16}{', '.join(str(p) for p in entry.paths)}")
     return 0
@@ -350,10 +353,10 @@ def _models(args: argparse.Namespace) -> int:
 def _table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -365,7 +368,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else str(n)
 
 
-def _progress(path: Path):
+def _progress(path: Path) -> Callable[[int], None] | None:
     """A bar on stderr while a large file is hashed and copied; nothing when not a terminal."""
     bar = Bar()
     if not bar.enabled:

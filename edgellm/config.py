@@ -10,18 +10,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm.errors import EdgeError
 from edgellm.units import parse_duration, parse_size
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the package requires 3.11, tomli keeps older tools working
-    import tomli as tomllib
 
 
 class ConfigError(EdgeError):
@@ -207,7 +202,7 @@ def load(path: str | Path | None) -> Config:
 
 
 def from_dict(data: dict, source: str) -> Config:
-    sections = {}
+    sections: dict[str, typing.Any] = {}  # each a section's own dataclass
     for name, table in data.items():
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown section or key '{name}' (known: {', '.join(_SECTIONS)})")
@@ -221,7 +216,7 @@ def from_dict(data: dict, source: str) -> Config:
     return config
 
 
-def _section(cls: type, name: str, table: dict, source: str):
+def _section(cls: type, name: str, table: dict, source: str) -> object:
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in table.items():
@@ -254,7 +249,8 @@ def _check(hint: object, value: object, where: str) -> object:
         ok = isinstance(value, str)
     elif typing.get_origin(hint) is tuple:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        value = tuple(value) if ok else value
+        if isinstance(value, list) and ok:
+            value = tuple(value)
     else:  # pragma: no cover - a field type this module does not know yet
         raise TypeError(f"unsupported config field type {hint!r}")
     if not ok:
@@ -265,8 +261,8 @@ def _check(hint: object, value: object, where: str) -> object:
 def _describe(t: object) -> str:
     if typing.get_origin(t) is tuple:
         return "an array of strings"
-    names = {bool: "a boolean", int: "an integer", str: "a string", float: "a number",
-             list: "an array", dict: "a table"}
+    names: dict[object, str] = {bool: "a boolean", int: "an integer", str: "a string", float: "a number",
+                                list: "an array", dict: "a table"}
     return names.get(t, getattr(t, "__name__", str(t)))
 
 

@@ -89,7 +89,7 @@ def txt_records(*, models: list[str], key_required: bool, device: str) -> dict[s
                "id": device, "tls": "0",
                "rev": hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:8]}
     used = sum(len(k) + len(v.encode()) + 2 for k, v in records.items())
-    listed = []
+    listed: list[str] = []
     for model in models:
         size = len(",".join([*listed, model]).encode())  # TXT strings are bytes: 255 at most each
         if used + size + len("models=") + len("more=999") + 2 > TXT_BUDGET or size > 240:

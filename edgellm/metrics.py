@@ -49,6 +49,14 @@ class Metrics:
         self.batch_tokens = Histogram("edgellm_batch_tokens", "Tokens per llama_decode call", ["model"],
                                       buckets=_BATCH_BUCKETS, registry=r)
 
+        self.preemptions = Counter("edgellm_preemptions", "Sequences paused because the KV cache was full "
+                                   "(recomputed later: n_ctx is small for the load)", ["model"], registry=r)
+        self.loads = Counter("edgellm_model_loads", "Models loaded (again: after an unload or a failure)", ["model"],
+                             registry=r)
+        self.unloads = Counter("edgellm_model_unloads", "Models unloaded, by reason: keep_alive, room (for "
+                               "another model), admin, removed, failed (its runner stopped), shutdown",
+                               ["model", "reason"], registry=r)
+
         self.temperature = Gauge("edgellm_temperature_celsius", "Temperature of each thermal zone", ["zone"],
                                  registry=r)
         self.throttled = Gauge("edgellm_throttled", "1 while the board throttles (heat, power), else 0",
@@ -87,3 +95,4 @@ class ModelMetrics:
         self.itl = m.itl.labels(model)
         self.decode_steps = m.decode_steps.labels(model)
         self.batch_tokens = m.batch_tokens.labels(model)
+        self.preemptions = m.preemptions.labels(model)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +110,55 @@ class Server:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics, read with prometheus_client's own parser; 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+class InProcess:
+    """The real app (create_app) served by uvicorn on a real loopback socket, in a thread of this
+    process: for tests that hold back or break a part of it from inside (a load, a scheduler
+    step) with monkeypatch, and for reaching the running service itself."""
+
+    def __init__(self, config, **kwargs) -> None:
+        import uvicorn
+
+        from edgellm.app import create_app
+
+        self.app = create_app(config, **kwargs)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(sockets=[sock]),),
+                                       daemon=True)
+
+    def __enter__(self) -> InProcess:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 10, message="uvicorn to start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.loop.close()
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def run(self, coroutine, timeout: float = 30):
+        """Run a coroutine on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
 
 @pytest.fixture(scope="session")

@@ -154,13 +154,19 @@ def test_prefix_reuse_reports_cached_tokens_and_answers_sooner(server_factory, m
             usage = chunk.usage or usage
         return first, usage
 
+    def decoded() -> float:  # tokens llama_decode has computed so far: the work, not the time
+        return metric(server, "edgellm_batch_tokens_sum")
+
+    start = decoded()
     ttft_cold, cold = ask("Hi")
+    middle = decoded()
     ttft_warm, warm = ask("Hello")
     assert cold.prompt_tokens_details.cached_tokens == 0
     assert warm.prompt_tokens_details.cached_tokens > 3000  # the whole system prompt
     assert warm.prompt_tokens_details.cached_tokens < warm.prompt_tokens
     print(f"\ntime to first token: {ttft_cold * 1000:.0f} ms cold, {ttft_warm * 1000:.0f} ms with the prefix cached")
-    assert ttft_warm < ttft_cold * 0.7
+    cold_work, warm_work = middle - start, decoded() - middle
+    assert cold_work >= cold.prompt_tokens and warm_work < 0.05 * cold_work
     assert metric(server, "edgellm_cached_prompt_tokens_total") >= warm.prompt_tokens_details.cached_tokens
 
 
@@ -202,7 +208,7 @@ def test_a_full_kv_cache_pauses_sequences_instead_of_failing(server_factory, mod
 
     results = complete_concurrently(server, "scripted", ["tick"] * 4, 120)
     assert [(r.choices[0].text, r.choices[0].finish_reason) for r in results] == [(expected_ticks(120), "length")] * 4
-    assert "KV cache full: pausing a sequence" in server.log()
+    assert metric(server, "edgellm_preemptions_total") >= 1  # paused and recomputed, never failed
     assert metric(server, "edgellm_requests_total", 'outcome="failed"') == 0
 
 

@@ -84,9 +84,14 @@ def test_a_template_that_refuses_the_messages_is_a_400(server_factory, models):
     assert ok.status_code == 200
 
 
-def test_the_log_says_which_template_was_chosen(server_factory, models):
+def in_use(server) -> str:
+    [model] = server.get("/admin/models").json()["data"]
+    return model["chat_template_in_use"]
+
+
+def test_the_admin_api_says_which_template_is_used(server_factory, models):
     server = server_factory(models["scripted"])
-    assert "using the built-in 'llama2' format for llama" in server.log()
+    assert in_use(server) == "built-in llama2"  # a llama file without a template
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert r.json()["choices"][0]["message"]["content"] == " yes"  # the script answers "]" with " yes"
 
@@ -97,6 +102,6 @@ def test_a_template_that_does_not_compile_falls_back_to_a_builtin(server_factory
 
     broken = write_model(tmp_path / "broken-template.gguf", script=SCRIPT, chat_template="{% for m in %}")
     server = server_factory(broken)
-    assert "falling back to a built-in format" in server.log()
+    assert in_use(server) == "built-in chatml"  # its own does not compile; its tokens say chatml
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert r.status_code == 200

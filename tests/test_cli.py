@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -187,6 +186,7 @@ def test_lan_bind_with_insecure_no_auth_starts_and_warns(netns, models):
     finally:
         proc.terminate()
         proc.wait(15)
+        proc.stdout.close()
 
 
 def test_config_file_that_is_not_utf8(tmp_path, models):
@@ -200,17 +200,15 @@ def test_sigterm_during_a_stream_shuts_down_promptly(server_factory, models):
     import httpx
 
     server = server_factory(models["scripted"], config="[engine]\nn_ctx = 32768\n")
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=10,
                       json={"prompt": "tick", "stream": True}) as r:
         lines = r.iter_lines()
         next(lines)
-        started = time.monotonic()
         server.proc.terminate()
         try:  # the stream ends, with an error event or a closed connection, instead of hanging
             for _ in lines:
                 pass
-        except httpx.HTTPError:
-            pass
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # a closed connection; a hang would be a ReadTimeout, which fails the test
     assert server.proc.wait(15) is not None
-    assert time.monotonic() - started < 10
     assert "Traceback" not in server.log()

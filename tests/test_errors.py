@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import wait_until
+from conftest import InProcess, wait_until
 
 
 def assert_error(response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None,
@@ -34,7 +30,8 @@ def assert_error(response: httpx.Response, status: int, *, param: str | None = N
 
 @pytest.fixture(scope="module")
 def server(server_factory, models):
-    return server_factory(models["scripted"], config="[engine]\nn_ctx = 256\nn_batch = 32\nn_ubatch = 32\n[server]\nmax_body_bytes = 2048\n")
+    return server_factory(models["scripted"], config="[engine]\nn_ctx = 256\nn_batch = 32\nn_ubatch = 32\n"
+                                                      "[server]\nmax_body_bytes = 2048\n")
 
 
 @pytest.fixture
@@ -80,6 +77,13 @@ class TestInvalidRequests:
         ("response_format", {"type": "xml"}, "response_format.type"),
         ("response_format", {"type": "json_schema"}, "response_format.json_schema"),
         ("model", 7, "model"),
+        # Every integer has a maximum (docs/api.md); none wraps into llama.cpp's int32.
+        ("top_k", 2**32 + 5, "top_k"),
+        ("max_tokens", 2**20 + 1, "max_tokens"),
+        ("max_completion_tokens", 2**63, "max_completion_tokens"),
+        ("seed", 2**64, "seed"),
+        ("seed", -(2**63) - 1, "seed"),
+        ("stop", ["x" * 1025], "stop"),
     ])
     def test_bad_chat_field(self, server, field, value, param):
         assert_error(server.post("/v1/chat/completions", {**CHAT, field: value}), 400, param=param)
@@ -192,7 +196,6 @@ def test_a_model_that_fails_to_load_is_a_503_with_the_reason(server_factory, mod
 
 def test_requests_wait_for_a_loading_model_within_a_bound(models, monkeypatch, tmp_path):
     """The real app on a real socket, with the real load held back until the test has looked."""
-    from edgellm.app import create_app
     from edgellm.config import Config, ModelConfig, ModelsConfig, ServerConfig
     from edgellm.engine import loader
 
@@ -204,34 +207,25 @@ def test_requests_wait_for_a_loading_model_within_a_bound(models, monkeypatch, t
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(loader, "load", held_load)
-    app = create_app(Config(server=ServerConfig(state_dir=str(tmp_path)), models=ModelsConfig(load_timeout="1s"),
-                            model=ModelConfig(path=str(models["scripted"]))))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None))
-    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),), daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 10, message="uvicorn to start")
-        r = httpx.get(url + "/health")
-        assert_error(r, 503, code="model_not_ready", says="loading")
-        assert r.headers["retry-after"] == "2"
-        # A request waits for the load, but no longer than load_timeout (1 s here): then 503 + Retry-After.
-        started = time.monotonic()
-        r = httpx.post(url + "/v1/completions", json={"prompt": "Hello"}, timeout=30)
-        assert_error(r, 503, code="model_not_ready", says="still loading")
-        assert 0.9 < time.monotonic() - started < 5 and r.headers["retry-after"] == "5"
-        # Once the load goes on, a waiting request gets its answer.
-        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
-            httpx.post, url + "/v1/completions", json={"prompt": "Hello", "temperature": 0}, timeout=30)
-        gate.set()
-        assert waiting.result(30).json()["choices"][0]["text"] == " world!"
-        assert httpx.get(url + "/health").json()["status"] == "ok"
-    finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(15)
+    config = Config(server=ServerConfig(state_dir=str(tmp_path)), models=ModelsConfig(load_timeout="1s"),
+                    model=ModelConfig(path=str(models["scripted"])))
+    with InProcess(config) as server:
+        try:
+            r = httpx.get(server.url + "/health")
+            assert_error(r, 503, code="model_not_ready", says="loading")
+            assert r.headers["retry-after"] == "2"
+            # A request waits for the load, but no longer than load_timeout (1 s here): then 503 + Retry-After.
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hello"}, timeout=30)
+            assert_error(r, 503, code="model_not_ready", says="still loading")
+            assert r.headers["retry-after"] == "5"
+            # Once the load goes on, a waiting request gets its answer.
+            waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+                httpx.post, server.url + "/v1/completions", json={"prompt": "Hello", "temperature": 0}, timeout=30)
+            gate.set()
+            assert waiting.result(30).json()["choices"][0]["text"] == " world!"
+            assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        finally:
+            gate.set()
 
 
 @pytest.mark.usefixtures("still_serving")

@@ -13,8 +13,8 @@ from edgellm.config import EngineConfig
 from edgellm.engine.grammar import SchemaError, atoms_regex, int_range_atoms, to_gbnf
 from edgellm.engine.model import Model
 from edgellm.engine.runner import GenerationRequest, Runner
-from edgellm.engine.stream import Finish
 from edgellm.engine.sampling import Sampler, SamplingParams
+from edgellm.engine.stream import Finish
 
 
 def int_regex(low, high) -> re.Pattern:

@@ -204,7 +204,6 @@ def test_throttling_shows_everywhere_and_halves_the_threads(server_factory, mode
     wait_until(lambda: metric(server, "edgellm_throttled") == 0.0, 10, message="the throttling to clear")
     assert metric(server, "edgellm_threads") == 4.0
     assert server.get("/health").json() == {"status": "ok", "throttled": False, "temperature_celsius": 61.0}
-    assert "the board stopped throttling" in server.log() and "using 4 threads (was 2)" in server.log()
     assert server.post("/v1/completions", {"prompt": " Hello", "max_tokens": 4}).status_code == 200
 
     hardware = server.get("/admin/hardware").json()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, metric, wait_until
 from test_cli import edgellm
 
 from edgellm.store.registry import Registry
@@ -51,7 +51,7 @@ def test_models_load_on_first_use_and_concurrent_first_requests_load_once(server
         replies = list(pool.map(lambda _: complete(server, "scripted"), range(8)))
     assert [r.status_code for r in replies] == [200] * 8
     assert {r.json()["choices"][0]["text"] for r in replies} == {" world!"}
-    assert server.log().count("model scripted ready") == 1
+    assert metric(server, "edgellm_model_loads_total", model="scripted") == 1
     assert states(server) == {"scripted": "loaded", "random": "unloaded", "scripted-chatml": "unloaded"}
     # By alias, too.
     assert server.post("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}],
@@ -67,7 +67,7 @@ def test_the_least_recently_used_idle_model_is_evicted(server_factory, installed
     assert states(server) == {"scripted": "loaded", "random": "unloaded", "scripted-chatml": "loaded"}
     assert complete(server, "random").status_code == 200  # now scripted is
     assert states(server) == {"scripted": "unloaded", "random": "loaded", "scripted-chatml": "loaded"}
-    assert "unloading model scripted (to make room)" in server.log()
+    assert metric(server, "edgellm_model_unloads_total", model="scripted", reason="room") == 1
 
 
 def test_keep_alive_per_request_config_default_and_pinned(server_factory, installed):
@@ -229,8 +229,8 @@ def test_models_come_and_go_without_a_restart(server_factory, models, tmp_path):
         assert complete(server, "scripted").status_code == 404
     finally:
         stream.close()
-    assert "unloading model scripted (removed)" in wait_until(
-        lambda: "unloading model scripted" in server.log() and server.log(), 5, message="the unload")
+    wait_until(lambda: metric(server, "edgellm_model_unloads_total", model="scripted", reason="removed") == 1, 5,
+               message="the unload")
 
     # Replaced: another file under the same name.
     assert edgellm("models", "add", str(models["random"]), "--alias", "scripted", "--state-dir",
@@ -263,7 +263,8 @@ def test_two_models_that_take_turns_do_not_evict_each_other_while_loading(server
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         replies = list(pool.map(lambda i: complete(server, ("scripted", "random")[i % 2]), range(6)))
     assert [r.status_code for r in replies] == [200] * 6
-    assert server.log().count(" ready in ") <= 6
+    loads = sum(metric(server, "edgellm_model_loads_total", model=m) for m in ("scripted", "random"))
+    assert 2 <= loads <= 6
 
 
 def test_load_timeout_forever_and_pinned_models_that_fill_every_place(server_factory, installed):

@@ -112,6 +112,7 @@ class Faulty:
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        self.loop.close()
 
 
 @pytest.fixture
@@ -287,7 +288,7 @@ def test_a_client_that_leaves_cancels_the_upstream_request(server_factory, model
                    message="the upstream to start generating")
         started = time.monotonic()
         sock.close()
-        wait_until(lambda: cancelled() > before, 5, message="the upstream to cancel")
+        wait_until(lambda before=before: cancelled() > before, 5, message="the upstream to cancel")
         print(f"stream={stream}: upstream cancelled {1000 * (time.monotonic() - started):.0f} ms after the client "
               "left (polling included)")
 

@@ -64,11 +64,13 @@ def write_model(
     pooling: int | None = None,
     n_ctx_train: int = 65536,
     split_max_tensors: int = 0,
+    sampling: dict[str, int | float] | None = None,
 ) -> Path:
     """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next.
 
     With split_max_tensors, it is written as split files (NAME-00001-of-0000N.gguf)
-    and the first part's path is returned."""
+    and the first part's path is returned. `sampling`: recommended sampling settings
+    (general.sampling.temp, top_k, ...)."""
     extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
     tokens = vocabulary(extra)
     index = {t: i for i, t in enumerate(tokens)}
@@ -89,6 +91,8 @@ def write_model(
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     if pooling is not None:
         w.add_uint32("llama.pooling_type", pooling)
+    for key, value in (sampling or {}).items():  # general.sampling.*: f32 or i32, as the writer's type says
+        (w.add_float32 if isinstance(value, float) else w.add_int32)(f"general.sampling.{key}", value)
 
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

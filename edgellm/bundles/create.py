@@ -27,7 +27,7 @@ from edgellm.bundles.manifest import (
     BundleModel,
     Manifest,
 )
-from edgellm.bundles.reader import BundleError
+from edgellm.bundles.reader import BundleError, Readable
 from edgellm.modelfile import gguf
 from edgellm.progress import Progress
 from edgellm.store.registry import Registry, copy_hashing, describe, model_id_for
@@ -45,11 +45,8 @@ def create(names: list[str], out: Path, *, registry: Registry, key: signing.Secr
            license: str = "", progress: Progress | None = None) -> Manifest:
     if out.exists() or out.is_symlink():
         raise BundleError(f"{out}: already exists")
-    models, parts = [], []
-    for name in names:
-        model, model_parts = _resolve(name, registry, license)
-        models.append(model)
-        parts += model_parts
+    resolved = [_resolve(name, registry, license) for name in names]
+    parts = [part for _, model_parts in resolved for part in model_parts]
     seen = set()
     for part in parts:
         if part.name.lower() in seen:
@@ -66,10 +63,11 @@ def create(names: list[str], out: Path, *, registry: Registry, key: signing.Secr
                     if progress:
                         progress("hashing", name, done, total)
                 part.sha256, _ = copy_hashing(f, None, step)
-    for model in models:  # now that every hash is known
-        model.files = [BundleFile(p.name, p.size, p.sha256) for p in model.files]
+    for model, model_parts in resolved:  # now that every hash is known
+        model.files = [BundleFile(p.name, p.size, p.sha256) for p in model_parts]
     manifest = Manifest(creator=f"edgellm {__version__} on {socket.gethostname()}",
-                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), models=models)
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        models=[model for model, _ in resolved])
     data = manifest.dumps()
     signature = key.sign(data, f"edgellm bundle {out.name}, {manifest.created}") if key else None
     partial = out.with_name(out.name + ".partial")
@@ -101,7 +99,7 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
             raise BundleError(str(e)) from None
         file_names, shas = [p.name for p in paths], [""] * len(paths)
     parts = []
-    for path, file_name, sha in zip(paths, file_names, shas):
+    for path, file_name, sha in zip(paths, file_names, shas, strict=True):
         size = path.stat().st_size
         if size > MAX_FILE:
             raise BundleError(f"{file_name} is {size} bytes, over FAT32's 4 GiB limit: split it first "
@@ -111,7 +109,8 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
             raise BundleError(f"{file_name}: a bundle's file names are letters, digits and . _ - ending in .gguf")
         parts.append(_Part(file_name, path, size, sha))
     template = entry.chat_template if not entry.has_chat_template and entry.chat_template else None
-    model = BundleModel(id=entry.id, files=parts, aliases=list(entry.aliases), architecture=entry.architecture,
+    # The entry's files: create() lists them once every hash is known.
+    model = BundleModel(id=entry.id, files=[], aliases=list(entry.aliases), architecture=entry.architecture,
                         quantization=entry.quantization, context_length=entry.context_length,
                         parameters=entry.parameters, defaults=dict(entry.defaults), chat_template=template,
                         license=license or entry.license, min_edgellm_version=__version__)
@@ -156,7 +155,8 @@ def _copy_parts(parts: list[_Part], progress: Progress | None, write: Callable[[
             reader.check()
 
 
-def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[_Part], progress) -> None:
+def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[_Part],
+               progress: Progress | None) -> None:
     (out / FILES).mkdir(parents=True)
 
     def write(part: _Part, reader: _Hashing) -> None:
@@ -171,12 +171,13 @@ def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[_P
         (out / SIGNATURE).write_text(signature)
 
 
-def _write_tar(out: Path, manifest: bytes, signature: str | None, parts: list[_Part], progress) -> None:
+def _write_tar(out: Path, manifest: bytes, signature: str | None, parts: list[_Part],
+               progress: Progress | None) -> None:
     """The manifest first, its signature next, then the files in the manifest's order: a reader
     of the stream can check each file before it reads it."""
     now = int(time.time())
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        def add(name: str, size: int, data: BinaryIO) -> None:
+        def add(name: str, size: int, data: Readable) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = size, 0o644, now
             tar.addfile(info, data)

@@ -28,7 +28,6 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import psutil
 
@@ -47,7 +46,7 @@ from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, T
 from edgellm.config import Config, EngineConfig
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
-from edgellm.store.registry import Entry, ModelFile, Registry, copy_hashing, describe
+from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe
 from edgellm.units import MiB, parse_size
 
 DISK_MARGIN = 64 * MiB  # left free on the state dir's filesystem
@@ -150,11 +149,13 @@ def _import(source: Source, manifest: Manifest, signer: str, registry: Registry,
         raise BundleError(f"{source.name}: needs {need / MiB:.0f} MiB of disk for its files, but only "
                           f"{free / MiB:.0f} MiB are free (keeping {DISK_MARGIN / MiB:.0f} MiB spare)")
     headers: dict[str, list[gguf.GGUFFile]] = {}
-    if source.seekable:
+    new: list[Entry] = []
+    if source.seekable:  # every header is read, and every model checked, before a byte is copied
         for model in manifest.models:
             if model.id not in unchanged:
                 headers[model.id] = [_header(source, f) for f in model.files]
                 _check_memory(source, model, headers[model.id], engine, memory_limit)
+        new = [_entry(m, registry, source, signer, headers[m.id]) for m in manifest.models if m.id not in unchanged]
 
     total = sum(f.size for f in wanted.values())
     done = 0
@@ -176,7 +177,11 @@ def _import(source: Source, manifest: Manifest, signer: str, registry: Registry,
             continue  # installed already (or listed twice with the same content): not copied again
         tmp = registry.tmp / f"{name}.{os.getpid()}.partial"
         staged.append((tmp, f.sha256))
-        reader: BinaryIO = stream if stream is not None else source.open(name)
+        if stream is not None:
+            reader = stream
+        else:
+            assert not isinstance(source, StreamSource)  # whose files() gives each file with its stream
+            reader = source.open(name)
         try:
             sha, size = registry.stage(reader, tmp, advance(name), limit=f.size)
         finally:
@@ -193,18 +198,17 @@ def _import(source: Source, manifest: Manifest, signer: str, registry: Registry,
             if model.id not in unchanged:
                 headers[model.id] = [gguf.read(paths.get(f.sha256, registry.blob(f.sha256))) for f in model.files]
                 _check_memory(source, model, headers[model.id], engine, memory_limit)
+        new = [_entry(m, registry, source, signer, headers[m.id]) for m in manifest.models if m.id not in unchanged]
 
     for tmp, sha in staged:
         registry.place(tmp, sha)
-    new = [_entry(model, registry, source, signer, headers[model.id]) for model in manifest.models
-           if model.id not in unchanged]
     registry.write([e for e in entries if e.id not in replacing] + new)
     registry.recover()  # the files of replaced models that nothing uses any more
     return [Outcome(m.id, "unchanged" if m.id in unchanged else "replaced" if m.id in by_id else "installed")
             for m in manifest.models]
 
 
-def _header(source: Source, f: BundleFile) -> gguf.GGUFFile:
+def _header(source: DirectorySource | TarSource, f: BundleFile) -> gguf.GGUFFile:
     with source.open(f.name) as stream:
         try:
             return gguf.read_from(stream, Path(f.name), f.size)
@@ -212,7 +216,8 @@ def _header(source: Source, f: BundleFile) -> gguf.GGUFFile:
             raise BundleError(f"{source.name}: files/{e}") from None
 
 
-def _check_memory(source: Source, model: BundleModel, headers: list[gguf.GGUFFile], engine: EngineConfig, limit: int) -> None:
+def _check_memory(source: Source, model: BundleModel, headers: list[gguf.GGUFFile], engine: EngineConfig,
+                  limit: int) -> None:
     """Refuse a model that could never load here: not even at the smallest context with nothing else loaded."""
     n_ubatch = min(engine.n_ubatch, engine.n_batch)
     if memory.largest_context(headers, limit, parallel=engine.parallel, n_ubatch=n_ubatch):
@@ -226,8 +231,11 @@ def _check_memory(source: Source, model: BundleModel, headers: list[gguf.GGUFFil
 def _entry(model: BundleModel, registry: Registry, source: Source, signer: str,
            headers: list[gguf.GGUFFile]) -> Entry:
     files = [ModelFile(f.name, f.sha256, f.size) for f in model.files]
-    entry = describe([registry.blob(f.sha256) for f in model.files], model_id=model.id,
-                     source=f"bundle {Path(source.name).name} ({signer})", files=files, headers=headers)
+    try:
+        entry = describe([registry.blob(f.sha256) for f in model.files], model_id=model.id,
+                         source=f"bundle {Path(source.name).name} ({signer})", files=files, headers=headers)
+    except StoreError as e:  # a sampling default the file recommends that cannot be honoured
+        raise BundleError(f"{source.name}: model {model.id}: {e}") from None
     entry.aliases = list(model.aliases)
     entry.license = model.license
     entry.chat_template = model.chat_template or ""

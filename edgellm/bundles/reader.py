@@ -15,7 +15,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, Literal, Protocol
 
 from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest
 from edgellm.errors import InvalidRequest
@@ -27,18 +27,25 @@ MAX_SIGNATURE = 4096
 MAX_EXTENDED_HEADER = 64 << 10  # pax and GNU long-name headers: tarfile would read them whole
 
 
+class Readable(Protocol):
+    """What a stream must offer to be read from: an upload's body, a file."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class _TarInfo(tarfile.TarInfo):
     """tarfile's member, refusing headers that would make it allocate without bound."""
 
-    def _proc_pax(self, tarfile):
+    # _proc_pax and _proc_gnulong are private to tarfile, so its stubs do not declare them.
+    def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.size > MAX_EXTENDED_HEADER:
             raise BundleError(f"{self.name}: a {self.size}-byte extended header")
-        return super()._proc_pax(tarfile)
+        return super()._proc_pax(tar)  # type: ignore[misc]
 
-    def _proc_gnulong(self, tarfile):
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
         if self.size > MAX_EXTENDED_HEADER:
             raise BundleError(f"{self.name}: a {self.size}-byte long-name header")
-        return super()._proc_gnulong(tarfile)
+        return super()._proc_gnulong(tar)  # type: ignore[misc]
 
 
 def _next(tar: tarfile.TarFile, where: str, seen: int) -> tarfile.TarInfo | None:
@@ -54,6 +61,13 @@ def _next(tar: tarfile.TarFile, where: str, seen: int) -> tarfile.TarInfo | None
     return member
 
 
+def _data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """A member's data; every member read is a regular file (_member_name refuses the rest)."""
+    data = tar.extractfile(member)
+    assert data is not None
+    return data
+
+
 def _ignored(name: str) -> bool:
     return name in IGNORED or name.startswith("._")
 
@@ -67,7 +81,7 @@ class BundleError(InvalidRequest):
 class DirectorySource:
     """NAME.edgellm/ with manifest.json, manifest.json.minisig and files/."""
 
-    seekable = True
+    seekable: Literal[True] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -119,7 +133,7 @@ class DirectorySource:
                 raise BundleError(f"{files / name}: {present[name]} bytes, the manifest says {f.size} "
                                   f"({'truncated' if present[name] < f.size else 'too long'})")
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         return open(self.path / FILES / name, "rb")
 
     def close(self) -> None:
@@ -155,7 +169,7 @@ def _prefix(first: str) -> str:
 class TarSource:
     """An uncompressed tar holding the same tree, read with seeks (a file on a stick or disk)."""
 
-    seekable = True
+    seekable: Literal[True] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -188,11 +202,11 @@ class TarSource:
             raise BundleError(f"{self.path}: no {MANIFEST}: not an edgellm bundle")
         if member.size > MAX_MANIFEST:
             raise BundleError(f"{self.path}: {MANIFEST} is {member.size} bytes; at most {MAX_MANIFEST}")
-        data = self.tar.extractfile(member).read()
+        data = _data(self.tar, member).read()
         sig = self.members.get(SIGNATURE)
         if sig is not None and sig.size > MAX_SIGNATURE:
             raise BundleError(f"{self.path}: {SIGNATURE} is too large for a minisign signature")
-        return data, self.tar.extractfile(sig).read().decode(errors="replace") if sig is not None else None
+        return data, _data(self.tar, sig).read().decode(errors="replace") if sig is not None else None
 
     def check(self, manifest: Manifest) -> None:
         expected = {f"{FILES}/{f.name}": f for f in manifest.files()}
@@ -202,17 +216,17 @@ class TarSource:
             if name not in expected:
                 raise BundleError(f"{self.path}: {member.name} is not listed in the manifest")
         for name, f in expected.items():
-            member = self.members.get(name)
-            if member is None:
+            found = self.members.get(name)
+            if found is None:
                 raise BundleError(f"{self.path}: {name} is listed in the manifest but missing")
-            if member.size != f.size:
-                raise BundleError(f"{self.path}: {name} is {member.size} bytes, the manifest says {f.size}")
+            if found.size != f.size:
+                raise BundleError(f"{self.path}: {name} is {found.size} bytes, the manifest says {f.size}")
         end = max(m.offset_data + m.size for m in self.members.values())
         if end > self.path.stat().st_size:
             raise BundleError(f"{self.path}: truncated (the tar ends before its last file does)")
 
-    def open(self, name: str) -> BinaryIO:
-        return self.tar.extractfile(self.members[f"{FILES}/{name}"])
+    def open(self, name: str) -> IO[bytes]:
+        return _data(self.tar, self.members[f"{FILES}/{name}"])
 
     def close(self) -> None:
         self.tar.close()
@@ -222,12 +236,12 @@ class StreamSource:
     """A tar arriving over HTTP: manifest.json first, its signature next, then the files in the
     manifest's order (how `edgellm bundle create --tar` writes them)."""
 
-    seekable = False
+    seekable: Literal[False] = False
 
-    def __init__(self, stream: BinaryIO, name: str = "upload") -> None:
+    def __init__(self, stream: Readable, name: str = "upload") -> None:
         self.name = name
-        try:
-            self.tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_TarInfo)
+        try:  # typeshed asks any fileobj for write, seek and tell too; a stream ("r|") is only read
+            self.tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_TarInfo)  # type: ignore[call-overload]
         except tarfile.TarError as e:
             raise BundleError(f"{name}: not an uncompressed tar ({e})") from None
         self._seen = 0
@@ -259,22 +273,21 @@ class StreamSource:
             raise BundleError(f"{self.name}: the tar must begin with {MANIFEST}")
         if first[1].size > MAX_MANIFEST:
             raise BundleError(f"{self.name}: {MANIFEST} is {first[1].size} bytes; at most {MAX_MANIFEST}")
-        data = self.tar.extractfile(first[1]).read()
+        data = _data(self.tar, first[1]).read()
         second = self._next()
         signature = None
         if second is not None and second[0] == SIGNATURE:
             if second[1].size > MAX_SIGNATURE:
                 raise BundleError(f"{self.name}: {SIGNATURE} is too large for a minisign signature")
-            signature = self.tar.extractfile(second[1]).read().decode(errors="replace")
-        else:
-            self._pending = second[1] if second else None
-            self._pending_name = second[0] if second else None
+            signature = _data(self.tar, second[1]).read().decode(errors="replace")
+        elif second is not None:
+            self._pending_name, self._pending = second
         return data, signature
 
     def check(self, manifest: Manifest) -> None:
         """Nothing can be checked ahead in a stream: files() checks each as it comes."""
 
-    def files(self, manifest: Manifest) -> Iterator[tuple[str, BinaryIO]]:
+    def files(self, manifest: Manifest) -> Iterator[tuple[str, IO[bytes]]]:
         """Each file of the manifest, in order, with its header checked before its data is read."""
         for f in manifest.files():
             if self._pending is not None:
@@ -291,10 +304,12 @@ class StreamSource:
                                   "out of the manifest's order)")
             if member.size != f.size:
                 raise BundleError(f"{self.name}: {name} is {member.size} bytes, the manifest says {f.size}")
-            yield f.name, self.tar.extractfile(member)
-        if self._pending is not None or (extra := self._next()) is not None:
-            member = self._pending or extra[1]
-            raise BundleError(f"{self.name}: {member.name} is not listed in the manifest")
+            yield f.name, _data(self.tar, member)
+        extra = self._pending
+        if extra is None and (item := self._next()) is not None:
+            extra = item[1]
+        if extra is not None:
+            raise BundleError(f"{self.name}: {extra.name} is not listed in the manifest")
 
     def close(self) -> None:
         self.tar.close()

@@ -46,6 +46,7 @@ class Catalog:
         self._settings = settings
         self._known: dict[str, Known] = {}
         self._names: dict[str, Known] = {}
+        self._installed: list[Entry] = []  # the store's, as last read
         self._stamp: int | None = None
         self.problem = ""  # why the store's catalog cannot be read, while it cannot
 
@@ -55,18 +56,19 @@ class Catalog:
         stamp = self._registry.stamp() if self._registry else 0
         if stamp == self._stamp:
             return [], []
-        entries = list(self._extra)
         if self._registry is not None:
             try:
-                entries += await asyncio.to_thread(self._registry.entries)
+                self._installed = await asyncio.to_thread(self._registry.entries)
                 self.problem = ""
-            except EdgeError as e:  # a damaged catalog: keep serving what is known, say why
+                self._stamp = stamp
+            except EdgeError as e:  # a damaged catalog: keep serving what is known, say why, try again
                 if e.message != self.problem:
                     log.error("%s", e)
                 self.problem = e.message
-                return [], []
-        self._stamp = stamp
-        current = {e.id: e for e in entries}  # an installed model wins a clash of ids with the --model file
+        else:
+            self._stamp = stamp
+        # An installed model wins a clash of ids with the --model file.
+        current = {e.id: e for e in [*self._extra, *self._installed]}
         gone = [k for i, k in self._known.items() if i not in current or current[i].sha256 != k.entry.sha256]
         for known in gone:
             del self._known[known.id]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from typing import NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -110,12 +111,13 @@ def builtin_for(model: Model) -> str:
     return _BY_ARCHITECTURE.get(model.architecture, "chatml")
 
 
-def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+def _tojson(value: object, indent: int | None = None, ensure_ascii: bool = False,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Jinja's own tojson escapes HTML; chat templates expect plain JSON.
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     raise TemplateError(message)
 
 

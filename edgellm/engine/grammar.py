@@ -36,7 +36,8 @@ _PRIMITIVES = {
     "string": r'"\"" char* "\"" ws',
     "integer": f'"-"? ("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ws',
     "number": f'"-"? ("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ("." [0-9]{{1,15}})? ([eE] [-+]? [0-9]{{1,3}})? ws',
-    "nonneg-number": f'("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ("." [0-9]{{1,15}})? ([eE] [-+]? [0-9]{{1,3}})? ws',
+    "nonneg-number": f'("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ("." [0-9]{{1,15}})? '
+                     '([eE] [-+]? [0-9]{1,3})? ws',
     "boolean": '("true" | "false") ws',
     "null": '"null" ws',
     "value": "object | array | string | number | boolean | null",
@@ -81,7 +82,8 @@ def to_gbnf(schema: dict) -> str:
     converter = _Converter(schema)
     root = converter.visit(schema, "#")
     rules = {"root": root, **converter.rules}
-    pending = [name for body in rules.values() for name in _PRIMITIVES if re.search(rf"(?<![\w-]){name}(?![\w-])", body)]
+    pending = [name for body in rules.values() for name in _PRIMITIVES
+               if re.search(rf"(?<![\w-]){name}(?![\w-])", body)]
     while pending:
         name = pending.pop()
         if name not in rules:
@@ -151,12 +153,13 @@ class _Converter:
         return self._typed(schema, kind, where)
 
     def _ref(self, ref: object, where: str) -> str:
+        target = self._resolve(ref, where)
+        assert isinstance(ref, str)  # _resolve refuses anything else
         if ref not in self._refs:
-            target = self._resolve(ref, where)
             # Name the rule before visiting its target: a schema may refer to itself.
-            name = self._rule(str(ref).rsplit("/", 1)[-1] or "root-ref", "")
+            name = self._rule(ref.rsplit("/", 1)[-1] or "root-ref", "")
             self._refs[ref] = name
-            self.rules[name] = self.visit(target, str(ref))
+            self.rules[name] = self.visit(target, ref)
         return self._refs[ref]
 
     def _merge_all_of(self, schema: dict, where: str) -> dict:
@@ -215,8 +218,8 @@ class _Converter:
             if fmt not in _FORMATS:
                 raise SchemaError(f"{where}: string format {fmt!r} is not supported (supported: {', '.join(_FORMATS)})")
             return f'"\\"" {fmt} "\\"" ws'
-        low = _count(schema, "minLength", 0, where)
-        high = _count(schema, "maxLength", None, where)
+        low = _count(schema, "minLength", where) or 0
+        high = _count(schema, "maxLength", where)
         if low == 0 and high is None:
             return "string"
         if high is not None and high < low:
@@ -239,15 +242,16 @@ class _Converter:
                           "use an 'integer' range or an 'enum'")
 
     def _array(self, schema: dict, where: str) -> str:
-        low = _count(schema, "minItems", 0, where)
-        high = _count(schema, "maxItems", None, where)
+        low = _count(schema, "minItems", where) or 0
+        high = _count(schema, "maxItems", where)
         if high is not None and high < low:
             raise SchemaError(f"{where}: maxItems is less than minItems")
         if "prefixItems" in schema:
             prefix = schema["prefixItems"]
             if not isinstance(prefix, list) or not prefix:
                 raise SchemaError(f"{where}: 'prefixItems' must be a non-empty array")
-            if schema.get("items", False) is not False or low not in (0, len(prefix)) or high not in (None, len(prefix)):
+            if (schema.get("items", False) is not False or low not in (0, len(prefix))
+                    or high not in (None, len(prefix))):
                 raise SchemaError(f"{where}: 'prefixItems' is supported only as a fixed-length tuple (items: false)")
             parts = [self.visit(s, f"{where}/prefixItems/{i}") for i, s in enumerate(prefix)]
             body = '"[" ws ' + ' "," ws '.join(parts) + ' "]" ws'
@@ -303,8 +307,9 @@ def _hint(where: str, kind: str) -> str:
     return f"{last if last != '#' else 'root'}-{kind}"
 
 
-def _count(schema: dict, key: str, default: int | None, where: str) -> int | None:
-    value = schema.get(key, default)
+def _count(schema: dict, key: str, where: str) -> int | None:
+    """A non-negative integer keyword; None when it is absent (or null)."""
+    value = schema.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise SchemaError(f"{where}: '{key}' must be a non-negative integer")
     return value
@@ -323,10 +328,10 @@ def _int_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
     ex_low, ex_high = number("exclusiveMinimum"), number("exclusiveMaximum")
     lo = None if low is None else math.ceil(low)
     if ex_low is not None:
-        lo = max(lo if lo is not None else -math.inf, math.floor(ex_low) + 1)
+        lo = math.floor(ex_low) + 1 if lo is None else max(lo, math.floor(ex_low) + 1)
     hi = None if high is None else math.floor(high)
     if ex_high is not None:
-        hi = min(hi if hi is not None else math.inf, math.ceil(ex_high) - 1)
+        hi = math.ceil(ex_high) - 1 if hi is None else min(hi, math.ceil(ex_high) - 1)
     if lo is not None and hi is not None and lo > hi:
         raise SchemaError(f"{where}: no integer lies between the minimum and the maximum")
     return lo, hi

@@ -83,7 +83,7 @@ def load(known: Known, engine: EngineConfig, plan: Plan, *, metrics: Metrics,
          on_exit: Callable[[str], None]) -> Loaded:
     """Load on the plan's first backend that works. `on_exit(reason)`: the runner thread ended
     by itself (runner.py)."""
-    n_layer = int(known.headers[0].arch("block_count", 0) or 0)
+    n_layer = known.headers[0].arch_int("block_count", 0)
     steps = plan.steps
     for i, step in enumerate(steps):
         layers = plan.gpu_layers(step, known.estimate, n_layer, engine.n_gpu_layers)

@@ -52,6 +52,9 @@ from edgellm.units import MiB, parse_duration
 log = logging.getLogger("edgellm.engine")
 
 MAX_FAILURES = 3  # runner failures within FAILURE_WINDOW that make a model broken
+# Why a model is unloaded (the label of edgellm_model_unloads_total) -> how the log says it.
+UNLOAD_REASONS = {"keep_alive": "keep_alive elapsed", "room": "to make room", "admin": "asked to",
+                  "removed": "removed", "failed": "its runner stopped", "shutdown": "shutting down"}
 FAILURE_WINDOW = 600.0  # seconds
 
 
@@ -218,7 +221,7 @@ class Pool:
         self._changed.set()
         if state.loaded is not None and state.loaded.users == 0 and (
                 state.unload_requested or state.removed or (keep_alive == 0 and not state.known.pinned)):
-            self._begin_unload(state, "removed" if state.removed else "keep_alive elapsed")
+            self._begin_unload(state, "removed" if state.removed else "keep_alive")
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class Pool:
             raise
         state.rss_delta = process.memory_info().rss - before
         state.loaded, state.phase = loaded, "loaded"
+        self._metrics.loads.labels(state.known.id).inc()
         state.failure = ""
         state.broken = False
         state.last_used = time.time()
@@ -308,7 +312,7 @@ class Pool:
             if isinstance(decision, Refuse):
                 raise decision.error
             if isinstance(decision, Evict):
-                self._begin_unload(cast(ModelState, decision.victim), "to make room")
+                self._begin_unload(cast(ModelState, decision.victim), "room")
                 continue
             state.waiting = decision.why
             if time.monotonic() > deadline:
@@ -320,11 +324,13 @@ class Pool:
     # --- unloading ------------------------------------------------------------------------------
 
     def _begin_unload(self, state: ModelState, reason: str) -> None:
-        """Take the model out of service now; its runner and weights are freed in the background."""
+        """Take the model out of service now; its runner and weights are freed in the background.
+        `reason`: one of UNLOAD_REASONS."""
         loaded = state.loaded
         if loaded is None:
             return
-        log.info("unloading model %s (%s)", state.known.id, reason)
+        log.info("unloading model %s (%s)", state.known.id, UNLOAD_REASONS[reason])
+        self._metrics.unloads.labels(state.known.id, reason).inc()
         state.loaded, state.phase = None, "unloading"
         state.unloading = asyncio.get_running_loop().create_task(self._free(state, loaded))
 
@@ -367,7 +373,7 @@ class Pool:
         log.error("model %s %s; %s", state.known.id, state.failure,
                   "it cannot be brought back: restart the service" if state.broken
                   else "it is loaded afresh on the next request")
-        self._begin_unload(state, "its runner stopped")
+        self._begin_unload(state, "failed")
 
     def broken(self) -> list[str]:
         """Models that stopped working and cannot be brought back without a restart."""
@@ -387,7 +393,7 @@ class Pool:
                         self._runner_exited(state)
                     expires = state.expires_at
                     if expires is not None and expires <= now and not state.known.pinned:
-                        await self._unload_if_idle(state, "keep_alive elapsed")
+                        await self._unload_if_idle(state, "keep_alive")
             except Exception:
                 log.exception("model housekeeping failed")
             await asyncio.sleep(1)
@@ -412,7 +418,7 @@ class Pool:
         if state.loaded is None:
             return True
         state.unload_requested = True
-        return await self._unload_if_idle(state, "asked to")
+        return await self._unload_if_idle(state, "admin")
 
     async def remove(self, name: str) -> Entry:
         """Uninstall a model; refused while requests are in flight on it."""
@@ -455,6 +461,7 @@ class Pool:
             "failure": state.failure or None,
             "backend": loaded.backend if loaded else None,
             "gpu_layers": loaded.gpu_layers if loaded else None,
+            "chat_template_in_use": loaded.chat_template.name if loaded and loaded.chat_template else None,
             "estimate_bytes": state.known.estimate.total,
             "rss_delta_bytes": state.rss_delta,
             "in_flight": loaded.users if loaded else 0,
@@ -488,5 +495,5 @@ class Pool:
         await asyncio.gather(*self._startup, *(s.loading for s in self._states.values() if s.loading),
                              return_exceptions=True)
         for state in self._states.values():
-            self._begin_unload(state, "shutting down")
+            self._begin_unload(state, "shutdown")
         await asyncio.gather(*(s.unloading for s in self._states.values() if s.unloading), return_exceptions=True)

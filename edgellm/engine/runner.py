@@ -36,7 +36,7 @@ from edgellm.engine.errors import (
     ShuttingDown,
 )
 from edgellm.engine.model import Model
-from edgellm.engine.scheduler import GenerationRequest, Job, Scheduler
+from edgellm.engine.scheduler import GenerationRequest, Job, Scheduler, put
 from edgellm.engine.stream import Outbox, Stream
 from edgellm.errors import EdgeError
 from edgellm.metrics import Metrics
@@ -101,7 +101,7 @@ class Runner:
             self.n_ctx, self.n_batch = ready.result(timeout=start_timeout)
         except TimeoutError:
             self.stop()  # should it get there after all, the thread frees the context and ends
-            raise ModelLoadError(f"llama.cpp did not set up a context within {start_timeout:.0f} s") from None
+            raise ModelLoadError(f"llama.cpp did not set up a context within {start_timeout:g} s") from None
 
     # --- called from the event loop -------------------------------------------------
 
@@ -272,11 +272,7 @@ class Runner:
         can run this model, while a failure can still be reported as a failed load."""
         tokens = [t if t >= 0 else 0 for t in (self.model.bos, self.model.eos)]
         for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(tokens) - 1
+            put(batch, i, token, i, 0, i == len(tokens) - 1)
         batch.n_tokens = len(tokens)
         status = C.llama_decode(ctx, batch)
         C.llama_memory_clear(C.llama_get_memory(ctx), True)
@@ -304,16 +300,19 @@ class Runner:
         try:
             if not job.future.set_running_or_notify_cancel():
                 return  # the client went away while this waited
-            vectors = []
+            vectors: list[list[float]] = []
             for tokens in job.inputs:
                 if job.cancelled or self._stopping:
                     log.info("embedding cancelled after %d of %d inputs", len(vectors), len(job.inputs))
+                    self.metrics.requests.labels("cancelled").inc()
                     job.future.set_exception(ShuttingDown() if self._stopping else EngineError("cancelled"))
                     return
                 vectors.append(self._embedding(ctx, batch, tokens))
             job.future.set_result(vectors)
+            self.metrics.requests.labels("completed").inc()
         except EngineError as e:
             log.error("embedding failed: %s", e)
+            self.metrics.requests.labels("failed").inc()
             job.future.set_exception(e)
         finally:
             if job.future.done():  # else the thread is failing, and ends the job as it goes
@@ -326,11 +325,7 @@ class Runner:
             raise EngineError(f"cannot embed {n} tokens at once (batch size {self.n_batch})")
         C.llama_memory_clear(C.llama_get_memory(ctx), True)
         for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = True
+            put(batch, i, token, i, 0, True)
         batch.n_tokens = n
         status = C.llama_decode(ctx, batch)
         if status != 0:

@@ -70,12 +70,13 @@ class Sampler:
             self.close()
             raise
 
-    def sample(self, ctx, index: int) -> int:
+    def sample(self, ctx: C.llama_context_p, index: int) -> int:
         """The next token from the logits of batch position `index` (the chain accepts it)."""
         if self.ptr is not None:
             return C.llama_sampler_sample(self.ptr, ctx, index)
         address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
-        logits = np.frombuffer(self._row.from_address(address), dtype=np.float32)
+        assert address is not None
+        logits = np.frombuffer(self._row.from_address(address), dtype=np.float32)  # type: ignore[call-overload]
         best = int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler picks
         if not len(self._bias_ids):
             return best
@@ -91,7 +92,7 @@ class Sampler:
             return token
         return best
 
-    def _add(self, sampler) -> None:
+    def _add(self, sampler: C.llama_sampler_p) -> None:
         C.llama_sampler_chain_add(self.ptr, sampler)
 
     def _build(self, model: Model, p: SamplingParams, bias: dict[int, float]) -> None:
@@ -124,12 +125,12 @@ class Sampler:
             self.ptr = None
 
 
-def _grammar(model: Model, schema: dict):
+def _grammar(model: Model, schema: dict[str, object]) -> C.llama_sampler_p:
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""
     try:
         gbnf = to_gbnf(schema or {"type": "object"})
     except (RecursionError, TypeError, ValueError) as e:  # a schema shape the checks did not foresee
-        raise SchemaError(e if isinstance(e, SchemaError) else f"unsupported JSON schema: {e!r}") from None
+        raise SchemaError(f"unsupported JSON schema: {e!r}") from None
     sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
     if not sampler:
         raise SchemaError("llama.cpp could not parse the grammar made from this JSON schema")

@@ -96,6 +96,15 @@ class _Plan:
     n_tokens: int = 0
 
 
+def put(batch: C.llama_batch, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
+    """Token `i` of a batch: one token at one position of one sequence."""
+    batch.token[i] = token
+    batch.pos[i] = pos  # type: ignore[call-overload]  # llama-cpp-python types it one level too deep
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = output
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -105,7 +114,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, ctx, batch, model: Model, *, model_id: str, n_ctx: int, n_batch: int, parallel: int,
+    def __init__(self, ctx: C.llama_context_p, batch: C.llama_batch, model: Model, *, model_id: str, n_ctx: int,
+                 n_batch: int, parallel: int,
                  outbox: Outbox, metrics: Metrics, on_release: Callable[[Job], None]) -> None:
         self.ctx = ctx
         self.batch = batch
@@ -222,20 +232,24 @@ class Scheduler:
         batch = self.batch
         n = 0
         for sequence in self.running:
+            slot = sequence.slot
+            assert slot is not None  # a running sequence has its slot
             if sequence.next_token is not None:
-                self._put(n, sequence.next_token, len(sequence.slot.tokens), sequence.slot.seq_id, True)
+                put(batch, n, sequence.next_token, len(slot.tokens), slot.seq_id, True)
                 plan.outputs.append((sequence, n))
                 plan.generating.append(sequence)
                 n += 1
         limit = min(self.n_batch, n + prefill_budget)
         for sequence in self.running:
+            slot = sequence.slot
+            assert slot is not None
             if not sequence.pending or n >= limit:
                 continue
             take = min(len(sequence.pending), limit - n)
-            start = len(sequence.slot.tokens)
-            seq_id = sequence.slot.seq_id
+            start = len(slot.tokens)
+            seq_id = slot.seq_id
             for j in range(take):
-                self._put(n + j, sequence.pending[j], start + j, seq_id, False)
+                put(batch, n + j, sequence.pending[j], start + j, seq_id, False)
             n += take
             if take == len(sequence.pending):  # the prompt's last token: its logits give the first token
                 batch.logits[n - 1] = 1
@@ -245,13 +259,6 @@ class Scheduler:
         plan.n_tokens = n
         return plan
 
-    def _put(self, i: int, token: int, pos: int, seq_id: int, output: bool) -> None:
-        batch = self.batch
-        batch.token[i] = token
-        batch.pos[i] = pos
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = seq_id
-        batch.logits[i] = output
 
     def _decode(self) -> list[tuple[Sequence, int]]:
         """One llama_decode; when the KV cache is full, make room and try again."""
@@ -283,9 +290,11 @@ class Scheduler:
 
     def _commit(self, plan: _Plan) -> None:
         for sequence in plan.generating:
+            assert sequence.slot is not None and sequence.next_token is not None
             sequence.slot.tokens.append(sequence.next_token)
             sequence.next_token = None
         for sequence, take in plan.prefill:
+            assert sequence.slot is not None
             sequence.slot.tokens.extend(sequence.pending[:take])
             sequence.pending = sequence.pending[take:]
         self.metrics.decode_steps.inc()
@@ -304,7 +313,9 @@ class Scheduler:
         """Free a running sequence's cells and queue it first, to recompute them later."""
         log.info("KV cache full: pausing a sequence after %d tokens; it resumes when there is room",
                  sequence.generated)
+        self.metrics.preemptions.inc()
         slot = sequence.slot
+        assert slot is not None
         sequence.resume = slot.tokens + ([sequence.next_token] if sequence.next_token is not None else []) \
             + sequence.pending
         sequence.next_token = None
@@ -382,5 +393,5 @@ class Scheduler:
         m = self.metrics
         m.queue_depth.set(len(self.waiting))
         m.running.set(len(self.running))
-        m.kv_cells_used.set(sum(len(s.slot.tokens) for s in self.running))
+        m.kv_cells_used.set(sum(len(s.slot.tokens) for s in self.running if s.slot is not None))
         m.kv_cells_cached.set(sum(len(s.tokens) for s in self.slots if s.sequence is None))

@@ -192,10 +192,10 @@ def board(root: Path) -> Board:
 
 def cpu(root: Path) -> Cpu:
     text = _read(root / "proc/cpuinfo")
-    blocks = [dict(re.findall(r"^([^:\n]+?)\s*:\s*(.*)$", b, re.M)) for b in text.split("\n\n") if b.strip()]
+    blocks: list[dict[str, str]] = [dict(re.findall(r"^([^:\n]+?)\s*:\s*(.*)$", b, re.M))
+                                    for b in text.split("\n\n") if b.strip()]
     processors = [b for b in blocks if "processor" in b]
-    flags = set((next((b.get("Features") or b.get("flags") for b in processors
-                       if b.get("Features") or b.get("flags")), "")).split())
+    flags = set(next((found for b in processors if (found := b.get("Features") or b.get("flags"))), "").split())
     if root == Path("/"):
         arch = platform.machine()
     elif any("Features" in b for b in processors):
@@ -210,7 +210,9 @@ def cpu(root: Path) -> Cpu:
         features.insert(0, "asimd")
 
     ids = [int(b["processor"]) for b in processors if re.fullmatch(r"[0-9]+", b["processor"])] or [0]
-    cores, groups, cluster_cores = set(), {}, {}
+    cores: set[tuple[int | None, ...]] = set()
+    groups: dict[int, Cluster] = {}
+    cluster_cores: dict[int, set[tuple[int | None, ...]]] = {}
     for n in ids:
         topology = root / f"sys/devices/system/cpu/cpu{n}/topology"
         core_id = _int(topology / "core_id")
@@ -261,8 +263,8 @@ def gpus(root: Path, board: Board) -> list[Gpu]:
     elif any(dev.glob("nvidia[0-9]*")):
         version = re.search(r"Kernel Module(?: for \w+)?\s+([\d.]+)", _read(root / "proc/driver/nvidia/version"))
         for info in sorted((root / "proc/driver/nvidia/gpus").glob("*/information")):
-            name = re.search(r"^Model:\s*(.+)$", _read(info), re.M)
-            found.append(Gpu("cuda", name[1].strip() if name else "NVIDIA GPU",
+            model = re.search(r"^Model:\s*(.+)$", _read(info), re.M)
+            found.append(Gpu("cuda", model[1].strip() if model else "NVIDIA GPU",
                              f"nvidia {version[1]}" if version else "nvidia", integrated=False))
         if not found:
             found.append(Gpu("cuda", "NVIDIA GPU", f"nvidia {version[1]}" if version else "nvidia", False))

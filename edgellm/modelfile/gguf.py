@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Literal, overload
 
 from edgellm.errors import InvalidRequest
 
@@ -43,16 +44,33 @@ class GGUFFile:
     n_params: int  # elements over all tensors
     tensor_bytes: int  # the data section: what mmap brings into memory
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: object = None) -> object:
         return self.metadata.get(key, default)
 
     @property
     def architecture(self) -> str:
         return str(self.get("general.architecture", "unknown"))
 
-    def arch(self, key: str, default=None):
+    def arch(self, key: str, default: object = None) -> object:
         """A hyperparameter of this file's architecture: arch("context_length") -> llama.context_length."""
         return self.get(f"{self.architecture}.{key}", default)
+
+    def arch_int(self, key: str, default: int) -> int:
+        """An integer hyperparameter; a GGUFError when a damaged header holds anything else there."""
+        return self._int(key, self.arch(key, default))
+
+    def arch_ints(self, key: str, n_layer: int, default: object) -> list[int]:
+        """A hyperparameter given once for all layers or as one value per layer: one per layer."""
+        value = self.arch(key, default)
+        if not isinstance(value, list):
+            return [self._int(key, value)] * n_layer
+        values = [self._int(key, v) for v in value]
+        return values + [values[-1] if values else 0] * (n_layer - len(values))
+
+    def _int(self, key: str, value: object) -> int:
+        if not isinstance(value, int):
+            raise GGUFError(f"{self.path}: {self.architecture}.{key} is {value!r}, not an integer")
+        return value
 
     @property
     def n_vocab(self) -> int:
@@ -76,7 +94,7 @@ def read(path: str | Path) -> GGUFFile:
         return read_from(f, path, path.stat().st_size)
 
 
-def read_from(f, path: Path, size: int) -> GGUFFile:
+def read_from(f: IO[bytes], path: Path, size: int) -> GGUFFile:
     """The header of a GGUF file open at its start (a file, or a member of a tar); `path` names it.
 
     Any file, however hostile, gives a GGUFFile or a GGUFError, in time and memory bounded by
@@ -89,7 +107,7 @@ def read_from(f, path: Path, size: int) -> GGUFFile:
         raise GGUFError(f"{path}: a damaged header ({type(e).__name__})") from None
 
 
-def _parse(f, path: Path, size: int) -> GGUFFile:
+def _parse(f: IO[bytes], path: Path, size: int) -> GGUFFile:
     reader = _Reader(f, path, size)
     if f.read(4) != MAGIC:
         raise GGUFError(f"{path}: not a GGUF file")
@@ -135,7 +153,7 @@ def _parse(f, path: Path, size: int) -> GGUFFile:
 
 
 class _Reader:
-    def __init__(self, f, path: Path, size: int) -> None:
+    def __init__(self, f: IO[bytes], path: Path, size: int) -> None:
         self.f = f
         self.path = path
         self.size = size
@@ -146,7 +164,12 @@ class _Reader:
             raise GGUFError(f"{self.path}: truncated header")
         return data
 
-    def scalar(self, fmt: str):
+    @overload
+    def scalar(self, fmt: Literal["<I", "<Q"]) -> int: ...
+    @overload
+    def scalar(self, fmt: str) -> int | float: ...
+
+    def scalar(self, fmt: str) -> int | float:
         return struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
@@ -155,7 +178,7 @@ class _Reader:
             raise GGUFError(f"{self.path}: truncated header (a string of {n} bytes)")
         return self._read(n).decode("utf-8", "replace")
 
-    def value(self, kind: int):
+    def value(self, kind: int) -> object:
         if kind == _STRING:
             return self.string()
         if kind in _SCALARS:

@@ -56,25 +56,18 @@ class Estimate:
                 f"{self.kv_cache / MiB:.0f} MiB + buffers {self.compute / MiB:.0f} MiB)")
 
 
-def _per_layer(value, n_layer: int) -> list[int]:
-    """A hyperparameter given once for all layers or as one value per layer."""
-    if isinstance(value, list):
-        return [int(v) for v in value] + [int(value[-1]) if value else 0] * (n_layer - len(value))
-    return [int(value)] * n_layer
-
-
 def kv_bytes_per_cell(parts: list[GGUFFile]) -> int:
     """Bytes of K and V that one token position takes across all layers."""
     g = parts[0]
-    n_layer = int(g.arch("block_count", 0))
-    n_embd = int(g.arch("embedding_length", 0))
-    n_head = _per_layer(g.arch("attention.head_count", 1), n_layer)
-    n_head_kv = _per_layer(g.arch("attention.head_count_kv", g.arch("attention.head_count", 1)), n_layer)
+    n_layer = g.arch_int("block_count", 0)
+    n_embd = g.arch_int("embedding_length", 0)
+    n_head = g.arch_ints("attention.head_count", n_layer, 1)
+    n_head_kv = g.arch_ints("attention.head_count_kv", n_layer, g.arch("attention.head_count", 1))
     total = 0
     for layer in range(n_layer):
         head_dim = n_embd // max(n_head[layer], 1)
-        k = int(g.arch("attention.key_length", head_dim))
-        v = int(g.arch("attention.value_length", head_dim))
+        k = g.arch_int("attention.key_length", head_dim)
+        v = g.arch_int("attention.value_length", head_dim)
         total += n_head_kv[layer] * (k + v) * _F16
     return total
 
@@ -83,14 +76,14 @@ def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int,
              ) -> Estimate:
     """Memory a load with these settings will take (bytes), for a model given by its header(s)."""
     g = parts[0]
-    n_ctx = min(n_ctx, int(g.arch("context_length", n_ctx)) or n_ctx)
+    n_ctx = min(n_ctx, g.arch_int("context_length", n_ctx) or n_ctx)
     cells = -(-n_ctx // _CTX_PAD) * _CTX_PAD
     tensors = sum(p.tensor_bytes for p in parts)
     weights = int(tensors * (1 + _REPACK_SHARE))
     kv = 0 if g.architecture in _NO_KV_CACHE else cells * kv_bytes_per_cell(parts)
     n_vocab = g.n_vocab
-    n_embd = int(g.arch("embedding_length", 0))
-    n_ff = max(_per_layer(g.arch("feed_forward_length", 0), int(g.arch("block_count", 1)) or 1))
+    n_embd = g.arch_int("embedding_length", 0)
+    n_ff = max(g.arch_ints("feed_forward_length", g.arch_int("block_count", 1) or 1, 0))
     if embedding:  # one input at a time, an embedding for each of its tokens
         outputs = n_ubatch * n_embd * 4
     else:  # the output buffer, and the logits rows of a step
@@ -104,7 +97,7 @@ def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int,
 def largest_context(parts: list[GGUFFile], available: int, *, parallel: int, n_ubatch: int) -> int:
     """The largest n_ctx (a multiple of 256) whose estimate fits in `available`, or 0."""
     best, n_ctx = 0, _CTX_PAD
-    ceiling = int(parts[0].arch("context_length", 1 << 20)) or (1 << 20)
+    ceiling = parts[0].arch_int("context_length", 1 << 20) or (1 << 20)
     while n_ctx <= ceiling and estimate(parts, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch).total <= available:
         best, n_ctx = n_ctx, n_ctx * 2
     return best

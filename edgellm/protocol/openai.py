@@ -14,7 +14,7 @@ import struct
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeGuard
 
 from edgellm import limits
 from edgellm.errors import EdgeError, InvalidRequest, Unsupported
@@ -68,17 +68,19 @@ _KINDS = {
 }
 
 
-def _get(body: dict, name: str, kind: str, default=None, *, minimum=None, maximum=None, param: str | None = None):
-    """One field, type- and range-checked; null counts as absent, as in OpenAI's API."""
+def _get(body: dict[str, Any], name: str, kind: str, default: object = None, *, minimum: float | None = None,
+         maximum: float | None = None, param: str | None = None) -> Any:
+    """One field, type- and range-checked (its type is `kind`'s, or default's); null counts as absent,
+    as in OpenAI's API."""
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         return default
     types, described = _KINDS[kind]
     if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
         raise _invalid(f"'{param or name}' must be {described}, got {_json_type(value)}", param or name)
-    if minimum is not None and value < minimum:
+    if minimum is not None and isinstance(value, int | float) and value < minimum:
         raise _invalid(f"'{param or name}' must be at least {minimum}, got {value}", param or name)
-    if maximum is not None and value > maximum:
+    if maximum is not None and isinstance(value, int | float) and value > maximum:
         raise _invalid(f"'{param or name}' must be at most {maximum}, got {value}", param or name)
     return value
 
@@ -110,8 +112,8 @@ def _options(body: dict, *, chat: bool) -> GenerationOptions:
         _refuse_unless(not _get(body, "suffix", "string"), "suffix", "suffix (fill-in-the-middle) is not supported")
         _refuse_unless(_get(body, "best_of", "integer", 1) == 1, "best_of", "best_of must be 1")
 
-    max_tokens = _get(body, "max_tokens", "integer", minimum=1)
-    max_completion = _get(body, "max_completion_tokens", "integer", minimum=1)
+    max_tokens = _get(body, "max_tokens", "integer", minimum=1, maximum=limits.MAX_TOKENS)
+    max_completion = _get(body, "max_completion_tokens", "integer", minimum=1, maximum=limits.MAX_TOKENS)
     stream = _get(body, "stream", "boolean", False)
     stream_options = _get(body, "stream_options", "object", {})
     include_usage = _get(stream_options, "include_usage", "boolean", False, param="stream_options.include_usage")
@@ -143,7 +145,7 @@ def _stops(body: dict) -> tuple[str, ...]:
 
 def _sampling(body: dict) -> dict[str, object]:
     """The sampling fields the request sets; the model's and the server's defaults fill the rest."""
-    fields = {name: _bounded(body, name) for name in _KNOBS}
+    fields: dict[str, object] = {name: _bounded(body, name) for name in _KNOBS}
     fields.update({
         "logit_bias": _logit_bias(body) or None,
         "ignore_eos": _get(body, "ignore_eos", "boolean"),
@@ -280,10 +282,11 @@ def parse_completion(body: dict) -> CompletionRequest:
 
 def parse_embeddings(body: dict) -> EmbeddingRequest:
     raw = body.get("input")
+    inputs: list[str | list[int]]
     if isinstance(raw, str) or _is_token_list(raw):
         inputs = [raw]
     elif isinstance(raw, list) and all(isinstance(x, str) or _is_token_list(x) for x in raw):
-        inputs = raw
+        inputs = list(raw)
     else:
         raise _invalid("'input' must be a string, an array of strings, or token ids", "input")
     if not inputs or any(len(x) == 0 for x in inputs):
@@ -298,7 +301,7 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
                             keep_alive=_keep_alive(body))
 
 
-def _is_token_list(value: object) -> bool:
+def _is_token_list(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
@@ -391,7 +394,7 @@ def model_object(model_id: str, created: int) -> dict:
 
 
 def embeddings_body(model: str, vectors: list[list[float]], encoding_format: str, prompt_tokens: int) -> dict:
-    def encode(vector: list[float]):
+    def encode(vector: list[float]) -> str | list[float]:
         if encoding_format == "base64":
             return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         return vector

@@ -92,6 +92,7 @@ class Upstream:
 
     async def _refresh(self) -> None:
         """The upstream's models (unless configured), its load, and a probe when the circuit is half-open."""
+        assert self.session is not None, "start() opens the session"
         if self.breaker.state == "half-open":
             try:
                 async with self.session.get(self.root + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
@@ -125,6 +126,7 @@ class Upstream:
     async def send(self, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST to the upstream; returns once its response headers are in (the first byte).
         At most one retry, only before the first byte, honouring a short Retry-After."""
+        assert self.session is not None, "start() opens the session"
         for attempt in (1, 2):
             started = time.monotonic()
             try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from edgellm.engine.service import (
     EmbedRequest,
@@ -57,10 +58,10 @@ async def get_model(request: Request) -> JSONResponse:
 
 # --- completions -------------------------------------------------------------------------
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> ASGIApp:
     body = await read_json(request)
 
-    async def local() -> Response:
+    async def local() -> ASGIApp:
         parsed = proto.parse_chat(body)
         return await _generate(request, _generation(parsed.options, messages=parsed.messages), parsed.options,
                                chat=True)
@@ -68,10 +69,10 @@ async def chat_completions(request: Request) -> Response:
     return await route(request, body, "/chat/completions", local)
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request) -> ASGIApp:
     body = await read_json(request)
 
-    async def local() -> Response:
+    async def local() -> ASGIApp:
         parsed = proto.parse_completion(body)
         return await _generate(request, _generation(parsed.options, prompt=parsed.prompt), parsed.options,
                                chat=False)
@@ -86,7 +87,7 @@ def _generation(options: proto.GenerationOptions, *, messages: list[dict[str, ob
 
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
-                    chat: bool) -> Response:
+                    chat: bool) -> ASGIApp:
     generation = await _service(request).generate(wanted)
     reply = proto.Reply(model=generation.model, chat=chat)
     handed_over = False
@@ -105,7 +106,7 @@ async def _generate(request: Request, wanted: GenerateRequest, options: proto.Ge
 
 
 async def _collect(generation: Generation) -> tuple[str, Finish]:
-    parts = []
+    parts: list[str] = []
     async for event in generation:
         if isinstance(event, Finish):
             return "".join(parts), event
@@ -141,10 +142,10 @@ async def _events(generation: Generation, first: Text | Finish | None, reply: pr
 
 # --- embeddings --------------------------------------------------------------------------
 
-async def embeddings(request: Request) -> Response:
+async def embeddings(request: Request) -> ASGIApp:
     body = await read_json(request)
 
-    async def local() -> Response:
+    async def local() -> ASGIApp:
         parsed = proto.parse_embeddings(body)
         wanted = EmbedRequest(model=parsed.model, inputs=parsed.inputs, keep_alive=parsed.keep_alive)
         result = await unless_disconnected(request, _service(request).embed(wanted))

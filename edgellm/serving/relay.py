@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgellm.engine.service import GenerationService
 from edgellm.errors import EdgeError, LocalFailure, Unsupported
+from edgellm.metrics import Metrics
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
 from edgellm.relay.upstream import Upstream, UpstreamError
@@ -32,13 +32,15 @@ log = logging.getLogger("edgellm.relay")
 SERVED_BY = b"x-edgellm-served-by"
 
 
-async def route(request: Request, body: dict, path: str, local: Callable[[], Awaitable[Response]]) -> Response:
+async def route(request: Request, body: dict[str, object], path: str,
+                local: Callable[[], Awaitable[ASGIApp]]) -> ASGIApp:
     """Serve here or upstream, as the policies say."""
     upstream: Upstream | None = request.app.state.upstream
     if upstream is None or upstream.config.offline:
         return await local()
     service: GenerationService = request.app.state.service
-    name = body.get("model") if isinstance(body.get("model"), str) else None
+    model = body.get("model")
+    name = model if isinstance(model, str) else None
     here = service.has(name)
     if not here and upstream.config.missing and upstream.has(name):
         return await relay(request, body, path, upstream, reason="missing")
@@ -58,7 +60,8 @@ async def route(request: Request, body: dict, path: str, local: Callable[[], Awa
         return await relay(request, body, path, upstream, reason="fallback")
 
 
-async def relay(request: Request, body: dict, path: str, upstream: Upstream, *, reason: str) -> Response:
+async def relay(request: Request, body: dict[str, object], path: str, upstream: Upstream, *,
+                reason: str) -> ASGIApp:
     """Send the request upstream; `reason` is the [relay] policy that chose to (missing, overflow,
     fallback), counted by name in edgellm_relayed."""
     body, problem = translate_guided(body)
@@ -80,7 +83,7 @@ class Passthrough:
     there. Errors before the body become OpenAI's shape; a stream cut halfway ends with an
     error event, never a hang."""
 
-    def __init__(self, response: aiohttp.ClientResponse, metrics) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, metrics: Metrics) -> None:
         self.response = response
         self.metrics = metrics
 

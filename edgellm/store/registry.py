@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from edgellm.errors import InvalidRequest
 from edgellm.files import fsync_dir, write_atomic
@@ -130,7 +130,7 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
         architecture=arch,
         quantization=QUANTIZATIONS.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown",
         parameters=sum(h.n_params for h in headers),
-        context_length=int(head.arch("context_length", 0) or 0),
+        context_length=head.arch_int("context_length", 0),
         has_chat_template=head.get("tokenizer.chat_template") is not None,
         embedding=pooling not in (None, 0),
         defaults=recommended,
@@ -146,7 +146,7 @@ def model_id_for(path: Path) -> str:
     return match["prefix"] if match else path.name.removesuffix(".gguf")
 
 
-def copy_hashing(src: BinaryIO, dst: BinaryIO | None, progress: Callable[[int], None] | None = None,
+def copy_hashing(src: IO[bytes], dst: IO[bytes] | None, progress: Callable[[int], None] | None = None,
                  limit: int | None = None) -> tuple[str, int]:
     """Read src to its end (or `limit` bytes), writing to dst if given; the SHA-256 and the size.
 
@@ -158,13 +158,13 @@ def copy_hashing(src: BinaryIO, dst: BinaryIO | None, progress: Callable[[int], 
     size = 0
     unsynced = 0
 
-    def write(chunk: bytes) -> None:
+    def write(out: IO[bytes], chunk: bytes) -> None:
         nonlocal unsynced
-        dst.write(chunk)
+        out.write(chunk)
         unsynced += len(chunk)
         if unsynced >= SYNC_EVERY:
-            dst.flush()
-            os.fdatasync(dst.fileno())
+            out.flush()
+            os.fdatasync(out.fileno())
             unsynced = 0
 
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="edgellm-copy") as workers:
@@ -176,7 +176,7 @@ def copy_hashing(src: BinaryIO, dst: BinaryIO | None, progress: Callable[[int], 
             if dst is not None:
                 if writing is not None:
                     writing.result()
-                writing = workers.submit(write, chunk)
+                writing = workers.submit(write, dst, chunk)
             size += len(chunk)
             if progress:
                 progress(len(chunk))
@@ -327,7 +327,7 @@ class Registry:
         self.place(tmp, sha)
         return ModelFile(name=source.name, sha256=sha, size=self.blob(sha).stat().st_size)
 
-    def stage(self, src: BinaryIO, tmp: Path, progress: Callable[[int], None] | None = None,
+    def stage(self, src: IO[bytes], tmp: Path, progress: Callable[[int], None] | None = None,
               limit: int | None = None) -> tuple[str, int]:
         """Copy into a temporary file in the store (hold the lock), hashing in the same pass, and
         fsync it; returns its SHA-256 and size."""
@@ -374,7 +374,8 @@ def _entry(record: object, version: int) -> Entry:
     if not isinstance(record, dict):
         raise ValueError("not an object")
     if version == 1:  # chat_template was the file's flag, template the bundle's template
-        record = {**record, "has_chat_template": record.get("chat_template"), "chat_template": record.get("template", "")}
+        record = {**record, "has_chat_template": record.get("chat_template"),
+                  "chat_template": record.get("template", "")}
         record.pop("template", None)
     unknown = set(record) - set(_RECORD)
     if unknown:

@@ -20,11 +20,11 @@ from pathlib import Path
 import psutil
 
 from edgellm.config import EngineConfig
-from edgellm.modelfile import gguf, memory
 from edgellm.engine.model import Model, init_llama
 from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams
 from edgellm.engine.scheduler import GenerationRequest
+from edgellm.modelfile import gguf, memory
 
 
 async def work(model: Model, runner: Runner, parallel: int) -> None:

@@ -140,24 +140,27 @@ import asyncio, json, sys
 DONE = json.dumps({"id": "x", "object": "text_completion", "model": "up", "choices": [
     {"index": 0, "text": "ok", "finish_reason": "length"}]}).encode()
 CHUNK = b'data: {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}\\n\\n'
+JSON = b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+SSE = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n"
 async def serve(reader, writer):
     try:
         while True:
             head = await reader.readuntil(b"\\r\\n\\r\\n")
-            length = next((int(l.split(b":")[1]) for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length")), 0)
+            lines = head.split(b"\\r\\n")
+            length = next((int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length")), 0)
             body = json.loads(await reader.readexactly(length)) if length else {}
             if b"/health" in head.split(b"\\r\\n")[0] or b"/models" in head.split(b"\\r\\n")[0]:
                 data = json.dumps({"status": "ok", "data": [{"id": "up"}]}).encode()
-                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(data), data))
+                writer.write(JSON % (len(data), data))
             elif body.get("stream"):
-                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: text/event-stream\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+                writer.write(SSE)
                 for _ in range(body.get("max_tokens", 1)):
                     writer.write(b"%x\\r\\n%s\\r\\n" % (len(CHUNK), CHUNK))
                     await writer.drain()
                 end = b"data: [DONE]\\n\\n"
                 writer.write(b"%x\\r\\n%s\\r\\n0\\r\\n\\r\\n" % (len(end), end))
             else:
-                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(DONE), DONE))
+                writer.write(JSON % (len(DONE), DONE))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()

@@ -208,8 +208,8 @@ def summarise(rounds: list[dict], concurrency: list[int]) -> list[dict]:
         ours = [get(r["edgellm"]) for r in rounds]
         theirs = [get(r["llama-server"]) for r in rounds]
         rows.append({"metric": label, "edgellm": statistics.median(ours), "llama_server": statistics.median(theirs),
-                     "ratio": statistics.median(a / b for a, b in zip(ours, theirs)),
-                     "difference": statistics.median(a - b for a, b in zip(ours, theirs)),
+                     "ratio": statistics.median(a / b for a, b in zip(ours, theirs, strict=True)),
+                     "difference": statistics.median(a - b for a, b in zip(ours, theirs, strict=True)),
                      "edgellm_rounds": ours, "llama_server_rounds": theirs})
     return rows
 
@@ -230,9 +230,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6))
-    for ax, row in zip(axes, rows):
-        for x, (name, key, colour) in enumerate((("edgellm", "edgellm", "tab:blue"),
-                                                 ("llama-server", "llama_server", "tab:grey"))):
+    for ax, row in zip(axes, rows, strict=True):
+        for x, (key, colour) in enumerate((("edgellm", "tab:blue"), ("llama_server", "tab:grey"))):
             ax.bar(x, row[key], color=colour, alpha=0.6)
             ax.plot([x] * len(row[f"{key}_rounds"]), row[f"{key}_rounds"], "o", color="black", markersize=3)
         ax.set_xticks([0, 1], ["edgellm", "llama-server"], fontsize=8)
