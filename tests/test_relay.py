@@ -322,6 +322,7 @@ def test_llama_server_as_the_upstream(server_factory, models, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(15)
+        proc.stdin.close()
         log.close()
 
 

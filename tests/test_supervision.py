@@ -143,6 +143,33 @@ def test_a_runner_that_cannot_start_fails_the_load_and_blocks_nothing(models, mo
         assert r.json()["choices"][0]["text"] == " world!"
 
 
+def test_a_load_whose_runner_is_too_slow_to_start_fails_and_frees_the_weights_only_after(
+        models, monkeypatch, tmp_path):
+    from edgellm.engine import runner as runner_module
+
+    gate, freed = threading.Event(), []
+    real_warm_up, real_close = Runner._warm_up, Model.close
+
+    def slow_warm_up(self: Runner, ctx, batch) -> None:
+        gate.wait(30)
+        real_warm_up(self, ctx, batch)
+
+    def close(self: Model) -> None:
+        freed.append([t.name for t in threading.enumerate() if t.name == "edgellm-runner"])
+        real_close(self)
+
+    monkeypatch.setattr(Runner, "_warm_up", slow_warm_up)
+    monkeypatch.setattr(Model, "close", close)
+    monkeypatch.setattr(runner_module, "START_TIMEOUT", 0.3)
+    with InProcess(config(tmp_path, models["scripted"], load_timeout="30s")) as server:
+        r = httpx.post(server.url + "/v1/completions", json=HELLO, timeout=30)
+        assert_error(r, 503, code="model_not_ready", says="did not set up a context within 0.3 s")
+        assert freed == []  # the runner's thread still reads the weights
+        gate.set()
+        wait_until(lambda: freed, 10, message="the weights to be freed")
+        assert freed == [[]]  # once its thread had ended
+
+
 def test_the_wait_for_a_runner_to_start_is_bounded(models, monkeypatch):
     gate = threading.Event()
     real_warm_up = Runner._warm_up

@@ -17,7 +17,7 @@ from edgellm.engine.catalog import Known
 from edgellm.engine.chat import ChatTemplate
 from edgellm.engine.errors import EngineError, ModelLoadError
 from edgellm.engine.model import Model
-from edgellm.engine.runner import Runner
+from edgellm.engine.runner import Runner, StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 
@@ -90,6 +90,8 @@ def load(known: Known, engine: EngineConfig, plan: Plan, *, metrics: Metrics,
         try:
             return _load_on(known, engine, step.device if layers else "", layers, metrics, on_exit,
                             backend=step.backend if layers else "cpu", gpu_layers=min(layers, n_layer + 1))
+        except StartTimeout:
+            raise  # it may start yet, holding that backend's memory: trying another would double it
         except (ModelLoadError, EngineError) as e:
             if i == len(steps) - 1:
                 raise
@@ -105,7 +107,15 @@ def _load_on(known: Known, engine: EngineConfig, device: str, layers: int, metri
     try:
         template = None if model.is_embedding else ChatTemplate.for_model(model, entry.chat_template)
         runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit)
+    except StartTimeout as e:  # the weights go once the runner's thread has let go of them, if it ever does
+        threading.Thread(target=_free_after, args=(e.thread, model), name="edgellm-late-free", daemon=True).start()
+        raise
     except BaseException:
         model.close()
         raise
     return Loaded(known, model, runner, template, backend=backend, gpu_layers=gpu_layers)
+
+
+def _free_after(thread: threading.Thread, model: Model) -> None:
+    thread.join()
+    model.close()

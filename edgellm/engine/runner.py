@@ -60,6 +60,14 @@ class _EmbedJob:
     cancelled: bool = False
 
 
+class StartTimeout(ModelLoadError):
+    """The runner did not start in time; its thread may still be using the model."""
+
+    def __init__(self, message: str, thread: threading.Thread) -> None:
+        super().__init__(message)
+        self.thread = thread
+
+
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
@@ -68,7 +76,7 @@ class Runner:
     """Owns one llama context on its own thread."""
 
     def __init__(self, model: Model, settings: EngineConfig, *, model_id: str = "", metrics: Metrics | None = None,
-                 on_exit: Callable[[str], None] | None = None, start_timeout: float = START_TIMEOUT) -> None:
+                 on_exit: Callable[[str], None] | None = None, start_timeout: float | None = None) -> None:
         """`on_exit(reason)` is called from the thread if it ends for any reason but stop()."""
         self.model = model
         self.settings = settings
@@ -95,13 +103,15 @@ class Runner:
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
+        start_timeout = START_TIMEOUT if start_timeout is None else start_timeout
         try:
             # llama.cpp adjusts both (n_ctx is padded to 256, n_batch capped at n_ctx for causal
             # models): use what it chose.
             self.n_ctx, self.n_batch = ready.result(timeout=start_timeout)
         except TimeoutError:
             self.stop()  # should it get there after all, the thread frees the context and ends
-            raise ModelLoadError(f"llama.cpp did not set up a context within {start_timeout:g} s") from None
+            raise StartTimeout(f"llama.cpp did not set up a context within {start_timeout:g} s",
+                               self._thread) from None
 
     # --- called from the event loop -------------------------------------------------
 

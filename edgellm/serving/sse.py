@@ -42,8 +42,10 @@ class EventStream:
             finally:
                 for task in (pump, watcher):
                     task.cancel()
-            if not pump.cancelled() and pump.done():
-                pump.result()  # an error while streaming is raised, not lost
+                # Both are done before on_close runs; an error while streaming is raised, not lost.
+                outcome, _ = await asyncio.gather(pump, watcher, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                raise outcome
         finally:
             if self.on_close is not None:
                 self.on_close()
