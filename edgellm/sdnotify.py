@@ -89,7 +89,7 @@ def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
 
 async def supervise(notifier: Notifier, service: GenerationService, where: str) -> None:
     """READY once the start-up loads have ended (loaded or failed: /health tells which), then
-    WATCHDOG while the event loop turns and every runner thread lives, and STATUS when it changes.
+    WATCHDOG while the event loop turns and no model is broken, and STATUS when it changes.
 
     A model whose runner stopped is loaded afresh by the service; one that cannot be brought
     back (broken) ends the pings, and systemd restarts the service (Restart=on-failure).

@@ -158,7 +158,6 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
                    message="the new address")
         assert "addresses changed" in server.log()
 
-
         # A clean shutdown says goodbye: a browser drops the box within 2 s.
         watcher = _watch_removal(lan)
         stopped_at = time.time()

@@ -15,7 +15,7 @@ from edgellm.engine.model import Model
 from edgellm.engine.pool import Pool
 from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams
-from edgellm.engine.scheduler import GenerationRequest
+from edgellm.engine.scheduler import Prepared
 from edgellm.engine.stream import Finish, Stream
 from edgellm.hardware.plan import Plan, Step
 from edgellm.metrics import Metrics
@@ -32,11 +32,11 @@ def model(models):
 
 
 def request(model: Model, prompt: str, max_tokens: int | None = None, stops: tuple[str, ...] = ()
-            ) -> GenerationRequest:
-    return GenerationRequest(model.tokenize(prompt), Sampler(model, SamplingParams(temperature=0)), max_tokens, stops)
+            ) -> Prepared:
+    return Prepared(model.tokenize(prompt), Sampler(model, SamplingParams(temperature=0)), max_tokens, stops)
 
 
-async def collect(runner: Runner, wanted: GenerationRequest) -> tuple[str, Finish]:
+async def collect(runner: Runner, wanted: Prepared) -> tuple[str, Finish]:
     stream = runner.submit(wanted)
     stream.when_finished(wanted.sampler.close)
     parts = []
@@ -176,6 +176,7 @@ def test_a_load_waiting_for_room_holds_nothing_up(models):
         await pool.start()
         a, b = await pool.acquire("a"), await pool.acquire("b")
         c = asyncio.ensure_future(pool.acquire("c"))
+
         async def waiting() -> None:
             while not pool.find("c").waiting:
                 await asyncio.sleep(0.01)
@@ -187,9 +188,43 @@ def test_a_load_waiting_for_room_holds_nothing_up(models):
         assert not c.done()
         b.release()  # b unloads (the admin asked), and c gets its place
         lease_c = await asyncio.wait_for(c, 30)
-        assert {s.known.id: s.state for s in pool.states()} == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+        assert {s.known.id: s.phase for s in pool.states()} == {"a": "loaded", "b": "unloaded", "c": "loaded"}
         lease_c.release()
         a.release()
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replaced_model_in_use_still_counts_until_it_is_unloaded(models, tmp_path):
+    """Replaced under the same name while a request holds it: the new file is served next, but the
+    old one's memory and place count until it is unloaded (max_loaded = 1 here)."""
+    import shutil
+
+    from edgellm.store.registry import Registry
+
+    registry = Registry(tmp_path / "state").open()
+    shutil.copy(models["scripted"], tmp_path / "m.gguf")
+    registry.add(tmp_path / "m.gguf")
+
+    async def scenario() -> None:
+        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(max_loaded=1, load_timeout="30s"), plan=CPU,
+                    registry=registry)
+        await pool.start()
+        old = await pool.acquire("m")
+        before = pool.find("m").known.entry.sha256
+        registry.remove("m")
+        shutil.copy(models["random"], tmp_path / "m.gguf")
+        registry.add(tmp_path / "m.gguf")
+        await pool.refresh()
+        assert pool.find("m").phase == "unloaded" and pool.find("m").known.entry.sha256 != before
+        new = asyncio.ensure_future(pool.acquire("m"))
+        done, _ = await asyncio.wait({new}, timeout=0.5)
+        assert not done and "busy model(s) m" in pool.find("m").waiting  # the old one still holds the place
+        old.release()  # now it unloads, and the new file loads
+        lease = await asyncio.wait_for(new, 30)
+        assert lease.loaded.model.path.name == f"sha256-{pool.find('m').known.entry.sha256}.gguf"
+        lease.release()
         await pool.close()
 
     asyncio.run(scenario())

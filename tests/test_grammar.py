@@ -12,8 +12,9 @@ import pytest
 from edgellm.config import EngineConfig
 from edgellm.engine.grammar import SchemaError, atoms_regex, int_range_atoms, to_gbnf
 from edgellm.engine.model import Model
-from edgellm.engine.runner import GenerationRequest, Runner
+from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams
+from edgellm.engine.scheduler import Prepared
 from edgellm.engine.stream import Finish
 
 
@@ -123,7 +124,7 @@ def test_random_model_output_validates(runner, model, name):
     async def generate(seed: int) -> tuple[str, str]:
         sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema=SCHEMAS[name]))
         parts, finish = [], None
-        stream = runner.submit(GenerationRequest(model.tokenize("json:"), sampler, 400))
+        stream = runner.submit(Prepared(model.tokenize("json:"), sampler, 400))
         stream.when_finished(sampler.close)
         async for event in stream:
             if isinstance(event, Finish):

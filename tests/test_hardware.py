@@ -171,7 +171,7 @@ def test_a_failed_gpu_load_falls_back_to_the_cpu(models, caplog):
         await pool.start()
         lease = await pool.acquire("scripted")
         try:
-            return lease.loaded.backend, pool.find("scripted").state
+            return lease.loaded.backend, pool.find("scripted").phase
         finally:
             lease.release()
             await pool.close()

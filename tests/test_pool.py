@@ -272,8 +272,10 @@ def test_load_timeout_forever_and_pinned_models_that_fill_every_place(server_fac
         '[models]\nmax_loaded = 1\nload_timeout = "-1"\npinned = ["scripted"]\npreload = ["scripted"]\n'))
     assert complete(server, "scripted").status_code == 200  # -1: wait as long as a load takes
     refused = complete(server, "random")
-    assert refused.status_code == 503 and "pinned models (scripted) take all 1 places" in refused.json()["error"][
-        "message"]
+    # Waiting cannot cure it, so it is no 503: a 409 that says why, without Retry-After.
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_room"
+    assert "pinned models (scripted) take all 1 places" in refused.json()["error"]["message"]
+    assert "retry-after" not in refused.headers
 
 
 def test_a_damaged_blob_does_not_stop_the_others(server_factory, installed):

@@ -1,1 +1,3 @@
-"""Everything that touches llama.cpp: models, the scheduler thread, sampling, text and chat templates."""
+"""The engine: the generation service every front end calls (service.py), the models it knows and
+loads (catalog, budget, loader, pool), and everything that touches llama.cpp: the runner thread
+and its scheduler, sampling and grammars, text and chat templates. docs/architecture.md maps it."""

@@ -21,7 +21,7 @@ import psutil
 
 from edgellm.config import EngineConfig, ModelsConfig
 from edgellm.engine.catalog import Known
-from edgellm.engine.errors import ModelTooLarge, NotReady
+from edgellm.engine.errors import ModelTooLarge, NoRoom
 from edgellm.errors import EdgeError
 from edgellm.modelfile import memory
 from edgellm.units import MiB, parse_size
@@ -107,7 +107,7 @@ class Budget:
         if idle:
             return Evict(min(idle, key=lambda r: r.last_used))
         if len(resident) >= self.max_loaded and all(r.known.pinned for r in resident):
-            return Refuse(NotReady(f"model '{want.id}' cannot load: pinned models "
+            return Refuse(NoRoom(f"model '{want.id}' cannot load: pinned models "
                                    f"({', '.join(r.known.id for r in resident)}) take all {self.max_loaded} "
                                    "places ([models] max_loaded)"))
         busy = ", ".join(r.known.id for r in resident if r.busy or r.phase != "loaded" or r.known.pinned)

@@ -52,35 +52,35 @@ class Catalog:
 
     async def refresh(self) -> tuple[list[Known], list[Known]]:
         """Read the store's catalog if it changed: the models that (re)appeared and those that went.
-        A model whose files changed under the same id is both: gone, and new."""
+        A model whose files changed under the same id is both: gone, and new. Nothing changes
+        here until the end, without an await between: a refresh cancelled halfway changes nothing."""
         stamp = self._registry.stamp() if self._registry else 0
         if stamp == self._stamp:
             return [], []
+        installed, problem = self._installed, ""
         if self._registry is not None:
             try:
-                self._installed = await asyncio.to_thread(self._registry.entries)
-                self.problem = ""
-                self._stamp = stamp
+                installed = await asyncio.to_thread(self._registry.entries)
             except EdgeError as e:  # a damaged catalog: keep serving what is known, say why, try again
-                if e.message != self.problem:
+                problem = e.message
+                if problem != self.problem:
                     log.error("%s", e)
-                self.problem = e.message
-        else:
-            self._stamp = stamp
         # An installed model wins a clash of ids with the --model file.
-        current = {e.id: e for e in [*self._extra, *self._installed]}
+        current = {e.id: e for e in [*self._extra, *installed]}
         gone = [k for i, k in self._known.items() if i not in current or current[i].sha256 != k.entry.sha256]
-        for known in gone:
-            del self._known[known.id]
+        kept = {i: k for i, k in self._known.items() if k not in gone}
         came = []
         for model_id, entry in current.items():
-            if model_id not in self._known:
+            if model_id not in kept:
                 try:
-                    self._known[model_id] = await asyncio.to_thread(self._describe, entry)
-                    came.append(self._known[model_id])
+                    came.append(await asyncio.to_thread(self._describe, entry))
                 except (OSError, EdgeError) as e:  # a damaged blob: the others still serve
                     log.error("model %s cannot be served: %s", model_id, e)
+        self._known = {**kept, **{k.id: k for k in came}}
         self._names = {name: k for k in self._known.values() for name in k.entry.names()}
+        self._installed, self.problem = installed, problem
+        if not problem:
+            self._stamp = stamp
         return came, gone
 
     def _describe(self, entry: Entry) -> Known:

@@ -45,6 +45,14 @@ class ModelTooLarge(LocalFailure):
     param = "model"
 
 
+class NoRoom(LocalFailure):
+    """It could fit, but never as configured: pinned models take every place ([models] max_loaded)."""
+
+    status = 409
+    code = "no_room"
+    param = "model"
+
+
 class ModelBusy(EdgeError):
     """An operation that must wait for the requests in flight on a model (removing it)."""
 

@@ -40,6 +40,7 @@ class Loaded:
         self.defaults = known.entry.defaults  # sampling defaults the model recommends
         self.backend = backend  # cuda, vulkan or cpu
         self.gpu_layers = gpu_layers
+        self.leases = 0  # requests in flight on it (users counts worker threads' holds too)
         self._users = 0
         self._idle = threading.Condition()
 

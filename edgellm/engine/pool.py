@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import cast
@@ -44,6 +45,7 @@ from edgellm.engine.errors import (
     ShuttingDown,
 )
 from edgellm.engine.loader import Loaded
+from edgellm.engine.runner import StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 from edgellm.store.registry import Entry, Registry, StoreError
@@ -52,6 +54,7 @@ from edgellm.units import MiB, parse_duration
 log = logging.getLogger("edgellm.engine")
 
 MAX_FAILURES = 3  # runner failures within FAILURE_WINDOW that make a model broken
+RESIDENT = ("loading", "loaded", "unloading")  # the phases in which a model holds (or has reserved) memory
 # Why a model is unloaded (the label of edgellm_model_unloads_total) -> how the log says it.
 UNLOAD_REASONS = {"keep_alive": "keep_alive elapsed", "room": "to make room", "admin": "asked to",
                   "removed": "removed", "failed": "its runner stopped", "shutdown": "shutting down"}
@@ -63,7 +66,9 @@ class ModelState:
 
     def __init__(self, known: Known, keep_alive: float | None) -> None:
         self.known = known
-        self.phase = "unloaded"  # unloaded -> loading -> loaded -> unloading -> unloaded
+        # unloaded -> loading -> loaded -> unloading -> unloaded; failed instead of unloaded when its
+        # load failed or its runner stopped (`failure` says why), until it loads again.
+        self.phase = "unloaded"
         self.loaded: Loaded | None = None
         self.loading: asyncio.Task[None] | None = None
         self.unloading: asyncio.Task[None] | None = None
@@ -83,10 +88,6 @@ class ModelState:
         return bool(self.waiters or (self.loaded is not None and self.loaded.users))
 
     @property
-    def state(self) -> str:
-        return "failed" if self.failure and self.phase == "unloaded" else self.phase
-
-    @property
     def expires_at(self) -> float | None:
         if self.loaded is None or self.keep_alive is None or self.loaded.users:
             return None
@@ -104,10 +105,12 @@ class Lease:
         self._keep_alive = keep_alive
         self._released = False
         self.loaded.acquire()
+        self.loaded.leases += 1
 
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self.loaded.leases -= 1
             self.loaded.release()
             self._pool._after_release(self._state, self._keep_alive)
 
@@ -127,6 +130,8 @@ class Pool:
         self._budget = budget or Budget(settings, engine)
         self._metrics = metrics or Metrics()
         self._states: dict[str, ModelState] = {}
+        self._retired: set[ModelState] = set()  # gone from the catalog, still holding memory until unloaded
+        self._refreshing = asyncio.Lock()  # one catalog refresh at a time: two would both add a new model
         self._one_load = asyncio.Lock()
         self._changed = asyncio.Event()  # set when memory may have been freed: a lease ended, a model unloaded
         self._startup: list[asyncio.Task[None]] = []
@@ -163,18 +168,29 @@ class Pool:
         except Exception as e:
             log.error("model %s failed to load: %s", state.known.id, e)
             state.failure = state.failure or str(e)
+            if state.phase == "unloaded":
+                state.phase = "failed"
             return
         state.last_used = time.time()
 
     async def refresh(self) -> None:
         """Take in catalog changes made by anyone (the CLI, the admin API, an import)."""
-        came, gone = await self._catalog.refresh()
-        for known in gone:
-            state = self._states.pop(known.id)
-            state.removed = True  # unloads once idle; a replacement gets a new state
-            await self._unload_if_idle(state, "removed")
-        for known in came:
-            self._states[known.id] = ModelState(known, self.default_keep_alive)
+        async with self._refreshing:
+            came, gone = await self._catalog.refresh()
+            # From here to the end there is no await: names and states change together.
+            for known in gone:
+                state = self._states.pop(known.id)
+                state.removed = True  # a replacement gets a new state; this one unloads once idle
+                if state.phase in RESIDENT:
+                    self._retired.add(state)
+                    if not state.busy:
+                        self._begin_unload(state, "removed")
+            for known in came:
+                self._states[known.id] = ModelState(known, self.default_keep_alive)
+
+    def _every(self) -> list[ModelState]:
+        """Every state that may hold memory or a runner: the catalog's, and the retired ones."""
+        return [*self._states.values(), *self._retired]
 
     def states(self) -> list[ModelState]:
         return list(self._states.values())
@@ -221,7 +237,8 @@ class Pool:
         self._changed.set()
         if state.loaded is not None and state.loaded.users == 0 and (
                 state.unload_requested or state.removed or (keep_alive == 0 and not state.known.pinned)):
-            self._begin_unload(state, "removed" if state.removed else "keep_alive")
+            self._begin_unload(state, "removed" if state.removed else "admin" if state.unload_requested
+                               else "keep_alive")
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -258,12 +275,17 @@ class Pool:
 
     async def _load(self, state: ModelState) -> None:
         if state.unloading is not None:  # its previous runner is still being put away
+            state.waiting = "waits for its previous runner to end"
             await asyncio.shield(state.unloading)
         await self._make_room(state)
         try:
             async with self._one_load:
-                if state.removed:
+                if state.removed or self._closing:
                     state.phase = "unloaded"
+                    self._retired.discard(state)
+                    self._changed.set()  # the room it had taken is free again
+                    if self._closing:
+                        raise ShuttingDown()
                     return
                 process = psutil.Process()
                 before = process.memory_info().rss
@@ -274,10 +296,18 @@ class Pool:
                                                  on_exit=self._noticing_exit(loop, state))
         except BaseException as e:
             state.phase = "unloaded"
-            self._changed.set()
             if isinstance(e, ModelLoadError | EngineError):
                 state.failure = f"failed to load: {e}"
-                state.broken = state.broken or bool(state.failed_at)  # it stopped, and cannot come back
+                state.phase = "failed"
+                now = time.monotonic()
+                state.failed_at = [t for t in state.failed_at if now - t < FAILURE_WINDOW]
+                state.broken = state.broken or bool(state.failed_at)  # it stopped lately, and cannot come back
+            if isinstance(e, StartTimeout):  # its thread may start yet, holding memory: it counts till then
+                state.phase = "unloading"
+                state.unloading = asyncio.get_running_loop().create_task(self._outlive(state, e.thread))
+            elif state.removed:
+                self._retired.discard(state)
+            self._changed.set()
             raise
         state.rss_delta = process.memory_info().rss - before
         state.loaded, state.phase = loaded, "loaded"
@@ -293,7 +323,7 @@ class Pool:
                  time.monotonic() - started, loaded.backend, loaded.gpu_layers, runner.n_ctx, runner.n_batch,
                  runner.parallel, engine.n_threads, self._engine.flash_attn, state.rss_delta / MiB,
                  state.known.estimate.total / MiB)
-        if not runner.alive:  # it stopped before anyone could be told
+        if runner.failure is not None:  # it stopped before anyone could be told
             self._runner_exited(state)
         elif state.removed:  # uninstalled while it loaded
             self._begin_unload(state, "removed")
@@ -303,7 +333,9 @@ class Pool:
         says to, wait (bounded, holding nothing) while it says to wait, or raise its refusal."""
         deadline = time.monotonic() + (self.load_timeout if self.load_timeout is not None else float("inf"))
         while True:
-            resident = [s for s in self._states.values() if s.phase != "unloaded" and s is not state]
+            if self._closing:
+                raise ShuttingDown()
+            resident = [s for s in self._every() if s.phase in RESIDENT and s is not state]
             decision = self._budget.decide(state.known, resident)
             if isinstance(decision, Fits):
                 state.phase = "loading"
@@ -339,14 +371,26 @@ class Pool:
             if not await asyncio.to_thread(loaded.close):
                 log.warning("model %s is still in use; not freeing its weights", state.known.id)
         finally:
-            state.unloading = None
-            if state.phase == "unloading":
-                state.phase = "unloaded"
-            self._changed.set()
+            self._unloaded(state)
+
+    async def _outlive(self, state: ModelState, thread: threading.Thread) -> None:
+        """A runner that did not start in time: its memory counts until its thread has ended."""
+        try:
+            await asyncio.to_thread(thread.join)
+        finally:
+            self._unloaded(state)
+
+    def _unloaded(self, state: ModelState) -> None:
+        state.unloading = None
+        if state.phase == "unloading":
+            state.phase = "failed" if state.failure else "unloaded"
+        if state.removed:
+            self._retired.discard(state)
+        self._changed.set()
 
     async def _unload_if_idle(self, state: ModelState, reason: str) -> bool:
         """Unload now unless requests hold the model; True once it is unloaded."""
-        if state.loaded is not None and (state.loaded.users or state.waiters):
+        if state.busy:
             return False
         self._begin_unload(state, reason)
         if state.unloading is not None:
@@ -364,7 +408,7 @@ class Pool:
 
     def _runner_exited(self, state: ModelState) -> None:
         loaded = state.loaded
-        if loaded is None or loaded.runner.alive:
+        if loaded is None or loaded.runner.failure is None:
             return  # already handled, or a runner that was replaced since
         now = time.monotonic()
         state.failed_at = [t for t in state.failed_at if now - t < FAILURE_WINDOW] + [now]
@@ -377,7 +421,7 @@ class Pool:
 
     def broken(self) -> list[str]:
         """Models that stopped working and cannot be brought back without a restart."""
-        return [s.known.id for s in self._states.values() if s.broken]
+        return [s.known.id for s in self._every() if s.broken]
 
     # --- housekeeping ---------------------------------------------------------------------------
 
@@ -388,8 +432,8 @@ class Pool:
             try:
                 await self.refresh()
                 now = time.time()
-                for state in list(self._states.values()):
-                    if state.loaded is not None and not state.loaded.runner.alive:
+                for state in self._every():
+                    if state.loaded is not None and state.loaded.runner.failure is not None:
                         self._runner_exited(state)
                     expires = state.expires_at
                     if expires is not None and expires <= now and not state.known.pinned:
@@ -401,7 +445,7 @@ class Pool:
     def set_threads(self, n: int) -> None:
         """Threads for every loaded model's decode steps from now on, and for later loads."""
         self._threads = n
-        for state in self._states.values():
+        for state in self._every():
             if state.loaded is not None:
                 state.loaded.runner.set_threads(n)
 
@@ -426,7 +470,7 @@ class Pool:
         entry = state.known.entry
         if self._registry is None or entry.id not in {e.id for e in await asyncio.to_thread(self._registry.entries)}:
             raise StoreError(f"model '{entry.id}' is not installed in the store (it was given with --model)",
-                             code="not_installed", param="model")
+                             status=400, code="not_installed", param="model")
         if state.busy:
             raise ModelBusy(f"model '{entry.id}' has requests in flight; try again when they have finished")
         await self._unload_if_idle(state, "removed")
@@ -445,7 +489,7 @@ class Pool:
             raise NotReady("models are loading", retry_after=2)
         if self._catalog.problem:
             raise NotReady(self._catalog.problem)
-        failed = [f"model '{s.known.id}' {s.failure}" for s in self._states.values() if s.state == "failed"]
+        failed = [f"model '{s.known.id}' {s.failure}" for s in self._states.values() if s.phase == "failed"]
         if failed:
             raise NotReady("; ".join(failed))
 
@@ -457,14 +501,14 @@ class Pool:
         loaded = state.loaded
         return {
             **state.known.entry.record(),
-            "state": state.state,
+            "state": state.phase,
             "failure": state.failure or None,
             "backend": loaded.backend if loaded else None,
             "gpu_layers": loaded.gpu_layers if loaded else None,
             "chat_template_in_use": loaded.chat_template.name if loaded and loaded.chat_template else None,
             "estimate_bytes": state.known.estimate.total,
             "rss_delta_bytes": state.rss_delta,
-            "in_flight": loaded.users if loaded else 0,
+            "in_flight": loaded.leases if loaded else 0,
             "last_used": iso(state.last_used),
             "expires_at": iso(state.expires_at),
             "pinned": state.known.pinned,
@@ -473,27 +517,28 @@ class Pool:
     def summary(self) -> str:
         """One line for `systemctl status`: models, loaded ones, requests in flight, failures."""
         loaded = [s.loaded for s in self._states.values() if s.loaded is not None]
-        in_flight = sum(lo.users for lo in loaded)
+        in_flight = sum(lo.leases for lo in loaded)
         line = (f"{len(self._states)} models, {len(loaded)} loaded, "
                 f"{in_flight} request{'' if in_flight == 1 else 's'} in flight")
-        failed = [f"{s.known.id} {s.failure}" for s in self._states.values() if s.state == "failed"]
+        failed = [f"{s.known.id} {s.failure}" for s in self._states.values() if s.phase == "failed"]
         return line + (f"; failed: {'; '.join(failed)}" if failed else "")
 
     def interrupt(self) -> None:
         """Shutdown has begun: refuse new requests and end running ones now, so their
         clients get an answer instead of being cut off when the server's grace period ends."""
         self._closing = True
-        for state in self._states.values():
+        self._changed.set()  # loads waiting for room give up
+        for state in self._every():
             if state.loaded is not None:
                 state.loaded.runner.stop()
 
     async def close(self) -> None:
         """Refuse new requests, end the running ones, and free every model once nobody holds it."""
         self._closing = True
+        self._changed.set()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        await asyncio.gather(*self._startup, *(s.loading for s in self._states.values() if s.loading),
-                             return_exceptions=True)
-        for state in self._states.values():
+        await asyncio.gather(*self._startup, *(s.loading for s in self._every() if s.loading), return_exceptions=True)
+        for state in self._every():
             self._begin_unload(state, "shutdown")
-        await asyncio.gather(*(s.unloading for s in self._states.values() if s.unloading), return_exceptions=True)
+        await asyncio.gather(*(s.unloading for s in self._every() if s.unloading), return_exceptions=True)

@@ -36,7 +36,7 @@ from edgellm.engine.errors import (
     ShuttingDown,
 )
 from edgellm.engine.model import Model
-from edgellm.engine.scheduler import GenerationRequest, Job, Scheduler, put
+from edgellm.engine.scheduler import Job, Prepared, Scheduler, put
 from edgellm.engine.stream import Outbox, Stream
 from edgellm.errors import EdgeError
 from edgellm.metrics import Metrics
@@ -48,9 +48,10 @@ _FLASH_ATTN = {
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
-# Context creation and the warm-up decode, which reads every weight: minutes for a big model
-# on an SD card, never forever (the appliance's unit allows 15 minutes to start).
-START_TIMEOUT = 900.0
+# Context creation and the warm-up decode, which pages in every weight: minutes for a big model
+# on an SD card, never forever; well inside the appliance unit's 15 minutes to start, which
+# also cover reading the weights before this wait begins.
+START_TIMEOUT = 300.0
 
 
 @dataclass(eq=False)
@@ -115,7 +116,7 @@ class Runner:
 
     # --- called from the event loop -------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> Stream:
+    def submit(self, request: Prepared) -> Stream:
         """Queue a generation; iterate the returned Stream for its events.
 
         Raises QueueFull (with a Retry-After estimate) when all `parallel` places are taken and
@@ -163,11 +164,6 @@ class Runner:
         """Seconds a new request would wait for a place: 0 while one is free."""
         waiting = len(self._accepted) - self.parallel + 1
         return self._mean_duration() * waiting / self.parallel if waiting > 0 else 0.0
-
-    @property
-    def alive(self) -> bool:
-        """False once the thread ended by itself (a bug, a crash in a step): only a reload helps then."""
-        return self.failure is None
 
     def set_threads(self, n: int) -> None:
         """Use n threads from the next decode step on (thermal throttling)."""

@@ -1,9 +1,9 @@
 """Per-request sampler chains and grammars for JSON output.
 
 A chain is built when a request is prepared, so a bad grammar is a 400 before
-anything is queued; the scheduler thread then owns it and frees it when the
-sequence ends. Samplers hold no reference to the llama context, so building
-one outside the scheduler thread is safe.
+anything is queued. The generation service owns it: the scheduler thread uses it
+until it ends the request's stream, and the service frees it then. Samplers hold
+no reference to the llama context, so building one outside that thread is safe.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ log = logging.getLogger("edgellm.engine")
 
 
 @dataclass
-class GenerationRequest:
+class Prepared:
     """A tokenized prompt ready to run. The sampler stays its owner's (the generation
     service's): the scheduler only uses it, until it ends the request's stream."""
 
@@ -51,7 +51,7 @@ class GenerationRequest:
 
 @dataclass(eq=False)
 class Job:
-    request: GenerationRequest
+    request: Prepared
     stream: Stream
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -258,7 +258,6 @@ class Scheduler:
         batch.n_tokens = n
         plan.n_tokens = n
         return plan
-
 
     def _decode(self) -> list[tuple[Sequence, int]]:
         """One llama_decode; when the KV cache is full, make room and try again."""

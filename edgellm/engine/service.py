@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -23,8 +23,8 @@ from edgellm.engine.errors import NotGenerative
 from edgellm.engine.loader import Loaded
 from edgellm.engine.pool import Lease, Pool
 from edgellm.engine.sampling import Sampler, SamplingParams
-from edgellm.engine.scheduler import GenerationRequest
-from edgellm.engine.stream import Finish, Stream, Text, Usage
+from edgellm.engine.scheduler import Prepared
+from edgellm.engine.stream import Event, Finish, Stream, Text, Usage
 from edgellm.errors import InvalidRequest
 
 log = logging.getLogger("edgellm.engine")
@@ -85,8 +85,18 @@ class Generation:
         self._lease = lease
         self._pending: asyncio.Future[Text | Finish] | None = None
 
-    def __aiter__(self) -> Stream:
-        return self._stream  # the events come straight from the runner's stream: nothing per token here
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if self._pending is None:
+            return self._stream  # the events come straight from the runner's stream: nothing per token here
+        return self._after_pending()
+
+    async def _after_pending(self) -> AsyncIterator[Event]:
+        """The event first() was still waiting for, then the rest."""
+        assert self._pending is not None
+        pending, self._pending = self._pending, None
+        yield await pending
+        async for event in self._stream:
+            yield event
 
     async def first(self, timeout: float) -> Text | Finish | None:
         """The next event, or None when none came within `timeout` seconds (it is not lost: the
@@ -157,7 +167,7 @@ class GenerationService:
             raise
 
     @staticmethod
-    def _prepare(loaded: Loaded, request: GenerateRequest) -> GenerationRequest:
+    def _prepare(loaded: Loaded, request: GenerateRequest) -> Prepared:
         """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds)."""
         with loaded.held():
             model, param = loaded.model, request.param
@@ -177,7 +187,7 @@ class GenerationService:
                                      code="context_length_exceeded")
             sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
             _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
-            return GenerationRequest(prompt, Sampler(model, sampling), request.max_tokens, request.stops)
+            return Prepared(prompt, Sampler(model, sampling), request.max_tokens, request.stops)
 
     # --- embeddings -----------------------------------------------------------------------------
 
@@ -208,7 +218,6 @@ class GenerationService:
                 raise InvalidRequest(f"input {i} is {len(tokens)} tokens but this model embeds at most {limit} "
                                      "at once", param="input", code="context_length_exceeded")
         return inputs
-
 
     # --- the operator's view: the admin API, /health, systemd's STATUS and watchdog ---------------
 
@@ -245,6 +254,7 @@ class GenerationService:
         """Models that stopped working and cannot be brought back without a restart."""
         return self._pool.broken()
 
+
 def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
     bad = next((t for t in tokens if not 0 <= t < loaded.model.n_vocab), None)
     if bad is not None:
@@ -262,7 +272,7 @@ async def _in_thread(work: Callable[[], T]) -> T:
     except asyncio.CancelledError:
         def clean_up(done: asyncio.Future[T]) -> None:
             result = None if done.cancelled() or done.exception() else done.result()
-            if isinstance(result, GenerationRequest):
+            if isinstance(result, Prepared):
                 result.sampler.close()
         task.add_done_callback(clean_up)
         raise

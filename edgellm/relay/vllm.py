@@ -11,6 +11,7 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 # Options of the old guided decoding that have no counterpart edgellm can translate to.
 UNTRANSLATABLE = ("guided_decoding_backend", "guided_whitespace_pattern", "guided_json_object")
 
+
 def translate_guided(body: dict) -> tuple[dict, str | None]:
     """Move guided_* fields into structured_outputs; an error message for ones that cannot be."""
     bad = [k for k in UNTRANSLATABLE if k in body]

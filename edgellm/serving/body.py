@@ -10,6 +10,11 @@ from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.serving.errors import ClientGone
 
 
+class BodyTooLarge(EdgeError):
+    status = 413
+    code = "body_too_large"
+
+
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -17,7 +22,7 @@ def _no_constants(name: str) -> None:
 async def read_json(request: Request) -> dict[str, object]:
     """The request body as a JSON object, refusing bodies over the configured limit."""
     limit = request.app.state.max_body_bytes
-    too_big = EdgeError(f"request body is larger than the {limit}-byte limit", status=413, code="body_too_large")
+    too_big = BodyTooLarge(f"request body is larger than the {limit}-byte limit")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big

@@ -109,9 +109,11 @@ async def upload(request: Request) -> EventStream:
                     getter.cancel()
             try:
                 outcomes = job.result()
-            except (EdgeError, OSError) as e:
-                refused = EdgeError(str(e), status=400, code="bundle_refused")
-                yield sse.event(error_body(refused), "error")
+            except EdgeError as e:  # a refused bundle (bundle_refused, bad_signature, ...), a busy store
+                yield sse.event(error_body(e), "error")
+                return
+            except OSError as e:  # the box's own disk: full, read-only, gone
+                yield sse.event(error_body(EdgeError(f"the import failed: {e}", code="import_failed")), "error")
                 return
             except Exception:
                 log.exception("bundle upload failed")

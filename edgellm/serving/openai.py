@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from edgellm.engine.errors import EngineError
 from edgellm.engine.service import (
     EmbedRequest,
     Finish,
@@ -88,7 +89,7 @@ def _generation(options: proto.GenerationOptions, *, messages: list[dict[str, ob
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
                     chat: bool) -> ASGIApp:
-    generation = await _service(request).generate(wanted)
+    generation = await unless_disconnected(request, _service(request).generate(wanted))
     reply = proto.Reply(model=generation.model, chat=chat)
     handed_over = False
     try:
@@ -105,13 +106,17 @@ async def _generate(request: Request, wanted: GenerateRequest, options: proto.Ge
             generation.close()
 
 
+def _ended_early() -> EngineError:  # the engine always ends a stream with Finish or an error
+    return EngineError("the generation ended without a result")
+
+
 async def _collect(generation: Generation) -> tuple[str, Finish]:
     parts: list[str] = []
     async for event in generation:
         if isinstance(event, Finish):
             return "".join(parts), event
         parts.append(event.text)
-    raise EdgeError("the generation ended without a result", code="engine_error")
+    raise _ended_early()
 
 
 async def _events(generation: Generation, first: Text | Finish | None, reply: proto.Reply, include_usage: bool
@@ -135,7 +140,7 @@ async def _events(generation: Generation, first: Text | Finish | None, reply: pr
             yield reply.text_event(event.text)
             event = await anext(events)
     except StopAsyncIteration:
-        yield sse.event(proto.error_body(EdgeError("the generation ended without a result", code="engine_error")))
+        yield sse.event(proto.error_body(_ended_early()))
     except EdgeError as e:
         yield sse.event(proto.error_body(e))
 

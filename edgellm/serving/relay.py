@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgellm.engine.service import GenerationService
-from edgellm.errors import EdgeError, LocalFailure, Unsupported
+from edgellm.errors import LocalFailure, Unsupported
 from edgellm.metrics import Metrics
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
@@ -68,9 +68,9 @@ async def relay(request: Request, body: dict[str, object], path: str, upstream: 
     if problem:
         raise Unsupported(problem, param="structured_outputs")
     if upstream.breaker.state == "open":
-        raise EdgeError(f"the upstream is unavailable (circuit open after {upstream.breaker.failures} failures); "
-                        "try again shortly", status=503, code="upstream_unavailable",
-                        retry_after=max(1.0, upstream.breaker.cooldown))
+        raise UpstreamError(f"the upstream is unavailable (circuit open after {upstream.breaker.failures} "
+                            "failures); try again shortly", status=503, code="upstream_unavailable",
+                            retry_after=max(1.0, upstream.breaker.cooldown))
     request.app.state.metrics.relayed.labels(reason).inc()
     # A client that leaves while the upstream thinks cancels the request there too.
     response = await unless_disconnected(request, upstream.send(path, json.dumps(body).encode()))

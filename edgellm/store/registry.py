@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from edgellm.errors import InvalidRequest
+from edgellm.errors import EdgeError
 from edgellm.files import fsync_dir, write_atomic
 from edgellm.modelfile import defaults, gguf
 
@@ -57,8 +57,9 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 CATALOG_VERSION = 2  # 2: chat_template is the template to use, has_chat_template the file's flag
 
 
-class StoreError(InvalidRequest):
-    """A store operation that cannot be done; the message says why, in one line."""
+class StoreError(EdgeError):
+    """A store operation that cannot be done; the message says why, in one line. A fault of the
+    box's own store (a damaged catalog) unless the raiser says otherwise."""
 
     code = "store_error"
 
@@ -116,7 +117,8 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
     try:
         recommended = defaults.from_gguf(head.metadata)
     except ValueError as e:
-        raise StoreError(f"{head.path.name}: its sampling default {e}; fix the file's metadata") from None
+        raise StoreError(f"{head.path.name}: its sampling default {e}; fix the file's metadata",
+                         status=400, code="invalid_model_file") from None
     arch = head.architecture
     file_type = head.get("general.file_type")
     pooling = head.arch("pooling_type")
@@ -284,11 +286,11 @@ class Registry:
         parts = gguf.split_parts(path)
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
-            raise StoreError(f"missing model file(s): {', '.join(missing)}")
+            raise StoreError(f"missing model file(s): {', '.join(missing)}", status=400)
         for part in parts:
             gguf.read(part)  # refuse anything that is not a readable GGUF before copying a byte
         if alias is not None and not NAME_RE.fullmatch(alias):
-            raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)")
+            raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)", status=400)
         with self.locked():
             self.recover()
             files = [self._install(part, progress) for part in parts]
@@ -299,7 +301,7 @@ class Registry:
             taken = {n for e in entries for n in e.names() if e is not existing}
             if alias is not None and alias in taken:
                 self.recover()  # the files just placed belong to no entry
-                raise StoreError(f"the name {alias!r} is already used by another model")
+                raise StoreError(f"the name {alias!r} is already used by another model", status=409)
             if existing is not None:
                 if alias and alias not in existing.names():
                     existing.aliases.append(alias)
@@ -350,7 +352,7 @@ class Registry:
             entries = self.entries()
             entry = next((e for e in entries if name in e.names()), None)
             if entry is None:
-                raise StoreError(f"no installed model is called {name!r}")
+                raise StoreError(f"no installed model is called {name!r}", status=404)
             remaining = [e for e in entries if e is not entry]
             self._write(remaining)
             still_used = {f.sha256 for e in remaining for f in e.files}

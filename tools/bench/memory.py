@@ -23,15 +23,17 @@ from edgellm.config import EngineConfig
 from edgellm.engine.model import Model, init_llama
 from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams
-from edgellm.engine.scheduler import GenerationRequest
+from edgellm.engine.scheduler import Prepared
 from edgellm.modelfile import gguf, memory
 
 
 async def work(model: Model, runner: Runner, parallel: int) -> None:
     """A long prompt in several micro-batches, then `parallel` sequences decoding together."""
     async def generate(prompt: list[int], n: int) -> None:
-        request = GenerationRequest(prompt, Sampler(model, SamplingParams(temperature=1.0, seed=1)), max_tokens=n)
-        async for _ in runner.submit(request):
+        request = Prepared(prompt, Sampler(model, SamplingParams(temperature=1.0, seed=1)), max_tokens=n)
+        stream = runner.submit(request)
+        stream.when_finished(request.sampler.close)  # the caller owns the sampler, as the service does
+        async for _ in stream:
             pass
 
     await generate([model.bos] + [5] * (runner.n_batch + 100), 4)
