@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ from edgellm.errors import EdgeError
 from edgellm.modelfile import gguf
 from edgellm.progress import Bar
 from edgellm.store.registry import Registry, StoreError
+from edgellm.units import parse_duration
 
 log = logging.getLogger("edgellm")
 
@@ -169,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from edgellm.app import create_app
     from edgellm.sdnotify import Notifier, supervise
+    from edgellm.serving.connections import Limits, bounded
 
     if not is_loopback(host) and not keys:
         log.warning("no API keys on %s (--insecure-no-auth): anyone on the network can use this service", host)
@@ -201,7 +204,12 @@ def _serve(args: argparse.Namespace) -> int:
             # so open streams finish with an error event instead of being cut off later.
             asyncio.get_event_loop().call_soon_threadsafe(app.state.pool.interrupt)
 
-    server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False))
+    s = config.server
+    limits = Limits(max_header_bytes=s.max_header_bytes, max_headers=s.max_headers, max_target_bytes=s.max_request_line,
+                    header_timeout=seconds(s.header_timeout), body_timeout=seconds(s.body_timeout),
+                    max_connections=s.max_connections)
+    server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False,
+                                   http=bounded(limits), timeout_keep_alive=math.ceil(seconds(s.keep_alive_timeout))))
     server.run(sockets=[sock])
     return 0
 
@@ -412,3 +420,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def seconds(duration: str) -> float:
+    """A positive duration the config has already checked."""
+    value = parse_duration(duration)
+    assert value is not None
+    return value

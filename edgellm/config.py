@@ -35,6 +35,14 @@ class ServerConfig:
     state_dir: str = ".edgellm"
     admin_keys: tuple[str, ...] = ()
     admin_key_file: str = ""
+    # What one connection may ask of the box (serving/connections.py): a small board's defaults.
+    max_connections: int = 512  # below the descriptor limit (the unit's LimitNOFILE=1024); one more gets 503
+    max_header_bytes: int = 16384  # the request line and headers; more is 431
+    max_headers: int = 64  # header lines; more is 431
+    max_request_line: int = 8192  # bytes of the request target; more is 414
+    header_timeout: str = "10s"  # from connect (or a request's first byte) to the end of its head; then 408
+    body_timeout: str = "60s"  # the longest silence while a request body arrives; then the connection closes
+    keep_alive_timeout: str = "5s"  # an idle connection between requests is closed after this
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,10 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _RANGES: dict[tuple[str, str], tuple[int, int]] = {
     ("server", "port"): (0, 65535),
     ("server", "max_body_bytes"): (1024, 1 << 30),
+    ("server", "max_connections"): (1, 65536),
+    ("server", "max_header_bytes"): (1024, 1 << 20),
+    ("server", "max_headers"): (8, 1000),
+    ("server", "max_request_line"): (256, 1 << 20),
     ("engine", "n_ctx"): (16, 1 << 20),
     ("engine", "n_batch"): (1, 1 << 16),
     ("engine", "n_ubatch"): (1, 1 << 16),
@@ -168,7 +180,12 @@ _RANGES: dict[tuple[str, str], tuple[int, int]] = {
 }
 
 
+# Durations that must be a positive number of seconds (a time limit that is never reached is none).
+_TIME_LIMITS = {("server", "header_timeout"), ("server", "body_timeout"), ("server", "keep_alive_timeout")}
 _PARSED = {
+    ("server", "header_timeout"): parse_duration,
+    ("server", "body_timeout"): parse_duration,
+    ("server", "keep_alive_timeout"): parse_duration,
     ("models", "memory_budget"): parse_size,
     ("models", "memory_reserve"): parse_size,
     ("models", "keep_alive"): parse_duration,
@@ -233,9 +250,11 @@ def _section(cls: type, name: str, table: dict, source: str) -> object:
         parse = _PARSED.get((name, key))
         if parse is not None and value != "":
             try:
-                parse(value)
+                parsed = parse(value)
             except ValueError as e:
                 raise ConfigError(f"{source}: [{name}] {key}: {e}") from None
+            if (name, key) in _TIME_LIMITS and not parsed:
+                raise ConfigError(f"{source}: [{name}] {key}: must be a time limit such as 10s, got {value!r}")
     return cls(**values)
 
 
