@@ -25,6 +25,7 @@ from edgellm.relay.upstream import Upstream
 from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
+from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
 
@@ -85,7 +86,10 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
 
     app = Starlette(
         routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes],
-        middleware=[Middleware(ServedBy), Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
+        middleware=[Middleware(ServedBy),
+                    Middleware(OriginPolicy, names=BoxNames(config.server.allowed_hosts, config.discovery.name),
+                               cors_origins=config.server.cors_origins),
+                    Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
                                loopback=is_loopback(config.server.host))],
         exception_handlers=HANDLERS,
         lifespan=lifespan,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class ServerConfig:
     header_timeout: str = "10s"  # from connect (or a request's first byte) to the end of its head; then 408
     body_timeout: str = "60s"  # the longest silence while a request body arrives; then the connection closes
     keep_alive_timeout: str = "5s"  # an idle connection between requests is closed after this
+    # Host names the box answers to besides its own (serving/policy.py): a DNS name, a proxy's.
+    allowed_hosts: tuple[str, ...] = ()
+    # Web pages (scheme://host[:port]) whose scripts may call the API from a browser.
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,10 @@ def from_dict(data: dict, source: str) -> Config:
             raise ConfigError(f"{source}: '{name}' must be a table: write [{name}] above its keys")
         sections[name] = _section(_SECTIONS[name], name, table, source)
     config = Config(**sections, source=source)
+    for origin in config.server.cors_origins:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+            raise ConfigError(f"{source}: [server] cors_origins: {origin!r} is not an origin such as "
+                              "http://homeassistant.local:8123 (a scheme and a host, no path, never *)")
     if config.engine.parallel > config.engine.n_batch:
         raise ConfigError(f"{source}: [engine] parallel ({config.engine.parallel}) cannot exceed n_batch "
                           f"({config.engine.n_batch}): every running sequence needs a place in each batch")

@@ -282,7 +282,7 @@ def test_a_client_that_leaves_cancels_the_upstream_request(server_factory, model
         before = cancelled()
         body = json.dumps({"model": "remote", "prompt": " tick", "max_tokens": 100000, "stream": stream}).encode()
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_until(lambda: 'edgellm_running_sequences{model="remote"} 1.0' in upstream.get("/metrics").text, 10,
                    message="the upstream to start generating")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgellm.errors import EdgeError
-from edgellm.protocol.openai import error_body
+from edgellm.serving.errors import send_error
+from edgellm.serving.policy import host_name, is_loopback
 
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -24,7 +24,11 @@ class APIKeyAuth:
 
     With no keys of a kind configured, those routes are open: the server then
     listens on loopback only (the CLI refuses a network address without API
-    keys), except that the admin API stays closed on a network address.
+    keys), except that the admin API stays closed on a network address, and
+    even on loopback opens only to a loopback Host without an Origin header (no
+    web page, whatever it does, can load or remove models then). Public routes
+    learn whether the request could have used the others (`authorized`), to
+    tell it more.
     """
 
     def __init__(self, app: ASGIApp, keys: frozenset[str], admin_keys: frozenset[str] = frozenset(),
@@ -35,24 +39,35 @@ class APIKeyAuth:
         self._admin_open = loopback and not admin_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in PUBLIC_PATHS:
+            scope.setdefault("state", {})["authorized"] = not self._digests or _valid(scope, self._digests)
             await self.app(scope, receive, send)
             return
         admin = scope["path"].startswith("/admin/") or scope["path"] == "/admin"
         digests = self._admin_digests if admin else self._digests
-        if (not digests and (not admin or self._admin_open)) or _valid(scope, digests):
+        if (not digests and (not admin or (self._admin_open and _from_this_machine(scope)))) or \
+                _valid(scope, digests):
             await self.app(scope, receive, send)
             return
         if admin and not digests:
-            await _refuse(send, EdgeError("the admin API is closed on a network address without admin keys: "
-                                          "set [server] admin_keys or admin_key_file", status=403,
-                                          code="admin_disabled"))
+            why = ("opens only to requests for a loopback address without an Origin header (no web page)"
+                   if self._admin_open else "is closed on a network address")
+            await send_error(send, EdgeError(f"the admin API without admin keys {why}: set [server] admin_keys or "
+                                             "admin_key_file", status=403, code="admin_disabled"))
             return
         presented = _presented_key(scope)
         kind = "admin key" if admin else "API key"
         message = (f"missing {kind}: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None
                    else f"invalid {kind}")
-        await _refuse(send, EdgeError(message, status=401, code="invalid_api_key"))
+        await send_error(send, EdgeError(message, status=401, code="invalid_api_key"))
+
+
+def _from_this_machine(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    return b"origin" not in headers and is_loopback(host_name(headers.get(b"host", b"").decode("latin-1")))
 
 
 def _valid(scope: Scope, digests: list[bytes]) -> bool:
@@ -61,15 +76,6 @@ def _valid(scope: Scope, digests: list[bytes]) -> bool:
         return False
     digest = _digest(presented)
     return any(hmac.compare_digest(digest, d) for d in digests)
-
-
-async def _refuse(send: Send, error: EdgeError) -> None:
-    body = json.dumps(error_body(error)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if error.status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="edgellm"'))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _presented_key(scope: Scope) -> str | None:

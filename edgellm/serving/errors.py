@@ -6,9 +6,12 @@ one here, so no client ever sees a traceback or an HTML page.
 
 from __future__ import annotations
 
+import json
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Send
 
 from edgellm.engine.errors import EngineError
 from edgellm.errors import EdgeError, NotFound
@@ -55,6 +58,17 @@ def _count(request: Request, error: EdgeError) -> None:
     else:
         return
     request.app.state.metrics.requests.labels(outcome).inc()
+
+
+async def send_error(send: Send, error: EdgeError, *, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """An error response straight from ASGI middleware, before any route (keys, the origin policy)."""
+    body = json.dumps(error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in error.headers.items()), *(extra or [])]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="edgellm"'))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 HANDLERS = {Exception: _handle, HTTPException: _handle, EdgeError: _handle, ClientGone: _handle}
