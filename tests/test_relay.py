@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_until
+from test_errors import assert_error
 
 
 def free_port() -> int:
@@ -27,7 +28,8 @@ def free_port() -> int:
 
 class Faulty:
     """An HTTP/1.1 server on loopback that answers as told: `mode` is one of ok, hang, vllm-400,
-    500, cut, busy-once (503 with Retry-After 1, then ok). Records the request bodies."""
+    500, cut, busy-once (503 with Retry-After 1, then ok), redirect (302 to another host), huge-error
+    (a 500 with a 50 MiB body), bad-usage (a stream whose usage is nonsense). Records the bodies."""
 
     def __init__(self, mode: str = "ok", port: int | None = None) -> None:
         self.mode = mode
@@ -72,6 +74,30 @@ class Faulty:
                 elif mode == "500":
                     await self._send(writer, 500, {"object": "error", "message": "CUDA error",
                                                    "type": "InternalServerError", "param": None, "code": 500})
+                elif mode == "redirect":
+                    writer.write(b"HTTP/1.1 302 Found\r\nLocation: http://198.51.100.7/v1/completions\r\n"
+                                 b"Content-Length: 0\r\n\r\n")
+                    await writer.drain()
+                elif mode == "huge-error":
+                    writer.write(b"HTTP/1.1 500 X\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % (50 << 20))
+                    try:
+                        for _ in range(50):
+                            writer.write(b"x" * (1 << 20))
+                            await writer.drain()
+                    except ConnectionError:
+                        pass
+                    return
+                elif mode == "bad-usage":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+                    for chunk in (b'data: {"choices": [{"index": 0, "text": "ok"}], "usage": "lots"}\n\n',
+                                  b'data: {"usage": {"prompt_tokens": "9", "completion_tokens": [1]}}\n\n',
+                                  b'data: {"usage": {"prompt_tokens": -5, "completion_tokens": 1e400}}\n\n',
+                                  b'data: {"usage": ' + b'[' * 5000 + b'\n\n', b"data: [DONE]\n\n"):
+                        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    writer.write(b"0\r\n\r\n")
+                    await writer.drain()
                 elif mode == "busy-once":
                     self.mode = "ok"
                     await self._send(writer, 503, {"error": {"message": "busy"}}, {"Retry-After": "1"})
@@ -238,6 +264,44 @@ def test_upstream_faults_become_clean_errors(server_factory, models, faulty, mod
     error = reply.json()["error"]
     assert says in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert error["type"] == ("invalid_request_error" if status == 400 else "server_error")
+
+
+def test_a_redirecting_upstream_gets_nothing_more(server_factory, models, faulty):
+    """The prompt is never sent on to where a 3xx points; the client learns why."""
+    upstream = faulty("redirect")
+    server = server_factory(models["random"], config=relay_config(upstream.url))
+    reply = complete(server)
+    assert_error(reply, 502, code="upstream_redirect", says="a redirect to http://198.51.100.7/v1/completions")
+    assert len(upstream.bodies) == 1  # it asked once; nobody else was asked
+
+
+def test_a_huge_upstream_error_body_is_read_only_in_part(server_factory, models, faulty):
+    upstream = faulty("huge-error")
+    server = server_factory(models["random"], config=relay_config(upstream.url))
+    before = int(next(line for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
+                      if line.startswith("VmHWM:")).split()[1])
+    reply = complete(server)
+    assert reply.status_code == 500 and len(reply.json()["error"]["message"]) <= 600
+    after = int(next(line for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines()
+                     if line.startswith("VmHWM:")).split()[1])
+    assert after - before < 8 * 1024  # KiB: not the 50 MiB
+
+
+def test_nonsense_usage_from_the_upstream_leaves_the_stream_whole(server_factory, models, faulty):
+    upstream = faulty("bad-usage")
+    server = server_factory(models["random"], config=relay_config(upstream.url))
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=10,
+                      json={"model": "remote", "prompt": "x", "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 5
+    assert metric(server, 'edgellm_upstream_tokens_total{kind="prompt"}') == 0
+
+
+def test_a_malformed_structured_outputs_is_a_400(server_factory, models, upstream):
+    server = server_factory(models["random"], config=relay_config(upstream.base_url))
+    for value in ("json", ["json"], 5):
+        reply = complete(server, guided_json={"type": "object"}, structured_outputs=value)
+        assert_error(reply, 400, param="structured_outputs", says="must be an object")
 
 
 def test_a_cut_stream_ends_with_an_error_event(server_factory, models, faulty):

@@ -8,6 +8,7 @@ CPU would be taken from inference. One session, kept-alive connections.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from edgellm.units import parse_duration
 log = logging.getLogger("edgellm.relay")
 
 RETRY_AFTER_LIMIT = 5.0  # seconds: a longer Retry-After goes back to the client instead
+MAX_SMALL_BODY = 1 << 20  # bytes of a listing, a metrics page or an error body read from the upstream
 _METRIC_RE = re.compile(rb"^(vllm:num_requests_waiting|vllm:kv_cache_usage_perc|vllm:gpu_cache_usage_perc)"
                         rb"(?:\{[^}]*\})? ([0-9.eE+-]+)", re.M)
 
@@ -95,7 +97,8 @@ class Upstream:
         assert self.session is not None, "start() opens the session"
         if self.breaker.state == "half-open":
             try:
-                async with self.session.get(self.root + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                async with self.session.get(self.root + "/health", timeout=aiohttp.ClientTimeout(total=5),
+                                            allow_redirects=False) as r:
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
@@ -107,16 +110,19 @@ class Upstream:
                 return
         if not self.config.models:
             try:
-                async with self.session.get(self.base + "/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                async with self.session.get(self.base + "/models", timeout=aiohttp.ClientTimeout(total=10),
+                                            allow_redirects=False) as r:
                     if r.status == 200:
-                        data = await r.json(content_type=None)
+                        data = json.loads(await r.content.read(MAX_SMALL_BODY))
                         self.models = {m["id"] for m in data.get("data", []) if isinstance(m.get("id"), str)}
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError) as e:
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError,
+                    RecursionError) as e:
                 log.warning("cannot list the upstream's models: %s", e or type(e).__name__)
         if self.config.load_metrics:
             try:
-                async with self.session.get(self.root + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    text = await r.read()
+                async with self.session.get(self.root + "/metrics", timeout=aiohttp.ClientTimeout(total=5),
+                                            allow_redirects=False) as r:
+                    text = await r.content.read(MAX_SMALL_BODY)
                 values = {name: float(v) for name, v in _METRIC_RE.findall(text)}
                 self.waiting = values.get(b"vllm:num_requests_waiting")
                 self.kv_usage = values.get(b"vllm:kv_cache_usage_perc", values.get(b"vllm:gpu_cache_usage_perc"))
@@ -131,7 +137,8 @@ class Upstream:
             started = time.monotonic()
             try:
                 response = await asyncio.wait_for(
-                    self.session.post(self.base + path, data=body, headers={"Content-Type": "application/json"}),
+                    self.session.post(self.base + path, data=body, headers={"Content-Type": "application/json"},
+                                      allow_redirects=False),
                     self.first_byte_timeout)
             except TimeoutError:
                 self.breaker.failure()
@@ -142,6 +149,13 @@ class Upstream:
                     continue  # a dropped kept-alive connection: once more, on a fresh one
                 self.breaker.failure()  # one request, one failure, retried or not
                 raise UpstreamError(f"the upstream cannot be reached ({e or type(e).__name__})") from None
+            if 300 <= response.status < 400:  # the prompt is not sent on to wherever it points
+                location = response.headers.get("Location", "nowhere")
+                response.release()
+                self.breaker.failure()
+                raise UpstreamError(f"the upstream answered {response.status}, a redirect to {location[:200]}; "
+                                    "edgellm does not follow redirects: set [relay] url to where it points",
+                                    code="upstream_redirect")
             if response.status in (429, 502, 503, 504):
                 retry_after = _seconds(response.headers.get("Retry-After"))
                 if attempt == 1 and (retry_after or 0) <= RETRY_AFTER_LIMIT:

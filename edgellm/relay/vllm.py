@@ -25,7 +25,10 @@ def translate_guided(body: dict) -> tuple[dict, str | None]:
         return body, f"only one of {', '.join(found)} may be given"
     key, value = next(iter(found.items()))
     translated = {k: v for k, v in body.items() if k not in GUIDED}
-    structured = dict(translated.get("structured_outputs") or {})
+    given = translated.get("structured_outputs") or {}
+    if not isinstance(given, dict):
+        return body, "'structured_outputs' must be an object"
+    structured = dict(given)
     structured[GUIDED[key]] = value
     translated["structured_outputs"] = structured
     return translated, None

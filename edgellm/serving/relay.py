@@ -23,7 +23,7 @@ from edgellm.errors import LocalFailure, Unsupported
 from edgellm.metrics import Metrics
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
-from edgellm.relay.upstream import Upstream, UpstreamError
+from edgellm.relay.upstream import MAX_SMALL_BODY, Upstream, UpstreamError
 from edgellm.relay.vllm import translate_guided, upstream_error
 from edgellm.serving.disconnect import unless_disconnected, until_disconnect
 
@@ -91,7 +91,8 @@ class Passthrough:
         response = self.response
         try:
             if response.status >= 400:
-                body = json.dumps(error_body(upstream_error(response.status, await response.read()))).encode()
+                answer = await response.content.read(MAX_SMALL_BODY)  # a hostile one may be any size
+                body = json.dumps(error_body(upstream_error(response.status, answer))).encode()
                 headers = [(b"content-type", b"application/json"), (SERVED_BY, b"upstream")]
                 if "Retry-After" in response.headers:
                     headers.append((b"retry-after", response.headers["Retry-After"].encode()))
@@ -136,12 +137,17 @@ class Passthrough:
         for line in chunk.splitlines():
             if b'"usage"' not in line:
                 continue
-            try:
-                usage = json.loads(line.removeprefix(b"data: ")).get("usage") or {}
-            except (ValueError, AttributeError):
+            try:  # the upstream's own JSON: counted when it makes sense, never trusted to
+                doc = json.loads(line.removeprefix(b"data: "))
+            except (ValueError, RecursionError):
                 continue
-            self.metrics.upstream_tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
-            self.metrics.upstream_tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
+            usage = doc.get("usage") if isinstance(doc, dict) else None
+            if not isinstance(usage, dict):
+                continue
+            for kind in ("prompt", "completion"):
+                n = usage.get(f"{kind}_tokens")
+                if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 31:
+                    self.metrics.upstream_tokens.labels(kind).inc(n)
 
 
 class ServedBy:
