@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = load(args.config).with_overrides(
+    # Without --config, the one systemd hands over (LoadCredential=edgellm.toml: root's file).
+    config = load(args.config or credential("edgellm.toml") or None).with_overrides(
         server={"host": args.host, "port": args.port, "state_dir": args.state_dir},
         model={"path": args.model},
     )

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -205,13 +206,17 @@ _PARSED = {
 
 
 def load(path: str | Path | None) -> Config:
-    """Read and validate a config file; None gives the defaults."""
+    """Read and validate a config file; None gives the defaults, "-" reads it from stdin (a file
+    root opened for a process that may not open it itself: the USB import)."""
     if path is None:
         return Config()
-    source = str(path)
+    source = "stdin" if str(path) == "-" else str(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        if str(path) == "-":
+            data = tomllib.load(sys.stdin.buffer)
+        else:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such config file") from None
     except OSError as e:

@@ -131,7 +131,7 @@ def _install_config(layout: Layout, seed: Path, problems: list[str]) -> list[str
         problems.append(f"the pre-seeded edgellm.toml was not installed, the image's own is used: {e}")
         return []
     layout.config_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(layout.config_dir / "edgellm.toml", text)
+    write_atomic(layout.config_dir / "edgellm.toml", text, mode=0o600)  # it may hold keys: root's alone
     return ["edgellm.toml installed from the boot partition"]
 
 
@@ -166,18 +166,15 @@ def _valid_key(key: str) -> bool:
 
 def _install_trusted_keys(layout: Layout, seed: Path, problems: list[str]) -> list[str]:
     done = []
-    directory = layout.state_dir / "trusted-keys"
+    directory = layout.config_dir / "trusted-keys"  # root's: whoever writes here decides what installs
     for source in sorted((seed / "trusted-keys").glob("*.pub")):
         try:
             read_public_key(source)
         except SignatureError as e:
             problems.append(f"trusted key {source.name} was not installed: {e}")
             continue
-        if not directory.exists():
-            directory.mkdir()
-            _own(directory)
+        directory.mkdir(mode=0o755, exist_ok=True)
         write_atomic(directory / source.name, source.read_bytes())
-        _own(directory / source.name)
         done.append(f"trusted bundle key {source.name} installed")
     return done
 

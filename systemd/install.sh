@@ -28,7 +28,8 @@ install -D -m 644 "$here/90-edgellm-usb-import.rules" "$root/usr/lib/udev/rules.
 install -D -m 755 "$here/edgellm-usb-import" "$root/usr/libexec/edgellm/edgellm-usb-import"
 install -D -m 644 "$here/sysusers.d/edgellm.conf" "$root/usr/lib/sysusers.d/edgellm.conf"
 install -D -m 644 -t "$root/opt/edgellm/share/doc" "$here/../README.md" "$here/../docs/bundle-format.md"
-[ -e "$root/etc/edgellm/edgellm.toml" ] || install -D -m 644 "$here/edgellm.toml" "$root/etc/edgellm/edgellm.toml"
+[ -e "$root/etc/edgellm/edgellm.toml" ] || install -D -m 600 "$here/edgellm.toml" "$root/etc/edgellm/edgellm.toml"
+install -d -m 755 "$root/etc/edgellm/trusted-keys"  # root's; the public keys bundles are checked against
 [ -z "$gpu" ] || install -D -m 644 "$here/gpu/$gpu.conf" "$root/etc/systemd/system/edgellm.service.d/gpu.conf"
 
 systemd-sysusers --root="$root" "$root/usr/lib/sysusers.d/edgellm.conf"

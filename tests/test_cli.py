@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import socket
 import subprocess
@@ -212,3 +213,25 @@ def test_sigterm_during_a_stream_shuts_down_promptly(server_factory, models):
             pass  # a closed connection; a hang would be a ReadTimeout, which fails the test
     assert server.proc.wait(15) is not None
     assert "Traceback" not in server.log()
+
+
+def test_serve_reads_the_config_systemd_hands_over(tmp_path, models):
+    """On the appliance the config is root's alone; the service gets it as a credential."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "edgellm.toml").write_text('[server]\nport = 70000\n')  # refused: proof that it was read
+    result = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--model", str(models["scripted"]),
+                             "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert_one_line_error(result, f"{creds / 'edgellm.toml'}: [server] port")
+
+
+def test_a_config_on_stdin(tmp_path):
+    """`--config -`: a file root opened for a process that may not open it (the USB import)."""
+    state = tmp_path / "from-stdin"
+    result = subprocess.run([sys.executable, "-m", "edgellm", "models", "list", "--json", "--config", "-"],
+                            input=f'[server]\nstate_dir = "{state}"\n', capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]" and (state / "models").is_dir()
+    bad = subprocess.run([sys.executable, "-m", "edgellm", "models", "list", "--config", "-"],
+                         input="[server]\nport = 'x'\n", capture_output=True, text=True, timeout=60)
+    assert_one_line_error(bad, "stdin: [server] port")

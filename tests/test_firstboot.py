@@ -111,7 +111,14 @@ def test_pre_seeded_config_keys_and_trusted_keys_are_installed(tree, tmp_path):
     assert (root / "etc/edgellm/edgellm.toml").read_text() == (seed / "edgellm.toml").read_text()
     assert keys(root / "etc/edgellm/api-keys") == ["sk-site-laptops-0123456789", "sk-site-phones-0123456789"]
     assert keys(root / "etc/edgellm/admin-keys") == ["sk-site-admin-0123456789"]
-    assert (root / "var/lib/edgellm/trusted-keys/site.pub").read_bytes() == (tmp_path / "site.pub").read_bytes()
+    # Root's alone: the config may hold keys; the trusted keys decide what a stick may install.
+    for name in ("edgellm.toml", "api-keys", "admin-keys"):
+        found = (root / "etc/edgellm" / name).stat()
+        assert (found.st_uid, stat.S_IMODE(found.st_mode)) == (0, 0o600), name
+    trusted = root / "etc/edgellm/trusted-keys"
+    assert (trusted / "site.pub").read_bytes() == (tmp_path / "site.pub").read_bytes()
+    assert trusted.stat().st_uid == 0 and (trusted / "site.pub").stat().st_uid == 0
+    assert not (root / "var/lib/edgellm/trusted-keys").exists()
     note = (tree["boot"] / "EDGELLM-API-KEY.txt").read_text()
     assert ".local:9090/v1" in note and "sk-site-phones-0123456789" in note and "Problems" not in note
 
@@ -129,7 +136,7 @@ def test_bad_pre_seeds_are_refused_plainly_and_the_box_still_comes_up(tree):
     root = tree["root"]
     assert (root / "etc/edgellm/edgellm.toml").read_text() == image_config
     assert keys(root / "etc/edgellm/api-keys")[0].startswith("sk-edgellm-")  # generated instead
-    assert not (root / "var/lib/edgellm/trusted-keys/broken.pub").exists()
+    assert not (root / "etc/edgellm/trusted-keys/broken.pub").exists()
     note = (tree["boot"] / "EDGELLM-API-KEY.txt").read_text()
     problems = note.split("Problems at first boot:")[1]
     assert "edgellm.toml was not installed" in problems and "[server] port" in problems

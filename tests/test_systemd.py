@@ -54,12 +54,29 @@ def test_every_unit_verifies(tmp_path, unit):
     verify(root, unit)
 
 
-def test_the_service_rates_2_0_or_better(tmp_path, capsys):
+@pytest.mark.parametrize("unit", ["edgellm.service", "edgellm-usb-import@sda1.service"])
+def test_the_units_rate_2_0_or_better(tmp_path, capsys, unit):
+    """The USB import was 4.0 (root with CAP_SYS_ADMIN, any filesystem, no syscall filter)."""
     root, _ = system(tmp_path, "--image")
-    score = exposure(root, "edgellm.service")
+    score = exposure(root, unit)
     with capsys.disabled():
-        print(f"\nsystemd-analyze security --offline=true: edgellm.service {score}")
+        print(f"\nsystemd-analyze security --offline=true: {unit} {score}")
     assert score <= 2.0
+
+
+def test_the_service_is_bounded_and_gets_its_root_only_files_as_credentials(tmp_path):
+    root, _ = system(tmp_path, "--image")
+    unit = (root / "usr/lib/systemd/system/edgellm.service").read_text()
+    assert "MemoryMax=90%" in unit and "LimitNOFILE=1024" in unit
+    assert "LoadCredential=edgellm.toml:/etc/edgellm/edgellm.toml" in unit
+    assert "ExecStart=/opt/edgellm/bin/edgellm serve\n" in unit  # the config from the credential
+    config = (root / "etc/edgellm/edgellm.toml").stat()
+    assert (config.st_uid, stat.S_IMODE(config.st_mode)) == (0, 0o600)
+    trusted = (root / "etc/edgellm/trusted-keys").stat()
+    assert (trusted.st_uid, stat.S_IMODE(trusted.st_mode)) == (0, 0o755)
+    show = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/usr/lib/systemd/system/edgellm.service"],
+                          capture_output=True, text=True)
+    assert show.returncode == 0
 
 
 @pytest.mark.parametrize("gpu", ["vulkan", "jetson"])
@@ -88,7 +105,7 @@ def test_image_install_makes_the_user_state_dir_and_links(tmp_path):
     rule = (root / "usr/lib/udev/rules.d/90-edgellm-usb-import.rules").read_text().splitlines()[-1]
     assert 'ENV{ID_BUS}=="usb"' in rule and 'ENV{SYSTEMD_WANTS}+="edgellm-usb-import@%k.service"' in rule
     script = root / "usr/libexec/edgellm/edgellm-usb-import"
-    assert "mount -o ro,nosuid,nodev,noexec" in script.read_text() and "umount" in script.read_text()
+    assert "mount -t vfat,exfat,ext4 -o ro,nosuid,nodev,noexec" in script.read_text() and "umount" in script.read_text()
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
 
