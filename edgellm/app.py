@@ -28,6 +28,7 @@ from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
+from edgellm.units import parse_duration
 
 log = logging.getLogger("edgellm")
 
@@ -103,4 +104,5 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     app.state.hardware = (hardware_root, config.engine)
     app.state.metrics = stats
     app.state.max_body_bytes = config.server.max_body_bytes
+    app.state.body_timeout = parse_duration(config.server.body_timeout) or 60.0
     return app

@@ -43,7 +43,7 @@ class ServerConfig:
     max_headers: int = 64  # header lines; more is 431
     max_request_line: int = 8192  # bytes of the request target; more is 414
     header_timeout: str = "10s"  # from connect (or a request's first byte) to the end of its head; then 408
-    body_timeout: str = "60s"  # the longest silence while a request body arrives; then the connection closes
+    body_timeout: str = "60s"  # the longest silence in a request body (then it closes); all of a JSON body (408)
     keep_alive_timeout: str = "5s"  # an idle connection between requests is closed after this
     # Host names the box answers to besides its own (serving/policy.py): a DNS name, a proxy's.
     allowed_hosts: tuple[str, ...] = ()

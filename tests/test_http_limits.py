@@ -144,6 +144,29 @@ def test_a_stalled_body_closes_the_connection(server):
     assert reply == b""  # closed; a server that waited on would time this recv out
 
 
+def test_a_trickled_body_is_cut_off_after_the_body_timeout_in_all(server):
+    """A byte every half second is never silent long enough for the connection's timeout; the
+    JSON body still has to arrive within body_timeout in all."""
+    with socket.create_connection(address(server), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer sk-test-key-0123456789\r\nContent-Length: 1000\r\n\r\n{")
+        sock.setblocking(False)
+        reply = b""
+        for _ in range(20):  # 10 s at most of trickling
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            try:
+                reply += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            if reply:
+                break
+            time.sleep(0.5)  # the attacker's pace
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 2 s" in reply
+
+
 def test_an_idle_keep_alive_connection_is_closed(server):
     with socket.create_connection(address(server), timeout=10) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.requests import ClientDisconnect, Request
@@ -20,20 +21,27 @@ def _no_constants(name: str) -> None:
 
 
 async def read_json(request: Request) -> dict[str, object]:
-    """The request body as a JSON object, refusing bodies over the configured limit."""
+    """The request body as a JSON object, refusing bodies over the configured size, and bodies
+    that take longer than [server] body_timeout in all (a trickle never silent long enough for
+    the connection's own timeout would hold the request forever)."""
     limit = request.app.state.max_body_bytes
     too_big = BodyTooLarge(f"request body is larger than the {limit}-byte limit")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
+    seconds = request.app.state.body_timeout
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
     except ClientDisconnect:
         raise ClientGone from None
+    except TimeoutError:
+        raise EdgeError(f"the request body did not arrive within {seconds:g} s", status=408,
+                        code="request_timeout") from None
     try:
         data = json.loads(body, parse_constant=_no_constants)
         if b"\\u" in body:  # an escaped lone surrogate is valid JSON but not text: it fails here
