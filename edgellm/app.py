@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from edgellm.config import Config, is_loopback
 from edgellm.discovery import Announcer, device_id
 from edgellm.engine.pool import Pool
+from edgellm.engine.prompt_cache import PromptCache
 from edgellm.engine.service import GenerationService
 from edgellm.hardware.plan import make_plan
 from edgellm.hardware.probe import probe
@@ -28,7 +29,7 @@ from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
-from edgellm.units import parse_duration
+from edgellm.units import parse_duration, parse_size
 
 log = logging.getLogger("edgellm")
 
@@ -57,7 +58,11 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     extra = [command_line_model(config)] if config.model.path else []
     engine = dataclasses.replace(config.engine, n_threads=plan.threads)
     registry = Registry(config.server.state_dir)
-    pool = Pool(engine, config.models, plan=plan, registry=registry, extra=extra, metrics=stats)
+    prompt_cache = PromptCache(Path(config.server.state_dir) / "prompt-cache",
+                               memory=parse_size(config.engine.prompt_cache_memory),
+                               disk=parse_size(config.engine.prompt_cache_disk), metrics=stats)
+    pool = Pool(engine, config.models, plan=plan, registry=registry, extra=extra, metrics=stats,
+                prompt_cache=prompt_cache)
     service = GenerationService(pool, log_prompts=config.log.prompts)
     thermals = ThermalWatch(Path(hardware_root), stats, on_threads=pool.set_threads, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)

@@ -70,6 +70,10 @@ class EngineConfig:
     throttle_threads: bool = False  # halve the threads while the board throttles
     parallel: int = 4
     max_queue: int = 16
+    cache_type_k: str = "f16"  # the KV cache's element types: f16, q8_0 or q4_0 (quantized V needs
+    cache_type_v: str = "f16"  # flash attention: flash_attn auto turns it on, off refuses)
+    prompt_cache_memory: str = "256MiB"  # prompt snapshots kept in RAM (engine/prompt_cache.py); 0: none
+    prompt_cache_disk: str = "2GiB"  # and under <state dir>/prompt-cache, across restarts; 0: none
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ _SECTIONS: dict[str, type] = {
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("engine", "flash_attn"): ("auto", "on", "off"),
     ("engine", "backend"): ("auto", "cuda", "vulkan", "cpu"),
+    ("engine", "cache_type_k"): ("f16", "q8_0", "q4_0"),
+    ("engine", "cache_type_v"): ("f16", "q8_0", "q4_0"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("bundles", "policy"): ("require-signature", "allow-unsigned"),
 }
@@ -192,6 +198,8 @@ _PARSED = {
     ("server", "header_timeout"): parse_duration,
     ("server", "body_timeout"): parse_duration,
     ("server", "keep_alive_timeout"): parse_duration,
+    ("engine", "prompt_cache_memory"): parse_size,
+    ("engine", "prompt_cache_disk"): parse_size,
     ("models", "memory_budget"): parse_size,
     ("models", "memory_reserve"): parse_size,
     ("models", "keep_alive"): parse_duration,
@@ -241,6 +249,10 @@ def from_dict(data: dict, source: str) -> Config:
         if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
             raise ConfigError(f"{source}: [server] cors_origins: {origin!r} is not an origin such as "
                               "http://homeassistant.local:8123 (a scheme and a host, no path, never *)")
+    if config.engine.cache_type_v != "f16" and config.engine.flash_attn == "off":
+        raise ConfigError(f"{source}: [engine] cache_type_v = {config.engine.cache_type_v!r} needs flash attention "
+                          "(llama.cpp cannot use a quantized V cache without it): set flash_attn to auto or on, "
+                          "or cache_type_v to f16")
     if config.engine.parallel > config.engine.n_batch:
         raise ConfigError(f"{source}: [engine] parallel ({config.engine.parallel}) cannot exceed n_batch "
                           f"({config.engine.n_batch}): every running sequence needs a place in each batch")

@@ -40,6 +40,13 @@ class Metrics:
                                      ["model"], registry=r)
         self.cached_tokens = Counter("edgellm_cached_prompt_tokens", "Prompt tokens reused from the KV cache",
                                      ["model"], registry=r)
+        self.restored_tokens = Counter("edgellm_prompt_cache_restored_tokens", "Prompt tokens restored from "
+                                       "prompt snapshots instead of computed (counted in cached too)", ["model"],
+                                       registry=r)
+        self.snapshots_saved = Counter("edgellm_prompt_cache_saved", "Prompt snapshots saved", ["model"],
+                                       registry=r)
+        self.prompt_cache_bytes = Gauge("edgellm_prompt_cache_bytes", "Bytes of prompt snapshots, by tier: "
+                                        "memory or disk", ["tier"], registry=r)
         self.generated_tokens = Counter("edgellm_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("edgellm_time_to_first_token_seconds", "From submission to the first token",
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
@@ -90,6 +97,8 @@ class ModelMetrics:
         self.kv_cells_cached = m.kv_cells_cached.labels(model)
         self.prompt_tokens = m.prompt_tokens.labels(model)
         self.cached_tokens = m.cached_tokens.labels(model)
+        self.restored_tokens = m.restored_tokens.labels(model)
+        self.snapshots_saved = m.snapshots_saved.labels(model)
         self.generated_tokens = m.generated_tokens.labels(model)
         self.ttft = m.ttft.labels(model)
         self.itl = m.itl.labels(model)

@@ -116,7 +116,8 @@ class Budget:
     def _too_large(self, want: Known, available: int) -> str:
         engine = self._engine
         n_ubatch = min(engine.n_ubatch, engine.n_batch)
-        fits = memory.largest_context(want.headers, available, parallel=engine.parallel, n_ubatch=n_ubatch)
+        fits = memory.largest_context(want.headers, available, parallel=engine.parallel, n_ubatch=n_ubatch,
+                                      type_k=engine.cache_type_k, type_v=engine.cache_type_v)
         where = (f"a {self.limit / MiB:.0f} MiB budget" if self.limit is not None
                  else f"the available RAM minus a {self.reserve / MiB:.0f} MiB reserve")
         hint = (f"it would fit with [engine] n_ctx = {fits}" if fits

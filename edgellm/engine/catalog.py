@@ -87,7 +87,8 @@ class Catalog:
         headers = [gguf.read(p) for p in entry.paths]
         engine = self._engine
         estimate = memory.estimate(headers, n_ctx=engine.n_ctx, parallel=engine.parallel,
-                                   n_ubatch=min(engine.n_ubatch, engine.n_batch), embedding=entry.embedding)
+                                   n_ubatch=min(engine.n_ubatch, engine.n_batch), embedding=entry.embedding,
+                                   type_k=engine.cache_type_k, type_v=engine.cache_type_v)
         pinned = not set(entry.names()).isdisjoint(self._settings.pinned)
         return Known(entry, headers, estimate, pinned)
 

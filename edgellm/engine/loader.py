@@ -17,9 +17,11 @@ from edgellm.engine.catalog import Known
 from edgellm.engine.chat import ChatTemplate
 from edgellm.engine.errors import EngineError, ModelLoadError
 from edgellm.engine.model import Model
+from edgellm.engine.prompt_cache import PromptCache
 from edgellm.engine.runner import Runner, StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
+from edgellm.store.registry import Entry
 
 log = logging.getLogger("edgellm.engine")
 
@@ -80,17 +82,29 @@ class Loaded:
         return True
 
 
+def model_key(entry: Entry) -> str:
+    """What a model's prompt snapshots are kept under: its SHA-256; for a file outside the
+    store (not hashed, it may be large), its path, size and modification time."""
+    if entry.sha256:
+        return entry.sha256
+    try:
+        return "file:" + ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in entry.paths)
+    except OSError:
+        return ""  # gone: no snapshots
+
+
 def load(known: Known, engine: EngineConfig, plan: Plan, *, metrics: Metrics,
-         on_exit: Callable[[str], None]) -> Loaded:
+         on_exit: Callable[[str], None], prompt_cache: PromptCache | None = None) -> Loaded:
     """Load on the plan's first backend that works. `on_exit(reason)`: the runner thread ended
-    by itself (runner.py)."""
+    by itself (runner.py). `prompt_cache`: where the runner keeps prompt snapshots."""
     n_layer = known.headers[0].arch_int("block_count", 0)
     steps = plan.steps
     for i, step in enumerate(steps):
         layers = plan.gpu_layers(step, known.estimate, n_layer, engine.n_gpu_layers)
         try:
             return _load_on(known, engine, step.device if layers else "", layers, metrics, on_exit,
-                            backend=step.backend if layers else "cpu", gpu_layers=min(layers, n_layer + 1))
+                            backend=step.backend if layers else "cpu", gpu_layers=min(layers, n_layer + 1),
+                            prompt_cache=prompt_cache)
         except StartTimeout:
             raise  # it may start yet, holding that backend's memory: trying another would double it
         except (ModelLoadError, EngineError) as e:
@@ -102,12 +116,14 @@ def load(known: Known, engine: EngineConfig, plan: Plan, *, metrics: Metrics,
 
 
 def _load_on(known: Known, engine: EngineConfig, device: str, layers: int, metrics: Metrics,
-             on_exit: Callable[[str], None], *, backend: str, gpu_layers: int) -> Loaded:
+             on_exit: Callable[[str], None], *, backend: str, gpu_layers: int,
+             prompt_cache: PromptCache | None) -> Loaded:
     entry = known.entry
     model = Model(entry.paths, n_gpu_layers=layers, device=device)
     try:
         template = None if model.is_embedding else ChatTemplate.for_model(model, entry.chat_template)
-        runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit)
+        runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit,
+                        prompt_cache=prompt_cache, model_key=model_key(entry))
     except StartTimeout as e:  # the weights go once the runner's thread has let go of them, if it ever does
         threading.Thread(target=_free_after, args=(e.thread, model), name="edgellm-late-free", daemon=True).start()
         raise

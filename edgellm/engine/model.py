@@ -11,6 +11,8 @@ import ctypes
 import functools
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp.llama_cpp as C
@@ -38,6 +40,22 @@ def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         _errors.lines.append(line)
     if _llama_log.isEnabledFor(py_level):
         _llama_log.log(py_level, "%s", line)
+
+
+@contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """The error lines llama.cpp logs on this thread meanwhile: the reason a load or a context
+    creation failed, which its API reports only as NULL."""
+    _errors.lines = []
+    try:
+        yield _errors.lines
+    finally:
+        del _errors.lines
+
+
+def reason(lines: list[str], default: str) -> str:
+    """The first error line without llama.cpp's function-name prefix."""
+    return lines[0].split(": ", 1)[-1] if lines else default
 
 
 def init_llama() -> None:
@@ -78,19 +96,15 @@ class Model:
         params.devices = ctypes.cast(devices, ctypes.c_void_p)
         params.n_gpu_layers = n_gpu_layers if device else 0
         params.vocab_only = vocab_only  # metadata and tokenizer without the weights
-        _errors.lines = []
-        try:
+        with llama_errors() as errors:
             if len(parts) == 1:
                 ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
             else:
                 paths = (ctypes.c_char_p * len(parts))(*(str(p).encode() for p in parts))
                 ptr = C.llama_model_load_from_splits(paths, len(parts), params)
-        finally:
-            reasons = _errors.lines
-            del _errors.lines
         if not ptr:
-            reason = reasons[0].split(": ", 1)[-1] if reasons else "see the log for the reason"
-            raise ModelLoadError(f"llama.cpp could not load {self.path.name}: {reason}")
+            raise ModelLoadError(f"llama.cpp could not load {self.path.name}: "
+                                 f"{reason(errors, 'see the log for the reason')}")
         self.ptr = ptr
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)

@@ -45,6 +45,7 @@ from edgellm.engine.errors import (
     ShuttingDown,
 )
 from edgellm.engine.loader import Loaded
+from edgellm.engine.prompt_cache import PromptCache
 from edgellm.engine.runner import StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
@@ -117,10 +118,11 @@ class Lease:
 
 class Pool:
     def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Plan, registry: Registry | None = None,
-                 extra: list[Entry] | None = None, metrics: Metrics | None = None, budget: Budget | None = None
-                 ) -> None:
+                 extra: list[Entry] | None = None, metrics: Metrics | None = None, budget: Budget | None = None,
+                 prompt_cache: PromptCache | None = None) -> None:
         """`plan`: the backends to load on, in order of preference (hardware/plan.py).
-        `extra`: models served from where they are (the --model file)."""
+        `extra`: models served from where they are (the --model file). `prompt_cache`: where the
+        runners keep prompt snapshots (prompt_cache.py)."""
         self._engine = engine
         self._plan = plan
         self._settings = settings
@@ -129,6 +131,7 @@ class Pool:
         self._preloads = [e.id for e in extra or []] + list(settings.preload)
         self._budget = budget or Budget(settings, engine)
         self._metrics = metrics or Metrics()
+        self._prompt_cache = prompt_cache
         self._states: dict[str, ModelState] = {}
         self._retired: set[ModelState] = set()  # gone from the catalog, still holding memory until unloaded
         self._refreshing = asyncio.Lock()  # one catalog refresh at a time: two would both add a new model
@@ -187,6 +190,10 @@ class Pool:
                         self._begin_unload(state, "removed")
             for known in came:
                 self._states[known.id] = ModelState(known, self.default_keep_alive)
+            if (came or gone) and self._prompt_cache is not None:
+                # A model removed or replaced takes its prompt snapshots with it.
+                keys = [loader.model_key(k.entry) for k in self._catalog.all()]
+                await asyncio.to_thread(self._prompt_cache.retain, keys)
 
     def _every(self) -> list[ModelState]:
         """Every state that may hold memory or a runner: the catalog's, and the retired ones."""
@@ -293,7 +300,8 @@ class Pool:
                 loop = asyncio.get_running_loop()
                 engine = dataclasses.replace(self._engine, n_threads=self._threads)
                 loaded = await asyncio.to_thread(loader.load, state.known, engine, self._plan, metrics=self._metrics,
-                                                 on_exit=self._noticing_exit(loop, state))
+                                                 on_exit=self._noticing_exit(loop, state),
+                                                 prompt_cache=self._prompt_cache)
         except BaseException as e:
             state.phase = "unloaded"
             if isinstance(e, ModelLoadError | EngineError):
@@ -507,6 +515,8 @@ class Pool:
             "gpu_layers": loaded.gpu_layers if loaded else None,
             "chat_template_in_use": loaded.chat_template.name if loaded and loaded.chat_template else None,
             "estimate_bytes": state.known.estimate.total,
+            "kv_cache": {"type_k": self._engine.cache_type_k, "type_v": self._engine.cache_type_v,
+                         "estimate_bytes": state.known.estimate.kv_cache},
             "rss_delta_bytes": state.rss_delta,
             "in_flight": loaded.leases if loaded else 0,
             "last_used": iso(state.last_used),
@@ -542,3 +552,5 @@ class Pool:
         for state in self._every():
             self._begin_unload(state, "shutdown")
         await asyncio.gather(*(s.unloading for s in self._every() if s.unloading), return_exceptions=True)
+        if self._prompt_cache is not None:
+            await asyncio.to_thread(self._prompt_cache.close)  # what is saved reaches the disk: it survives the restart

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import llama_cpp
 import llama_cpp.llama_cpp as C
 import psutil
 
@@ -35,7 +36,8 @@ from edgellm.engine.errors import (
     RunnerFailed,
     ShuttingDown,
 )
-from edgellm.engine.model import Model
+from edgellm.engine.model import Model, llama_errors, reason
+from edgellm.engine.prompt_cache import CacheView, Layout, PromptCache
 from edgellm.engine.scheduler import Job, Prepared, Scheduler, put
 from edgellm.engine.stream import Outbox, Stream
 from edgellm.errors import EdgeError
@@ -48,6 +50,7 @@ _FLASH_ATTN = {
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+CACHE_TYPES = {"f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0, "q4_0": C.GGML_TYPE_Q4_0}
 # Context creation and the warm-up decode, which pages in every weight: minutes for a big model
 # on an SD card, never forever; well inside the appliance unit's 15 minutes to start, which
 # also cover reading the weights before this wait begins.
@@ -77,8 +80,10 @@ class Runner:
     """Owns one llama context on its own thread."""
 
     def __init__(self, model: Model, settings: EngineConfig, *, model_id: str = "", metrics: Metrics | None = None,
-                 on_exit: Callable[[str], None] | None = None, start_timeout: float | None = None) -> None:
-        """`on_exit(reason)` is called from the thread if it ends for any reason but stop()."""
+                 on_exit: Callable[[str], None] | None = None, start_timeout: float | None = None,
+                 prompt_cache: PromptCache | None = None, model_key: str = "") -> None:
+        """`on_exit(reason)` is called from the thread if it ends for any reason but stop().
+        `prompt_cache` keeps this model's prompt snapshots under `model_key` (its SHA-256)."""
         self.model = model
         self.settings = settings
         self.model_id = model_id or model.path.stem
@@ -101,6 +106,10 @@ class Runner:
         self._outbox = Outbox()
         self._scheduler: Scheduler | None = None
         self._embed_seconds = 1.0  # an embeddings request's duration, smoothed (for Retry-After)
+        self._prompt_cache = prompt_cache if prompt_cache is not None and prompt_cache.enabled \
+            and model_key and not model.is_embedding else None
+        self._model_key = model_key
+        self.prompt_cache: CacheView | None = None  # this model's snapshots, once the context exists
         ready: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="edgellm-runner", daemon=True)
         self._thread.start()
@@ -200,9 +209,12 @@ class Runner:
             params.n_ubatch = min(s.n_ubatch, s.n_batch)
         params.n_seq_max = self.parallel
         params.kv_unified = True  # all sequences share the cells: one long request may use them all
+        params.swa_full = True  # sliding-window layers keep every cell, so that a cached prefix can be reused
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads
         params.flash_attn_type = _FLASH_ATTN[s.flash_attn]
+        params.type_k = CACHE_TYPES[s.cache_type_k]
+        params.type_v = CACHE_TYPES[s.cache_type_v]
         params.embeddings = self.model.is_embedding
         params.no_perf = True
         return params
@@ -226,18 +238,23 @@ class Runner:
         self._end_accepted(ShuttingDown())
 
     def _main(self, ready: concurrent.futures.Future[tuple[int, int]]) -> None:
-        ctx = C.llama_init_from_model(self.model.ptr, self._context_params())
+        with llama_errors() as errors:
+            ctx = C.llama_init_from_model(self.model.ptr, self._context_params())
         if not ctx:
-            raise ModelLoadError("llama.cpp could not create a context (not enough memory for n_ctx?)")
+            raise ModelLoadError("llama.cpp could not create a context: "
+                                 f"{reason(errors, 'not enough memory for n_ctx?')}")
         try:
             n_ctx = C.llama_n_ctx(ctx)
             n_batch = min(C.llama_n_batch(ctx), n_ctx)
             batch = C.llama_batch_init(n_batch, 0, 1)
             try:
                 self._warm_up(ctx, batch)
+                if self._prompt_cache is not None:
+                    self.prompt_cache = self._prompt_cache.view(self._layout())
                 scheduler = self._scheduler = Scheduler(
                     ctx, batch, self.model, model_id=self.model_id, n_ctx=n_ctx, n_batch=n_batch,
-                    parallel=self.parallel, outbox=self._outbox, metrics=self.metrics, on_release=self._released)
+                    parallel=self.parallel, outbox=self._outbox, metrics=self.metrics, on_release=self._released,
+                    cache=self.prompt_cache)
                 ready.set_result((n_ctx, n_batch))
                 try:
                     self._serve(scheduler, ctx, batch)
@@ -247,6 +264,14 @@ class Runner:
                 C.llama_batch_free(batch)
         finally:
             C.llama_free(ctx)
+
+    def _layout(self) -> Layout:
+        """What this context's KV state fits: the model, the element types and their arrangement
+        (flash attention stores V untransposed), and the llama.cpp that wrote it."""
+        s = self.settings
+        return Layout(self._model_key, f"type_k={s.cache_type_k} type_v={s.cache_type_v} flash_attn={s.flash_attn} "
+                                       f"swa_full=1 llama_cpp={llama_cpp.__version__} "
+                                       f"state={C.LLAMA_STATE_SEQ_VERSION}")
 
     def _serve(self, scheduler: Scheduler, ctx: C.llama_context_p, batch: C.llama_batch) -> None:
         """Step until stopped; an exception here ends the thread (and the model is loaded afresh)."""

@@ -10,15 +10,21 @@ Sequences run in slots (llama seq_ids) of one context with a unified KV cache.
 A finished sequence leaves its tokens in its slot's cells; a new prompt that
 starts with the same tokens (a shared system prompt, the next turn of a
 conversation) reuses them, copied between slots if need be, instead of
-computing them again. When the cache is full, idle slots give up their cells
-first, then prefill waits, then the newest sequence is preempted and later
-recomputed: llama_decode failing for lack of space never fails a request.
+computing them again. A new prompt goes where it saves the most and destroys the
+least (_choose): a short unrelated prompt never truncates a long cached prefix for
+the few tokens it shares with it. Prefixes worth keeping past an unload or a
+restart are saved as prompt snapshots (prompt_cache.py), and restored into a slot
+when no slot holds as much. When the cache is full, idle slots give up their cells
+first (saved first if worth it), then prefill waits, then the newest sequence is
+preempted and later recomputed: llama_decode failing for lack of space never fails
+a request.
 
 Everything here runs on the runner's thread, the only one touching the context.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -30,6 +36,7 @@ import llama_cpp.llama_cpp as C
 
 from edgellm.engine.errors import EngineError
 from edgellm.engine.model import Model
+from edgellm.engine.prompt_cache import MIN_TOKENS, CacheView, common_prefix
 from edgellm.engine.sampling import Sampler
 from edgellm.engine.stream import Finish, Outbox, Stream, Text, Usage
 from edgellm.engine.text import TextAssembler
@@ -47,6 +54,9 @@ class Prepared:
     sampler: Sampler
     max_tokens: int | None = None
     stops: tuple[str, ...] = ()
+    # The prompt snapshot sharing the longest prefix with the prompt (its tokens and state),
+    # found before submission; restored if no slot holds as much when the sequence starts.
+    snapshot: tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None = None
 
 
 @dataclass(eq=False)
@@ -105,18 +115,10 @@ def put(batch: C.llama_batch, i: int, token: int, pos: int, seq_id: int, output:
     batch.logits[i] = output
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Scheduler:
     def __init__(self, ctx: C.llama_context_p, batch: C.llama_batch, model: Model, *, model_id: str, n_ctx: int,
-                 n_batch: int, parallel: int,
-                 outbox: Outbox, metrics: Metrics, on_release: Callable[[Job], None]) -> None:
+                 n_batch: int, parallel: int, outbox: Outbox, metrics: Metrics,
+                 on_release: Callable[[Job], None], cache: CacheView | None = None) -> None:
         self.ctx = ctx
         self.batch = batch
         self.mem = C.llama_get_memory(ctx)
@@ -131,6 +133,7 @@ class Scheduler:
         self.outbox = outbox
         self.metrics = metrics.for_model(model_id)
         self.on_release = on_release  # the runner's count of what it has accepted
+        self.cache = cache  # prompt snapshots; None when [engine] prompt_cache_* are 0
         self.mean_duration = 2.0  # seconds a request runs, smoothed (read by the runner for Retry-After)
         self._update_gauges()
 
@@ -180,22 +183,31 @@ class Scheduler:
                 return
             sequence = self.waiting.popleft()
             first = not sequence.started  # not a preempted sequence coming back
-            kept = self._place(sequence, free)
+            kept, restored = self._place(sequence, free)
             if first:
                 sequence.started = time.perf_counter()
                 sequence.cached = kept
                 self.metrics.prompt_tokens.inc(sequence.prompt_len)
                 self.metrics.cached_tokens.inc(kept)
+                self.metrics.restored_tokens.inc(restored)
 
-    def _place(self, sequence: Sequence, free: list[Slot]) -> int:
-        """Put a sequence in the free slot that saves the most work, reusing cached cells."""
+    def _place(self, sequence: Sequence, free: list[Slot]) -> tuple[int, int]:
+        """Put a sequence in a free slot with the longest cached prefix there is: the slot's
+        own cells, another slot's (copied), or a prompt snapshot (restored). Returns the
+        tokens kept, and how many of them a snapshot gave."""
         tokens = sequence.resume
-        # Longest shared prefix first; among equals, the least recently used slot.
-        slot = max(free, key=lambda s: (common_prefix(s.tokens, tokens), -s.used_at))
-        keep = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # one token must run for logits
+        limit = len(tokens) - 1  # one token must run for logits
+        slot = self._choose(free, tokens)
+        keep = min(common_prefix(slot.tokens, tokens), limit)
+        self._save_before_loss(slot, keep)
         donor = max(self.slots, key=lambda s: common_prefix(s.tokens, tokens))
-        donor_keep = min(common_prefix(donor.tokens, tokens), len(tokens) - 1)
-        if donor is not slot and donor_keep > keep:
+        donor_keep = min(common_prefix(donor.tokens, tokens), limit)
+        snapshot = sequence.job.request.snapshot
+        snapshot_keep = min(common_prefix(snapshot[0], tokens), limit) if snapshot is not None else 0
+        restored = 0
+        if snapshot is not None and snapshot_keep > max(keep, donor_keep):
+            keep = restored = self._restore(slot, snapshot[1], snapshot_keep)
+        elif donor is not slot and donor_keep > keep:
             # Another slot (maybe busy) holds a longer prefix: share its cells.
             C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             C.llama_memory_seq_cp(self.mem, donor.seq_id, slot.seq_id, 0, donor_keep)
@@ -203,14 +215,70 @@ class Scheduler:
         elif not C.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1):
             keep = 0  # this memory cannot cut a sequence short (recurrent state)
         if keep and not self._holds(slot.seq_id, keep):
-            keep = 0
+            keep = restored = 0
         if keep == 0:
             C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.tokens = tokens[:keep]
+        if not restored and self._worth_saving(slot.tokens, 0):
+            self._save(slot)  # a prefix that a second request reused: keep it past an unload
         slot.sequence = sequence
         sequence.slot = slot
         sequence.pending = tokens[keep:]
         self.running.append(sequence)
+        return keep, restored
+
+    def _choose(self, free: list[Slot], tokens: list[int]) -> Slot:
+        """The free slot where this prompt saves the most and destroys the least. A slot's cells
+        past the shared prefix are lost (unless a snapshot holds them), so a short unrelated
+        prompt goes to an empty slot, or the least valuable one, rather than truncate a long
+        cached prefix for the few tokens (BOS, a turn marker) it shares with it."""
+        limit = len(tokens) - 1
+
+        def value(slot: Slot) -> tuple[int, int, float]:
+            reuse = min(common_prefix(slot.tokens, tokens), limit)
+            lost = len(slot.tokens) - reuse
+            if lost and self.cache is not None:
+                lost = len(slot.tokens) - max(reuse, self.cache.covered(slot.tokens))
+            return reuse - lost, reuse, -slot.used_at  # among equals, the least recently used
+
+        return max(free, key=value)
+
+    # --- prompt snapshots -------------------------------------------------------------------
+
+    def _worth_saving(self, tokens: list[int], reused: int) -> bool:
+        """Whether a snapshot of `tokens` would hold MIN_TOKENS or more that no snapshot holds
+        (beyond the `reused` ones the next sequence keeps in the slot anyway)."""
+        if self.cache is None or len(tokens) - reused < MIN_TOKENS:
+            return False
+        return len(tokens) - max(reused, self.cache.covered(tokens)) >= MIN_TOKENS
+
+    def _save_before_loss(self, slot: Slot, keep: int) -> None:
+        """Save a slot's cells before all but `keep` of them are dropped, if they are worth it."""
+        if slot.sequence is None and self._worth_saving(slot.tokens, keep):
+            self._save(slot)
+
+    def _save(self, slot: Slot) -> None:
+        """Snapshot what a slot holds (exactly slot.tokens) into the prompt cache."""
+        assert self.cache is not None
+        size = C.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        if not self.cache.accepts(size):
+            return
+        data = (ctypes.c_uint8 * size)()
+        if C.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id) != size:
+            log.warning("llama.cpp could not snapshot a %d-token prefix", len(slot.tokens))
+            return
+        self.cache.add(slot.tokens, data)
+        self.metrics.snapshots_saved.inc()
+
+    def _restore(self, slot: Slot, data: ctypes.Array[ctypes.c_uint8], keep: int) -> int:
+        """Load a snapshot into a slot, cut to its first `keep` tokens; the tokens kept (0 if
+        llama.cpp refused it: no room in the cache, most likely)."""
+        C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        if C.llama_state_seq_set_data(self.ctx, data, len(data), slot.seq_id) == 0:
+            log.warning("could not restore a prompt snapshot; computing its tokens instead")
+            return 0
+        if not C.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1):
+            return 0
         return keep
 
     def _holds(self, seq_id: int, keep: int) -> bool:
@@ -304,6 +372,7 @@ class Scheduler:
         if not idle:
             return False
         slot = min(idle, key=lambda s: s.used_at)
+        self._save_before_loss(slot, 0)
         C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.tokens = []
         return True

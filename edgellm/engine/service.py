@@ -187,7 +187,10 @@ class GenerationService:
                                      code="context_length_exceeded")
             sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
             _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
-            return Prepared(prompt, Sampler(model, sampling), request.max_tokens, request.stops)
+            cache = loaded.runner.prompt_cache
+            snapshot = cache.find(prompt) if cache is not None else None  # may read it from disk: here, not
+            return Prepared(prompt, Sampler(model, sampling), request.max_tokens, request.stops,  # in the runner
+                            snapshot=snapshot)
 
     # --- embeddings -----------------------------------------------------------------------------
 

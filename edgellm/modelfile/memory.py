@@ -5,8 +5,9 @@ The parts, as llama.cpp allocates them on the CPU:
 - weights: the tensor data, memory-mapped, plus an allowance for the tensors
   the CPU backend repacks into a second, interleaved copy;
 - the model's own structures: mostly the vocabulary;
-- the KV cache: for every layer, n_ctx cells (padded to 256) of K and V in f16,
-  n_head_kv x key/value length each. Sliding-window layers count in full,
+- the KV cache: for every layer, n_ctx cells (padded to 256) of K and V in
+  their element types ([engine] cache_type_k/v: f16, or q8_0 and q4_0 blocks of
+  32 values in 34 and 18 bytes), n_head_kv x key/value length each. Sliding-window layers count in full,
   because edgellm keeps their cache full-size (swa_full) so that cached
   prefixes stay reusable; with that, n_ctx cells are shared by all sequences;
 - the output buffer: one row of logits per sequence;
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from edgellm.modelfile.gguf import GGUFFile
 from edgellm.units import MiB
 
-_F16 = 2
+# Bytes per element of each KV cache type, as (bytes, per this many elements).
+CACHE_TYPE_BYTES = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 _CTX_PAD = 256
 _REPACK_SHARE = 0.05  # of the weights: the CPU backend's interleaved copies (5.4% measured on Gemma 3 Q4_K_M)
 _PER_TOKEN = 160  # bytes per vocabulary entry in the loaded model (text, score, type, maps)
@@ -56,8 +58,9 @@ class Estimate:
                 f"{self.kv_cache / MiB:.0f} MiB + buffers {self.compute / MiB:.0f} MiB)")
 
 
-def kv_bytes_per_cell(parts: list[GGUFFile]) -> int:
+def kv_bytes_per_cell(parts: list[GGUFFile], type_k: str = "f16", type_v: str = "f16") -> int:
     """Bytes of K and V that one token position takes across all layers."""
+    (k_bytes, k_per), (v_bytes, v_per) = CACHE_TYPE_BYTES[type_k], CACHE_TYPE_BYTES[type_v]
     g = parts[0]
     n_layer = g.arch_int("block_count", 0)
     n_embd = g.arch_int("embedding_length", 0)
@@ -68,19 +71,19 @@ def kv_bytes_per_cell(parts: list[GGUFFile]) -> int:
         head_dim = n_embd // max(n_head[layer], 1)
         k = g.arch_int("attention.key_length", head_dim)
         v = g.arch_int("attention.value_length", head_dim)
-        total += n_head_kv[layer] * (k + v) * _F16
+        total += n_head_kv[layer] * k * k_bytes // k_per + n_head_kv[layer] * v * v_bytes // v_per
     return total
 
 
-def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int, embedding: bool = False
-             ) -> Estimate:
+def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int, embedding: bool = False,
+             type_k: str = "f16", type_v: str = "f16") -> Estimate:
     """Memory a load with these settings will take (bytes), for a model given by its header(s)."""
     g = parts[0]
     n_ctx = min(n_ctx, g.arch_int("context_length", n_ctx) or n_ctx)
     cells = -(-n_ctx // _CTX_PAD) * _CTX_PAD
     tensors = sum(p.tensor_bytes for p in parts)
     weights = int(tensors * (1 + _REPACK_SHARE))
-    kv = 0 if g.architecture in _NO_KV_CACHE else cells * kv_bytes_per_cell(parts)
+    kv = 0 if g.architecture in _NO_KV_CACHE else cells * kv_bytes_per_cell(parts, type_k, type_v)
     n_vocab = g.n_vocab
     n_embd = g.arch_int("embedding_length", 0)
     n_ff = max(g.arch_ints("feed_forward_length", g.arch_int("block_count", 1) or 1, 0))
@@ -94,10 +97,12 @@ def estimate(parts: list[GGUFFile], *, n_ctx: int, parallel: int, n_ubatch: int,
     return Estimate(weights, kv, compute)
 
 
-def largest_context(parts: list[GGUFFile], available: int, *, parallel: int, n_ubatch: int) -> int:
+def largest_context(parts: list[GGUFFile], available: int, *, parallel: int, n_ubatch: int, type_k: str = "f16",
+                    type_v: str = "f16") -> int:
     """The largest n_ctx (a multiple of 256) whose estimate fits in `available`, or 0."""
     best, n_ctx = 0, _CTX_PAD
     ceiling = parts[0].arch_int("context_length", 1 << 20) or (1 << 20)
-    while n_ctx <= ceiling and estimate(parts, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch).total <= available:
+    while n_ctx <= ceiling and estimate(parts, n_ctx=n_ctx, parallel=parallel, n_ubatch=n_ubatch, type_k=type_k,
+                                        type_v=type_v).total <= available:
         best, n_ctx = n_ctx, n_ctx * 2
     return best
