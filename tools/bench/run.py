@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -127,17 +128,23 @@ class Server:
         self._log.close()
 
 
-def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path) -> Server:
+def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path, *,
+          state_dir: Path | None = None, engine_lines: Sequence[str] = (), extra_args: Sequence[str] = ()) -> Server:
+    """Start one server with the shared settings and wait until it is ready.
+
+    edgellm: `engine_lines` are more TOML lines for its [engine] section, `state_dir` its state
+    dir (default: state/ beside the log). llama-server: `extra_args` are more flags.
+    """
     if name == "edgellm":
         config = log.with_suffix(".toml")
         config.write_text(f"[engine]\nn_ctx = {args.ctx}\nn_threads = {args.threads}\nparallel = {args.slots}\n"
-                          f"max_queue = 64\n")
+                          f"max_queue = 64\n" + "".join(f"{line}\n" for line in engine_lines))
         cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", str(port),
-               "--config", str(config), "--state-dir", str(log.parent / "state")]
+               "--config", str(config), "--state-dir", str(state_dir or log.parent / "state")]
     else:
         cmd = [*os.environ.get("BENCH_WRAP", "").split(), str(bin_dir / "llama-server"), "-m", str(model),
                "--port", str(port), "-c", str(args.ctx), "-t", str(args.threads), "-tb", str(args.threads),
-               "-np", str(args.slots), "--kv-unified", "--no-webui"]
+               "-np", str(args.slots), "--kv-unified", "--no-webui", *extra_args]
     return Server(name, cmd, port, log)
 
 
@@ -255,12 +262,29 @@ def bench_model(model: Path, args: argparse.Namespace, bin_dir: Path, out: Path)
     rows = summarise(rounds, args.concurrency)
     title = (f"{model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, {args.tokens} tokens; "
              f"llama-bench " + ", ".join(f"{k} {v} t/s" for k, v in bench.items()))
-    (out / "results.json").write_text(json.dumps({"model": model.name, "llama_bench": bench, "rounds": rounds,
-                                                  "summary": rows}, indent=2))
-    (out / "results.md").write_text(f"{title}\n\n{markdown(rows)}\n")
+    write_results(out, {"model": model.name, "llama_bench": bench, "rounds": rounds, "summary": rows},
+                  f"{title}\n\n{markdown(rows)}\n")
     plot(rows, title, out / "results.png")
     print(markdown(rows))
     return {"model": model.name, "llama_bench": bench, "summary": rows}
+
+
+def write_results(out: Path, data: dict, text: str) -> None:
+    """One model's results.json and results.md."""
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    (out / "results.md").write_text(text)
+
+
+def results_dir(base: Path) -> Path:
+    """Where this run's results go: a folder named for the time under `base` (not created here)."""
+    return base / time.strftime("%Y%m%d-%H%M%S")
+
+
+def print_load_average() -> tuple[float, float, float]:
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  (NOT QUIET: results will be unreliable)" if load[0] > 0.5 else ""))
+    return load
 
 
 def tiny_model(path: Path) -> Path:
@@ -285,11 +309,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
     args = parser.parse_args()
 
-    load = os.getloadavg()
-    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-          + ("  (NOT QUIET: results will be unreliable)" if load[0] > 0.5 else ""))
+    load = print_load_average()
     bin_dir = build_llama_cpp(os.cpu_count() or 1)
-    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    out = results_dir(args.out)
     results = [bench_model(args.model, args, bin_dir, out / args.model.stem)]
     if args.tiny:
         results.append(bench_model(tiny_model(out / "tiny-random.gguf"), args, bin_dir, out / "tiny-random"))
