@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +15,7 @@ from edgellm.config import Config, is_loopback
 from edgellm.discovery import Announcer, device_id
 from edgellm.engine.pool import Pool
 from edgellm.engine.service import GenerationService
-from edgellm.hardware.plan import make_plan
-from edgellm.hardware.probe import probe
+from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
@@ -29,8 +27,6 @@ from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
 from edgellm.units import parse_duration
-
-log = logging.getLogger("edgellm")
 
 
 def command_line_model(config: Config) -> Entry:
@@ -49,11 +45,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture).
     `port`: the port the API listens on, announced on the LAN (0: not announced)."""
     stats = Metrics()
-    hw = probe(hardware_root)
-    plan = make_plan(hw, config.engine)
-    log.info("backend %s, %d threads: %s", plan.backend, plan.threads, "; ".join(plan.reasons))
-    for warning in [*plan.refused, *plan.warnings]:
-        log.warning("%s", warning)
+    plan = Planner(hardware_root, config.engine)  # made by the first load
     extra = [command_line_model(config)] if config.model.path else []
     engine = dataclasses.replace(config.engine, n_threads=plan.threads)
     registry = Registry(config.server.state_dir)

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from edgellm.config import EngineConfig
 from edgellm.engine.catalog import Known
 from edgellm.engine.chat import ChatTemplate
-from edgellm.engine.errors import EngineError, ModelLoadError
+from edgellm.engine.errors import EngineError, ModelLoadError, StartTimeout
 from edgellm.engine.model import Model
-from edgellm.engine.runner import Runner, StartTimeout
+from edgellm.engine.runner import Runner
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 

@@ -28,12 +28,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import psutil
 
 from edgellm.config import EngineConfig, ModelsConfig
-from edgellm.engine import loader
 from edgellm.engine.budget import Budget, Evict, Fits, Refuse
 from edgellm.engine.catalog import Catalog, Known
 from edgellm.engine.errors import (
@@ -43,13 +42,15 @@ from edgellm.engine.errors import (
     ModelNotFound,
     NotReady,
     ShuttingDown,
+    StartTimeout,
 )
-from edgellm.engine.loader import Loaded
-from edgellm.engine.runner import StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 from edgellm.store.registry import Entry, Registry, StoreError
 from edgellm.units import MiB, parse_duration
+
+if TYPE_CHECKING:
+    from edgellm.engine.loader import Loaded
 
 log = logging.getLogger("edgellm.engine")
 
@@ -116,11 +117,11 @@ class Lease:
 
 
 class Pool:
-    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Plan, registry: Registry | None = None,
-                 extra: list[Entry] | None = None, metrics: Metrics | None = None, budget: Budget | None = None
-                 ) -> None:
-        """`plan`: the backends to load on, in order of preference (hardware/plan.py).
-        `extra`: models served from where they are (the --model file)."""
+    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Callable[[], Plan],
+                 registry: Registry | None = None, extra: list[Entry] | None = None, metrics: Metrics | None = None,
+                 budget: Budget | None = None) -> None:
+        """`plan`: the backends to load on, in order of preference (hardware/plan.py), asked for
+        by each load in its thread. `extra`: models served from where they are (the --model file)."""
         self._engine = engine
         self._plan = plan
         self._settings = settings
@@ -290,10 +291,9 @@ class Pool:
                 process = psutil.Process()
                 before = process.memory_info().rss
                 started = time.monotonic()
-                loop = asyncio.get_running_loop()
                 engine = dataclasses.replace(self._engine, n_threads=self._threads)
-                loaded = await asyncio.to_thread(loader.load, state.known, engine, self._plan, metrics=self._metrics,
-                                                 on_exit=self._noticing_exit(loop, state))
+                on_exit = self._noticing_exit(asyncio.get_running_loop(), state)
+                loaded = await asyncio.to_thread(self._load_now, state.known, engine, on_exit)
         except BaseException as e:
             state.phase = "unloaded"
             if isinstance(e, ModelLoadError | EngineError):
@@ -365,6 +365,13 @@ class Pool:
         self._metrics.unloads.labels(state.known.id, reason).inc()
         state.loaded, state.phase = None, "unloading"
         state.unloading = asyncio.get_running_loop().create_task(self._free(state, loaded))
+
+    def _load_now(self, known: Known, engine: EngineConfig, on_exit: Callable[[str], None]) -> Loaded:
+        """In a worker thread. The loader brings llama.cpp in (libllama, numpy, jinja2: about
+        20 MB resident), so it is imported by the first load, not when the server starts."""
+        from edgellm.engine import loader
+
+        return loader.load(known, engine, self._plan(), metrics=self._metrics, on_exit=on_exit)
 
     async def _free(self, state: ModelState, loaded: Loaded) -> None:
         try:
