@@ -19,7 +19,6 @@ from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.relay.upstream import Upstream
 from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
@@ -54,7 +53,11 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     thermals = ThermalWatch(Path(hardware_root), stats, on_threads=pool.set_threads, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 
-    upstream = Upstream(config.relay) if config.relay.url else None
+    upstream = None
+    if config.relay.url:
+        from edgellm.relay.upstream import Upstream  # aiohttp: only for a box with an upstream
+
+        upstream = Upstream(config.relay)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
