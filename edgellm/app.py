@@ -12,7 +12,6 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from edgellm.config import Config, is_loopback
-from edgellm.discovery import Announcer, device_id
 from edgellm.engine.pool import Pool
 from edgellm.engine.service import GenerationService
 from edgellm.hardware.plan import Planner
@@ -67,6 +66,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         watching = asyncio.create_task(thermals.run())
         announcer = None
         if config.discovery.enabled and port:
+            from edgellm.discovery import Announcer, device_id  # zeroconf: only where discovery is on
+
             announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
                                   interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
                                   device=device_id(config.server.state_dir),
