@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,16 +12,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from edgellm.config import Config, is_loopback
-from edgellm.discovery import Announcer, device_id
 from edgellm.engine.pool import Pool
 from edgellm.engine.prompt_cache import PromptCache
 from edgellm.engine.service import GenerationService
-from edgellm.hardware.plan import make_plan
-from edgellm.hardware.probe import probe
+from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.relay.upstream import Upstream
 from edgellm.serving import admin, bundles, hardware, health, metrics, openai
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
@@ -30,8 +26,6 @@ from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
 from edgellm.units import parse_duration, parse_size
-
-log = logging.getLogger("edgellm")
 
 
 def command_line_model(config: Config) -> Entry:
@@ -50,11 +44,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture).
     `port`: the port the API listens on, announced on the LAN (0: not announced)."""
     stats = Metrics()
-    hw = probe(hardware_root)
-    plan = make_plan(hw, config.engine)
-    log.info("backend %s, %d threads: %s", plan.backend, plan.threads, "; ".join(plan.reasons))
-    for warning in [*plan.refused, *plan.warnings]:
-        log.warning("%s", warning)
+    plan = Planner(hardware_root, config.engine)  # made by the first load
     extra = [command_line_model(config)] if config.model.path else []
     engine = dataclasses.replace(config.engine, n_threads=plan.threads)
     registry = Registry(config.server.state_dir)
@@ -67,7 +57,11 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     thermals = ThermalWatch(Path(hardware_root), stats, on_threads=pool.set_threads, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 
-    upstream = Upstream(config.relay) if config.relay.url else None
+    upstream = None
+    if config.relay.url:
+        from edgellm.relay.upstream import Upstream  # aiohttp: only for a box with an upstream
+
+        upstream = Upstream(config.relay)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,6 +71,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         watching = asyncio.create_task(thermals.run())
         announcer = None
         if config.discovery.enabled and port:
+            from edgellm.discovery import Announcer, device_id  # zeroconf: only where discovery is on
+
             announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
                                   interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
                                   device=device_id(config.server.state_dir),

@@ -195,3 +195,6 @@ def demo_model() -> Path:
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+# Servers and CLI runs in subprocesses import this checkout's edgellm, also where the venv's
+# editable install points at another worktree of the repository.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -152,7 +152,7 @@ def test_concurrent_first_leases_share_one_load(models, monkeypatch):
     monkeypatch.setattr(loader, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
 
     async def scenario() -> set[str]:
-        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(), plan=CPU,
+        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(), plan=lambda: CPU,
                     extra=[entry_for(models["scripted"], "a")])
         await pool.start()
         leases = await asyncio.gather(*(pool.acquire("a") for _ in range(8)))
@@ -170,8 +170,8 @@ def test_a_load_waiting_for_room_holds_nothing_up(models):
     """max_loaded 2, both places busy: a third model's load waits, and meanwhile the admin API
     and the catalog answer at once (they used to queue behind the load's lock)."""
     async def scenario() -> None:
-        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(max_loaded=2, load_timeout="30s"), plan=CPU,
-                    extra=[entry_for(models["scripted"], n) for n in ("a", "b")]
+        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(max_loaded=2, load_timeout="30s"),
+                    plan=lambda: CPU, extra=[entry_for(models["scripted"], n) for n in ("a", "b")]
                     + [entry_for(models["random"], "c")])
         await pool.start()
         a, b = await pool.acquire("a"), await pool.acquire("b")
@@ -208,8 +208,8 @@ def test_a_replaced_model_in_use_still_counts_until_it_is_unloaded(models, tmp_p
     registry.add(tmp_path / "m.gguf")
 
     async def scenario() -> None:
-        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(max_loaded=1, load_timeout="30s"), plan=CPU,
-                    registry=registry)
+        pool = Pool(EngineConfig(n_threads=1, n_ctx=256), ModelsConfig(max_loaded=1, load_timeout="30s"),
+                    plan=lambda: CPU, registry=registry)
         await pool.start()
         old = await pool.acquire("m")
         before = pool.find("m").known.entry.sha256

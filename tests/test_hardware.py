@@ -167,7 +167,7 @@ def test_a_failed_gpu_load_falls_back_to_the_cpu(models, caplog):
                 reasons=[])
 
     async def load() -> tuple[str, str]:
-        pool = Pool(EngineConfig(n_threads=1), ModelsConfig(), plan=plan, extra=[entry])
+        pool = Pool(EngineConfig(n_threads=1), ModelsConfig(), plan=lambda: plan, extra=[entry])
         await pool.start()
         lease = await pool.acquire("scripted")
         try:

@@ -36,6 +36,17 @@ class Known:
         return self.entry.id
 
 
+def snapshot_key(entry: Entry) -> str:
+    """What a model's prompt snapshots are kept under (prompt_cache.py): its SHA-256; for a file
+    outside the store (not hashed: it may be large), its path, size and modification time."""
+    if entry.sha256:
+        return entry.sha256
+    try:
+        return "file:" + ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in entry.paths)
+    except OSError:
+        return ""  # gone: no snapshots
+
+
 class Catalog:
     def __init__(self, registry: Registry | None, extra: list[Entry], engine: EngineConfig,
                  settings: ModelsConfig) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from edgellm.errors import EdgeError, InvalidRequest, LocalFailure, NotFound
 
 
@@ -65,6 +67,14 @@ class ModelLoadError(EdgeError):
     """llama.cpp could not load a model file or create its context."""
 
     code = "model_load_failed"
+
+
+class StartTimeout(ModelLoadError):
+    """The runner did not start in time; its thread may still be using the model."""
+
+    def __init__(self, message: str, thread: threading.Thread) -> None:
+        super().__init__(message)
+        self.thread = thread
 
 
 class QueueFull(LocalFailure):

@@ -13,15 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from edgellm.config import EngineConfig
-from edgellm.engine.catalog import Known
+from edgellm.engine.catalog import Known, snapshot_key
 from edgellm.engine.chat import ChatTemplate
-from edgellm.engine.errors import EngineError, ModelLoadError
+from edgellm.engine.errors import EngineError, ModelLoadError, StartTimeout
 from edgellm.engine.model import Model
 from edgellm.engine.prompt_cache import PromptCache
-from edgellm.engine.runner import Runner, StartTimeout
+from edgellm.engine.runner import Runner
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
-from edgellm.store.registry import Entry
 
 log = logging.getLogger("edgellm.engine")
 
@@ -82,17 +81,6 @@ class Loaded:
         return True
 
 
-def model_key(entry: Entry) -> str:
-    """What a model's prompt snapshots are kept under: its SHA-256; for a file outside the
-    store (not hashed, it may be large), its path, size and modification time."""
-    if entry.sha256:
-        return entry.sha256
-    try:
-        return "file:" + ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in entry.paths)
-    except OSError:
-        return ""  # gone: no snapshots
-
-
 def load(known: Known, engine: EngineConfig, plan: Plan, *, metrics: Metrics,
          on_exit: Callable[[str], None], prompt_cache: PromptCache | None = None) -> Loaded:
     """Load on the plan's first backend that works. `on_exit(reason)`: the runner thread ended
@@ -123,7 +111,7 @@ def _load_on(known: Known, engine: EngineConfig, device: str, layers: int, metri
     try:
         template = None if model.is_embedding else ChatTemplate.for_model(model, entry.chat_template)
         runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit,
-                        prompt_cache=prompt_cache, model_key=model_key(entry))
+                        prompt_cache=prompt_cache, model_key=snapshot_key(entry))
     except StartTimeout as e:  # the weights go once the runner's thread has let go of them, if it ever does
         threading.Thread(target=_free_after, args=(e.thread, model), name="edgellm-late-free", daemon=True).start()
         raise

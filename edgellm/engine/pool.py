@@ -28,14 +28,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import psutil
 
 from edgellm.config import EngineConfig, ModelsConfig
-from edgellm.engine import loader
 from edgellm.engine.budget import Budget, Evict, Fits, Refuse
-from edgellm.engine.catalog import Catalog, Known
+from edgellm.engine.catalog import Catalog, Known, snapshot_key
 from edgellm.engine.errors import (
     EngineError,
     ModelBusy,
@@ -43,14 +42,16 @@ from edgellm.engine.errors import (
     ModelNotFound,
     NotReady,
     ShuttingDown,
+    StartTimeout,
 )
-from edgellm.engine.loader import Loaded
 from edgellm.engine.prompt_cache import PromptCache
-from edgellm.engine.runner import StartTimeout
 from edgellm.hardware.plan import Plan
 from edgellm.metrics import Metrics
 from edgellm.store.registry import Entry, Registry, StoreError
 from edgellm.units import MiB, parse_duration
+
+if TYPE_CHECKING:
+    from edgellm.engine.loader import Loaded
 
 log = logging.getLogger("edgellm.engine")
 
@@ -117,12 +118,12 @@ class Lease:
 
 
 class Pool:
-    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Plan, registry: Registry | None = None,
-                 extra: list[Entry] | None = None, metrics: Metrics | None = None, budget: Budget | None = None,
-                 prompt_cache: PromptCache | None = None) -> None:
-        """`plan`: the backends to load on, in order of preference (hardware/plan.py).
-        `extra`: models served from where they are (the --model file). `prompt_cache`: where the
-        runners keep prompt snapshots (prompt_cache.py)."""
+    def __init__(self, engine: EngineConfig, settings: ModelsConfig, *, plan: Callable[[], Plan],
+                 registry: Registry | None = None, extra: list[Entry] | None = None, metrics: Metrics | None = None,
+                 budget: Budget | None = None, prompt_cache: PromptCache | None = None) -> None:
+        """`plan`: the backends to load on, in order of preference (hardware/plan.py), asked for
+        by each load in its thread. `extra`: models served from where they are (the --model file).
+        `prompt_cache`: where the runners keep prompt snapshots (prompt_cache.py)."""
         self._engine = engine
         self._plan = plan
         self._settings = settings
@@ -192,7 +193,7 @@ class Pool:
                 self._states[known.id] = ModelState(known, self.default_keep_alive)
             if (came or gone) and self._prompt_cache is not None:
                 # A model removed or replaced takes its prompt snapshots with it.
-                keys = [loader.model_key(k.entry) for k in self._catalog.all()]
+                keys = [snapshot_key(k.entry) for k in self._catalog.all()]
                 await asyncio.to_thread(self._prompt_cache.retain, keys)
 
     def _every(self) -> list[ModelState]:
@@ -297,11 +298,9 @@ class Pool:
                 process = psutil.Process()
                 before = process.memory_info().rss
                 started = time.monotonic()
-                loop = asyncio.get_running_loop()
                 engine = dataclasses.replace(self._engine, n_threads=self._threads)
-                loaded = await asyncio.to_thread(loader.load, state.known, engine, self._plan, metrics=self._metrics,
-                                                 on_exit=self._noticing_exit(loop, state),
-                                                 prompt_cache=self._prompt_cache)
+                on_exit = self._noticing_exit(asyncio.get_running_loop(), state)
+                loaded = await asyncio.to_thread(self._load_now, state.known, engine, on_exit)
         except BaseException as e:
             state.phase = "unloaded"
             if isinstance(e, ModelLoadError | EngineError):
@@ -373,6 +372,14 @@ class Pool:
         self._metrics.unloads.labels(state.known.id, reason).inc()
         state.loaded, state.phase = None, "unloading"
         state.unloading = asyncio.get_running_loop().create_task(self._free(state, loaded))
+
+    def _load_now(self, known: Known, engine: EngineConfig, on_exit: Callable[[str], None]) -> Loaded:
+        """In a worker thread. The loader brings llama.cpp in (libllama, numpy, jinja2: about
+        20 MB resident), so it is imported by the first load, not when the server starts."""
+        from edgellm.engine import loader
+
+        return loader.load(known, engine, self._plan(), metrics=self._metrics, on_exit=on_exit,
+                           prompt_cache=self._prompt_cache)
 
     async def _free(self, state: ModelState, loaded: Loaded) -> None:
         try:

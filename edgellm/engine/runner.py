@@ -35,6 +35,7 @@ from edgellm.engine.errors import (
     QueueFull,
     RunnerFailed,
     ShuttingDown,
+    StartTimeout,
 )
 from edgellm.engine.model import Model, llama_errors, reason
 from edgellm.engine.prompt_cache import CacheView, Layout, PromptCache
@@ -62,14 +63,6 @@ class _EmbedJob:
     inputs: list[list[int]]
     future: concurrent.futures.Future[list[list[float]]]
     cancelled: bool = False
-
-
-class StartTimeout(ModelLoadError):
-    """The runner did not start in time; its thread may still be using the model."""
-
-    def __init__(self, message: str, thread: threading.Thread) -> None:
-        super().__init__(message)
-        self.thread = thread
 
 
 def physical_cores() -> int:

@@ -17,15 +17,16 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from edgellm.engine.errors import NotGenerative
-from edgellm.engine.loader import Loaded
 from edgellm.engine.pool import Lease, Pool
-from edgellm.engine.sampling import Sampler, SamplingParams
-from edgellm.engine.scheduler import Prepared
 from edgellm.engine.stream import Event, Finish, Stream, Text, Usage
 from edgellm.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from edgellm.engine.loader import Loaded
+    from edgellm.engine.scheduler import Prepared
 
 log = logging.getLogger("edgellm.engine")
 T = TypeVar("T")
@@ -154,7 +155,7 @@ class GenerationService:
             if self._log_prompts:
                 log.info("prompt for %s: %s", loaded.id, json.dumps(request.messages or request.prompt,
                                                                     ensure_ascii=False))
-            prepared = await _in_thread(lambda: self._prepare(loaded, request))
+            prepared = await _in_thread(lambda: self._prepare(loaded, request), abandon=lambda p: p.sampler.close())
             try:
                 stream = loaded.runner.submit(prepared)
             except BaseException:
@@ -169,6 +170,10 @@ class GenerationService:
     @staticmethod
     def _prepare(loaded: Loaded, request: GenerateRequest) -> Prepared:
         """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds)."""
+        # Here, with a model loaded: they import llama.cpp, which an idle server does without (pool.py).
+        from edgellm.engine.sampling import Sampler, SamplingParams
+        from edgellm.engine.scheduler import Prepared
+
         with loaded.held():
             model, param = loaded.model, request.param
             if request.messages is not None:
@@ -266,16 +271,15 @@ def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-async def _in_thread(work: Callable[[], T]) -> T:
+async def _in_thread(work: Callable[[], T], abandon: Callable[[T], None] | None = None) -> T:
     """Run `work` in a worker thread. If the caller is cancelled meanwhile (the client left),
-    whatever it built is still cleaned up: a sampler is closed once it is done."""
+    whatever it built is still cleaned up: `abandon` gets it once it is done (to close a sampler)."""
     task = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         def clean_up(done: asyncio.Future[T]) -> None:
-            result = None if done.cancelled() or done.exception() else done.result()
-            if isinstance(result, Prepared):
-                result.sampler.close()
+            if abandon is not None and not done.cancelled() and done.exception() is None:
+                abandon(done.result())
         task.add_done_callback(clean_up)
         raise

@@ -8,12 +8,16 @@ support it; the CPU always comes last, so a broken GPU driver costs speed, never
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from edgellm.config import EngineConfig
-from edgellm.hardware.probe import Hardware
+from edgellm.hardware.probe import Cpu, Hardware, cpu, probe
 from edgellm.modelfile.memory import Estimate
 from edgellm.units import MiB
+
+log = logging.getLogger("edgellm.hardware")
 
 ALL_LAYERS = 999  # llama.cpp clamps n_gpu_layers to the model's layer count (+1 for the output)
 _GPU_RESERVE = 256 * MiB  # of GPU memory, left for the driver and other users
@@ -86,7 +90,7 @@ def make_plan(hw: Hardware, engine: EngineConfig) -> Plan:
     elif steps[0].backend == "cpu":
         reasons.append("no usable GPU backend: the CPU runs the models")
 
-    threads = engine.n_threads or hw.cpu.performance_cores
+    threads = thread_count(hw.cpu, engine)
     if engine.n_threads:
         reasons.append(f"threads: {threads} ([engine] n_threads)")
     elif len(hw.cpu.clusters) > 1:
@@ -98,6 +102,34 @@ def make_plan(hw: Hardware, engine: EngineConfig) -> Plan:
     plan = Plan(steps, threads, engine.flash_attn, reasons, refused)
     plan.warnings = warnings(hw, plan)
     return plan
+
+
+def thread_count(found: Cpu, engine: EngineConfig) -> int:
+    """[engine] n_threads, else one per performance core."""
+    return engine.n_threads or found.performance_cores
+
+
+class Planner:
+    """make_plan() for this box, made when the first model loads rather than at start: asking
+    llama.cpp what it can drive loads libllama and its ggml backends (CUDA's runtime on a
+    Jetson), memory a server with no model loaded does without. The threads come from the
+    CPU alone and are known at once. The plan and its warnings are logged when made."""
+
+    def __init__(self, root: str | Path, engine: EngineConfig) -> None:
+        self._root = Path(root)
+        self._engine = engine
+        self.threads = thread_count(cpu(self._root), engine)
+        self._plan: Plan | None = None
+
+    def __call__(self) -> Plan:
+        """Blocks while llama.cpp's backends start: the pool calls it in its loading thread."""
+        if self._plan is None:
+            plan = make_plan(probe(self._root), self._engine)
+            log.info("backend %s, %d threads: %s", plan.backend, plan.threads, "; ".join(plan.reasons))
+            for warning in [*plan.refused, *plan.warnings]:
+                log.warning("%s", warning)
+            self._plan = plan
+        return self._plan
 
 
 def warnings(hw: Hardware, plan: Plan) -> list[str]:

@@ -12,16 +12,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
 
-from edgellm.bundles.importer import Outcome, Policy, import_bundle, memory_limit
-from edgellm.bundles.reader import StreamSource
 from edgellm.errors import EdgeError
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
 from edgellm.serving.sse import EventStream
+
+if TYPE_CHECKING:
+    from edgellm.bundles.importer import Outcome
 
 
 class _Body:
@@ -87,6 +89,10 @@ async def upload(request: Request) -> EventStream:
             loop.call_soon_threadsafe(events.put_nowait, ("progress", {"file": name, "done": done, "total": total}))
 
     def work() -> list[Outcome]:
+        # The importer (signatures: cryptography; tarfile) is imported by the first upload, not at start.
+        from edgellm.bundles.importer import Policy, import_bundle, memory_limit
+        from edgellm.bundles.reader import StreamSource
+
         source = StreamSource(body, "upload")
         try:
             return import_bundle(source, registry.open(wait=False), Policy.from_config(config),
