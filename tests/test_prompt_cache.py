@@ -7,9 +7,11 @@ import ctypes
 import random
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from conftest import metric, wait_until
+from test_cli import edgellm
 
 from edgellm.engine.prompt_cache import MIN_TOKENS, Layout, PromptCache, common_prefix
 
@@ -218,3 +220,15 @@ def test_a_damaged_snapshot_is_computed_again_never_loaded(server_factory, model
     assert (text, cached) == (cold_text, 0)
     assert metric(again, "edgellm_prompt_cache_restored_tokens_total", model="random") == 0
     assert not path.exists()
+
+
+def test_removing_a_model_deletes_its_snapshots(server_factory, models, tmp_path):
+    state_dir = tmp_path / "state"
+    assert edgellm("models", "add", str(models["random"]), "--state-dir", str(state_dir)).returncode == 0
+    server = server_factory(None, state_dir=state_dir)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    complete(client, "tick")
+    complete(client, "tock")
+    wait_until(lambda: snapshot_files(state_dir), 10, message="the snapshot to reach the disk")
+    assert httpx.delete(server.url + "/admin/models/random").status_code == 200
+    wait_until(lambda: not list((state_dir / "prompt-cache").iterdir()), 10, message="the snapshots to go")
