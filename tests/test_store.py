@@ -298,3 +298,19 @@ def test_a_failing_read_or_write_ends_the_copy_with_its_error(tmp_path, monkeypa
     with Full(tmp_path / "out", "w") as dst, pytest.raises(OSError, match="Input/output|No space"):
         registry.copy_hashing(Failing(bytes(100 * 4096)), dst)  # type: ignore[arg-type]
     assert threading.active_count() == threads  # no worker left behind
+
+
+def test_recovery_syncs_the_blobs_directory_only_after_deleting(tmp_path, monkeypatch, models):
+    """Each import and start-up recovers; an fsync of the directory there is a disk flush each time,
+    needed only to make deletions last."""
+    from edgellm.store import registry
+    synced: list[Path] = []
+    monkeypatch.setattr(registry, "fsync_dir", synced.append)
+    store = Registry(tmp_path / "state").open()
+    store.add(models["random"])
+    synced.clear()
+    store.open()
+    assert synced == []  # nothing to delete, nothing to flush
+    (store.blobs / f"sha256-{'0' * 64}.gguf").write_bytes(b"an orphan")
+    store.open()
+    assert synced == [store.blobs] and assert_consistent(tmp_path / "state")

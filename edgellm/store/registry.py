@@ -328,10 +328,11 @@ class Registry:
         for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
             leftover.unlink()
         wanted = {self.blob(f.sha256).name for e in entries for f in e.files}
-        for blob in self.blobs.iterdir():
-            if blob.name not in wanted:
-                blob.unlink()
-        fsync_dir(self.blobs)
+        unwanted = [blob for blob in self.blobs.iterdir() if blob.name not in wanted]
+        for blob in unwanted:
+            blob.unlink()
+        if unwanted:  # the deletions made lasting (nothing to make lasting when there were none)
+            fsync_dir(self.blobs)
 
     def write(self, entries: list[Entry]) -> None:
         """Replace the catalog (hold the lock)."""
