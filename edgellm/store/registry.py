@@ -43,7 +43,7 @@ from edgellm.modelfile import defaults, gguf
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 BUFFERS = 4  # chunks in flight while copying: one being read, one hashed, one written, one spare
-WRITEBACK = 32 << 20  # bytes written between starts of writeback: the disk writes while the copy goes on
+WRITEBACK = 16 << 20  # bytes written between starts of writeback: the disk writes while the copy goes on
 SYNC_EVERY = 256 << 20  # bytes written between fdatasyncs while copying: bounded dirty memory on a Pi
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
