@@ -86,6 +86,25 @@ def test_round_trip_signed_by_edgellm(site, server_factory):
     assert again.stdout.splitlines()[0] == f"unchanged scripted from {bundle}" and snapshot(state) == before
 
 
+# The server's libraries: `edgellm bundle import` (run at every stick insertion, on a Pi) loads none.
+SERVER_ONLY = ("llama_cpp", "starlette", "uvicorn", "uvloop", "httptools", "aiohttp", "zeroconf", "numpy", "psutil",
+               "jinja2", "prometheus_client")
+
+
+def test_the_import_command_loads_only_what_it_needs(site):
+    code = textwrap.dedent(f"""
+        import sys
+        from edgellm.cli import main
+        status = main(["bundle", "import", {str(site["bundle"])!r}, "--state-dir", {str(site["state"])!r}])
+        print(sorted({{m.split(".")[0] for m in sys.modules}} & set({SERVER_ONLY!r})))
+        raise SystemExit(status)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert [e["id"] for e in assert_consistent(site["state"])] == ["scripted", "random"]
+
+
 @needs_minisign
 def test_signed_with_the_minisign_cli(site, models, tmp_path):
     subprocess.run(["minisign", "-G", "-W", "-p", str(tmp_path / "op.pub"), "-s", str(tmp_path / "op.key")],

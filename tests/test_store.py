@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -231,3 +232,85 @@ def test_hostile_gguf_headers_are_clean_errors(tmp_path, name, data):
     with pytest.raises(gguf.GGUFError):
         gguf.read(path)
     assert time.monotonic() - started < 1
+
+
+# --- copying in: read, hash and write in one overlapped pass ---------------------------------------
+
+class _ReadOnly:
+    """A stream offering only read(), as an upload's body may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.stream = io.BytesIO(data)
+
+    def read(self, n: int = -1, /) -> bytes:
+        return self.stream.read(min(n, 1000) if n > 0 else n)  # and short reads, as a socket gives
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 40 * 4096 + 1])
+def test_copy_hashing_writes_and_hashes_exactly_what_it_reads(tmp_path, monkeypatch, size):
+    from edgellm.store import registry
+    monkeypatch.setattr(registry, "CHUNK", 4096)  # many chunks, so buffers are reused many times over
+    data = os.urandom(size)
+    for kind in ("file", "read only", "no destination", "limit"):
+        out = tmp_path / f"{kind}.out"
+        src = _ReadOnly(data) if kind == "read only" else io.BytesIO(data + b"beyond the limit" * (kind == "limit"))
+        with open(out, "wb") as dst:
+            sha, n = registry.copy_hashing(src, None if kind == "no destination" else dst,  # type: ignore[arg-type]
+                                           limit=size if kind == "limit" else None)
+        assert (sha, n) == (hashlib.sha256(data).hexdigest(), size), kind
+        assert out.read_bytes() == (b"" if kind == "no destination" else data), kind
+
+
+def test_copy_hashing_starts_writeback_as_it_goes(tmp_path, monkeypatch):
+    """The disk writes while the copy goes on, so the final fsync has little left to wait for."""
+    from edgellm.store import registry
+    monkeypatch.setattr(registry, "CHUNK", 4096)
+    monkeypatch.setattr(registry, "WRITEBACK", 3 * 4096)
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(registry, "start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    with open(tmp_path / "out", "wb") as dst:
+        registry.copy_hashing(io.BytesIO(bytes(100 * 4096)), dst)
+    assert started[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(started, started[1:], strict=False))
+    assert sum(n for _, n in started) >= 97 * 4096
+
+
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_a_failing_read_or_write_ends_the_copy_with_its_error(tmp_path, monkeypatch, where):
+    import errno
+    import threading
+
+    from edgellm.store import registry
+    monkeypatch.setattr(registry, "CHUNK", 4096)
+
+    class Failing(io.BytesIO):
+        def readinto(self, b):  # type: ignore[override]
+            if where == "read" and self.tell() >= 20 * 4096:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().readinto(b)
+
+    class Full(io.FileIO):
+        def write(self, b):  # type: ignore[override]
+            if where == "write" and self.tell() >= 10 * 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    threads = threading.active_count()
+    with Full(tmp_path / "out", "w") as dst, pytest.raises(OSError, match="Input/output|No space"):
+        registry.copy_hashing(Failing(bytes(100 * 4096)), dst)  # type: ignore[arg-type]
+    assert threading.active_count() == threads  # no worker left behind
+
+
+def test_recovery_syncs_the_blobs_directory_only_after_deleting(tmp_path, monkeypatch, models):
+    """Each import and start-up recovers; an fsync of the directory there is a disk flush each time,
+    needed only to make deletions last."""
+    from edgellm.store import registry
+    synced: list[Path] = []
+    monkeypatch.setattr(registry, "fsync_dir", synced.append)
+    store = Registry(tmp_path / "state").open()
+    store.add(models["random"])
+    synced.clear()
+    store.open()
+    assert synced == []  # nothing to delete, nothing to flush
+    (store.blobs / f"sha256-{'0' * 64}.gguf").write_bytes(b"an orphan")
+    store.open()
+    assert synced == [store.blobs] and assert_consistent(tmp_path / "state")

@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from edgellm import __version__
 from edgellm.bundles import signing
 from edgellm.bundles.manifest import (
@@ -69,7 +67,9 @@ def memory_limit(config: Config) -> int:
     """The most memory models may ever have here: the budget, or all the RAM but the reserve."""
     if config.models.memory_budget:
         return parse_size(config.models.memory_budget)
-    return psutil.virtual_memory().total - parse_size(config.models.memory_reserve or "0")
+    # All the RAM (MemTotal, what psutil.virtual_memory().total says), without importing psutil.
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total - parse_size(config.models.memory_reserve or "0")
 
 
 @dataclass

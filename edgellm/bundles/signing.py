@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edgellm.errors import InvalidRequest
 
@@ -91,7 +90,7 @@ class SecretKey:
 def generate() -> SecretKey:
     private = Ed25519PrivateKey.generate()
     seed = private.private_bytes_raw()
-    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    public = private.public_key().public_bytes_raw()
     return SecretKey(os.urandom(8), seed, public)
 
 

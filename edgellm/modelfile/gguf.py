@@ -12,7 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, overload
+from typing import IO
 
 from edgellm.errors import InvalidRequest
 
@@ -109,19 +109,19 @@ def read_from(f: IO[bytes], path: Path, size: int) -> GGUFFile:
 
 def _parse(f: IO[bytes], path: Path, size: int) -> GGUFFile:
     reader = _Reader(f, path, size)
-    if f.read(4) != MAGIC:
+    if reader.raw(4) != MAGIC:
         raise GGUFError(f"{path}: not a GGUF file")
-    version = reader.scalar("<I")
+    version = reader.u32()
     if version not in (2, 3):
         raise GGUFError(f"{path}: GGUF version {version} is not supported")
-    n_tensors, n_kv = reader.scalar("<Q"), reader.scalar("<Q")
+    n_tensors, n_kv = reader.u64(), reader.u64()
     metadata: dict[str, object] = {}
     lengths: dict[str, int] = {}
     for _ in range(n_kv):
         key = reader.string()
-        kind = reader.scalar("<I")
+        kind = reader.u32()
         if kind == _ARRAY:
-            item_kind, count = reader.scalar("<I"), reader.scalar("<Q")
+            item_kind, count = reader.u32(), reader.u64()
             lengths[key] = count
             if count <= _KEEP_ARRAY:
                 metadata[key] = [reader.value(item_kind) for _ in range(count)]
@@ -131,14 +131,14 @@ def _parse(f: IO[bytes], path: Path, size: int) -> GGUFFile:
             metadata[key] = reader.value(kind)
     n_params = 0
     for _ in range(n_tensors):
-        reader.string()  # name
-        n_dims = reader.scalar("<I")
+        reader.skip(reader.u64())  # name
+        n_dims = reader.u32()
         if n_dims > _MAX_DIMS:
             raise GGUFError(f"{path}: a tensor with {n_dims} dimensions (at most {_MAX_DIMS})")
         elements = 1
         for _ in range(n_dims):
-            elements *= reader.scalar("<Q")
-        reader.scalar("<I"), reader.scalar("<Q")  # type, offset
+            elements *= reader.u64()
+        reader.skip(4 + 8)  # type, offset
         n_params += elements
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20 or alignment & (alignment - 1):
@@ -146,69 +146,124 @@ def _parse(f: IO[bytes], path: Path, size: int) -> GGUFFile:
     layers = metadata.get(f"{metadata.get('general.architecture')}.block_count", 0)
     if not isinstance(layers, int) or not 0 <= layers <= _MAX_LAYERS:
         raise GGUFError(f"{path}: block_count {layers!r} is implausible")
-    data_start = -(-f.tell() // alignment) * alignment
+    data_start = -(-reader.tell() // alignment) * alignment
     if data_start > size:
         raise GGUFError(f"{path}: truncated (the header runs past the end of the file)")
     return GGUFFile(path, version, metadata, lengths, n_params, size - data_start)
 
 
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_PACKED = {kind: struct.Struct(fmt) for kind, fmt in _SCALARS.items()}
+_CHUNK = 1 << 20  # bytes read at a time: a vocabulary of 262k tokens is about 4 MiB
+
+
 class _Reader:
+    """The header, read through a buffer of its own: each value is unpacked at an offset in it
+    rather than read from the file one call each, and skipped spans are seeked over (a file and
+    a tar member both seek). `tell()` is the offset in the file of the next unread byte, however
+    far ahead the buffer has read."""
+
     def __init__(self, f: IO[bytes], path: Path, size: int) -> None:
         self.f = f
         self.path = path
         self.size = size
+        self.buffer = b""
+        self.at = 0  # the next unread byte in buffer; past its end after a skip not yet seeked over
+        self.base = 0  # the file offset of buffer[0]
 
-    def _read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise GGUFError(f"{self.path}: truncated header")
+    def tell(self) -> int:
+        return self.base + self.at
+
+    def _truncated(self, what: str = "") -> GGUFError:
+        return GGUFError(f"{self.path}: truncated header{what}")
+
+    def _fill(self, n: int) -> None:
+        """Make the n bytes at `at` readable in the buffer."""
+        if self.tell() + n > self.size:
+            raise self._truncated()
+        if self.at > len(self.buffer):  # skipped past what was read: seek over the rest
+            self.f.seek(self.at - len(self.buffer), 1)
+            kept = b""
+        else:
+            kept = self.buffer[self.at:]
+        self.base += self.at
+        self.buffer = kept + self.f.read(max(n - len(kept), _CHUNK))
+        self.at = 0
+        if len(self.buffer) < n:
+            raise self._truncated()
+
+    def raw(self, n: int) -> bytes:
+        if self.at + n > len(self.buffer):
+            self._fill(n)
+        data = self.buffer[self.at:self.at + n]
+        self.at += n
         return data
 
-    @overload
-    def scalar(self, fmt: Literal["<I", "<Q"]) -> int: ...
-    @overload
-    def scalar(self, fmt: str) -> int | float: ...
+    def skip(self, n: int) -> None:
+        if self.tell() + n > self.size:
+            raise self._truncated()
+        self.at += n
 
-    def scalar(self, fmt: str) -> int | float:
-        return struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
+    def _unpack(self, packed: struct.Struct) -> int | float:
+        if self.at + packed.size > len(self.buffer):
+            self._fill(packed.size)
+        value = packed.unpack_from(self.buffer, self.at)[0]
+        self.at += packed.size
+        return value
+
+    def u32(self) -> int:
+        return int(self._unpack(_U32))
+
+    def u64(self) -> int:
+        return int(self._unpack(_U64))
 
     def string(self) -> str:
-        n = self.scalar("<Q")
+        n = self.u64()
         if n > self.size:
-            raise GGUFError(f"{self.path}: truncated header (a string of {n} bytes)")
-        return self._read(n).decode("utf-8", "replace")
+            raise self._truncated(f" (a string of {n} bytes)")
+        return self.raw(n).decode("utf-8", "replace")
 
     def value(self, kind: int) -> object:
         if kind == _STRING:
             return self.string()
-        if kind in _SCALARS:
-            return self.scalar(_SCALARS[kind])
+        if kind in _PACKED:
+            return self._unpack(_PACKED[kind])
         if kind == _ARRAY:  # an array inside an array: kept whole only when short
-            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            item_kind, count = self.u32(), self.u64()
             if count > _KEEP_ARRAY or item_kind == _ARRAY:
                 raise GGUFError(f"{self.path}: an unsupported nested array")
             return [self.value(item_kind) for _ in range(count)]
         raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
 
     def skip_array(self, kind: int, count: int) -> None:
-        if kind == _STRING:  # a vocabulary: walk the length prefixes through a buffer, not a read each
-            buffer, at = b"", 0
-            for _ in range(count):
-                if at + 8 > len(buffer):
-                    if at > len(buffer):  # the last string ran past the buffer
-                        self.f.seek(at - len(buffer), 1)
-                        at = len(buffer)
-                    buffer, at = buffer[at:] + self.f.read(1 << 20), 0
-                    if len(buffer) < 8:
-                        raise GGUFError(f"{self.path}: truncated header")
-                at += 8 + int.from_bytes(buffer[at:at + 8], "little")
-            # Give back what was read past the array (a seek works for files and tar members).
-            self.f.seek(at - len(buffer), 1)
-        elif kind in _SCALARS:
-            skip = struct.calcsize(_SCALARS[kind]) * count
-            if skip > self.size:
-                raise GGUFError(f"{self.path}: truncated header (an array of {count} items)")
-            self.f.seek(skip, 1)
+        if kind == _STRING:
+            self._skip_strings(count)
+        elif kind in _PACKED:
+            skip = _PACKED[kind].size * count
+            if self.tell() + skip > self.size:
+                raise self._truncated(f" (an array of {count} items)")
+            self.at += skip
         else:
             for _ in range(count):
                 self.value(kind)
+
+    def _skip_strings(self, count: int) -> None:
+        """Step over `count` length-prefixed strings (a vocabulary): one unpack_from per string,
+        and no bounds check of its own: unpack_from fails past the buffer's end, and only then is
+        it refilled. This loop is the whole cost of reading a header with a 262k-token vocabulary."""
+        if 8 * count > self.size - self.tell():
+            raise self._truncated(f" (an array of {count} strings)")
+        unpack = _U64.unpack_from
+        buffer, at, start, i = self.buffer, self.at, 0, 0
+        while True:
+            try:
+                for i in range(start, count):  # noqa: B007 (i is where a refill resumes)
+                    at += 8 + unpack(buffer, at)[0]
+                break
+            except (struct.error, OverflowError):  # string i's length is not (all) in the buffer
+                self.at, start = at, i
+                self._fill(8)  # GGUFError when the file ends first
+                buffer, at = self.buffer, self.at
+        self.at = at
+        if self.tell() > self.size:
+            raise self._truncated(f" (an array of {count} strings)")

@@ -23,13 +23,14 @@ installed or not at all.
 from __future__ import annotations
 
 import calendar
-import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ from edgellm.files import fsync_dir, write_atomic
 from edgellm.modelfile import defaults, gguf
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
+BUFFERS = 4  # chunks in flight while copying: one being read, one hashed, one written, one spare
+WRITEBACK = 16 << 20  # bytes written between starts of writeback: the disk writes while the copy goes on
 SYNC_EVERY = 256 << 20  # bytes written between fdatasyncs while copying: bounded dirty memory on a Pi
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -152,40 +155,99 @@ def copy_hashing(src: IO[bytes], dst: IO[bytes] | None, progress: Callable[[int]
                  limit: int | None = None) -> tuple[str, int]:
     """Read src to its end (or `limit` bytes), writing to dst if given; the SHA-256 and the size.
 
-    One pass over the source (a USB stick is read once) in three overlapping streams: this
-    thread reads, one worker hashes, one writes and pushes the written data to the disk as it
-    goes (fdatasync every SYNC_EVERY bytes), so the final fsync has little left to do. hashlib,
-    file I/O and fdatasync all release the GIL."""
+    One pass over the source (a USB stick is read once), as a pipeline over BUFFERS reused
+    buffers: this thread reads a chunk into a free buffer while one worker hashes the chunk
+    before it and another writes the one before that, so reading, hashing and writing overlap
+    (hashlib and file I/O release the GIL), and no chunk is allocated or copied in Python. Each
+    buffer passes read -> hashed -> written -> free: the bytes written are the bytes hashed. The
+    writer hands the written data to the disk as it goes (writeback started every WRITEBACK
+    bytes, fdatasync every SYNC_EVERY: bounded dirty memory on a Pi), so the caller's final
+    fsync has little left to wait for."""
     digest = hashlib.sha256()
+    free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+    to_hash: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+    to_write: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
+    for _ in range(BUFFERS if dst is not None else BUFFERS - 1):
+        free.put(bytearray(CHUNK))
+
+    def hasher() -> None:
+        try:
+            while (item := to_hash.get()) is not None:
+                buffer, n = item
+                digest.update(memoryview(buffer)[:n])
+                if dst is None:
+                    free.put(buffer)
+                else:
+                    to_write.put(item)
+        except BaseException as e:
+            failed.append(e)
+            free.put(None)  # the reader stops at its next chunk
+        finally:
+            to_write.put(None)
+
+    def writer() -> None:
+        assert dst is not None
+        try:
+            fd = dst.fileno()
+            written = started = synced = 0
+            while (item := to_write.get()) is not None:
+                buffer, n = item
+                view = memoryview(buffer)[:n]
+                while view:
+                    view = view[dst.write(view):]
+                written += n
+                free.put(buffer)
+                if written - synced >= SYNC_EVERY:
+                    dst.flush()
+                    os.fdatasync(fd)
+                    started = synced = written
+                elif written - started >= WRITEBACK:
+                    dst.flush()
+                    start_writeback(fd, started, written - started)
+                    started = written
+        except BaseException as e:
+            failed.append(e)
+            free.put(None)
+            while to_write.get() is not None:  # let the hasher finish
+                pass
+
+    workers = [threading.Thread(target=hasher, name="edgellm-hash", daemon=True)]
+    if dst is not None:
+        workers.append(threading.Thread(target=writer, name="edgellm-write", daemon=True))
+    for worker in workers:
+        worker.start()
     size = 0
-    unsynced = 0
-
-    def write(out: IO[bytes], chunk: bytes) -> None:
-        nonlocal unsynced
-        out.write(chunk)
-        unsynced += len(chunk)
-        if unsynced >= SYNC_EVERY:
-            out.flush()
-            os.fdatasync(out.fileno())
-            unsynced = 0
-
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="edgellm-copy") as workers:
-        hashing = writing = None
-        while chunk := src.read(CHUNK if limit is None else min(CHUNK, limit - size)):
-            if hashing is not None:
-                hashing.result()
-            hashing = workers.submit(digest.update, chunk)
-            if dst is not None:
-                if writing is not None:
-                    writing.result()
-                writing = workers.submit(write, dst, chunk)
-            size += len(chunk)
+    read = getattr(src, "readinto", None)
+    try:
+        while (buffer := free.get()) is not None:
+            want = CHUNK if limit is None else min(CHUNK, limit - size)
+            if read is not None:
+                n = read(memoryview(buffer)[:want]) if want else 0
+            else:
+                chunk = src.read(want) if want else b""
+                n = len(chunk)
+                buffer[:n] = chunk
+            if not n:
+                break
+            to_hash.put((buffer, n))
+            size += n
             if progress:
-                progress(len(chunk))
-        for job in (hashing, writing):
-            if job is not None:
-                job.result()
+                progress(n)
+    finally:
+        to_hash.put(None)
+        for worker in workers:
+            worker.join()
+    if failed:
+        raise failed[0]
     return digest.hexdigest(), size
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these dirty pages to the disk without waiting for it (Linux's
+    POSIX_FADV_DONTNEED starts writeback of a dirty range, and drops only pages already clean)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class Registry:
@@ -266,10 +328,11 @@ class Registry:
         for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
             leftover.unlink()
         wanted = {self.blob(f.sha256).name for e in entries for f in e.files}
-        for blob in self.blobs.iterdir():
-            if blob.name not in wanted:
-                blob.unlink()
-        fsync_dir(self.blobs)
+        unwanted = [blob for blob in self.blobs.iterdir() if blob.name not in wanted]
+        for blob in unwanted:
+            blob.unlink()
+        if unwanted:  # the deletions made lasting (nothing to make lasting when there were none)
+            fsync_dir(self.blobs)
 
     def write(self, entries: list[Entry]) -> None:
         """Replace the catalog (hold the lock)."""
