@@ -228,3 +228,37 @@ def test_a_replaced_model_in_use_still_counts_until_it_is_unloaded(models, tmp_p
         await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_text_already_waiting_reaches_a_reader_as_one_piece():
+    """A reader that fell behind gets the pieces waiting for it joined (one response write, not one
+    per token), never joined across the Finish or an error."""
+    from edgellm.engine.errors import EngineError
+    from edgellm.engine.stream import Outbox, Text, Usage
+
+    async def scenario() -> list[object]:
+        stream, outbox = Stream(), Outbox()
+        for piece in ("Hel", "lo", " world"):
+            outbox.put(stream, Text(piece))
+        outbox.put(stream, Finish("stop", Usage(3, 3)))
+        outbox.end(stream)
+        outbox.flush()
+        first = await anext(stream)  # the reader keeps up from here: each piece on its own
+        later = Stream()
+        reader = asyncio.ensure_future(anext(later))
+        await asyncio.sleep(0)
+        outbox.put(later, Text("a"))
+        outbox.flush()
+        one = await reader
+        outbox.put(later, Text("b"))
+        outbox.put(later, EngineError("boom"))
+        outbox.flush()
+        two = await anext(later)
+        with pytest.raises(EngineError):
+            await anext(later)
+        return [first, [e async for e in stream], one, two]
+
+    first, rest, one, two = asyncio.run(scenario())
+    assert first == Text("Hello world")
+    assert rest == [Finish("stop", Usage(3, 3))]
+    assert (one, two) == (Text("a"), Text("b"))

@@ -135,6 +135,8 @@ class Scheduler:
         self.on_release = on_release  # the runner's count of what it has accepted
         self.cache = cache  # prompt snapshots; None when [engine] prompt_cache_* are 0
         self.mean_duration = 2.0  # seconds a request runs, smoothed (read by the runner for Retry-After)
+        self._gauged: tuple[int, int] | None = None  # the queue the gauges show, and when they were set
+        self._gauged_at = 0.0
         self._update_gauges()
 
     # --- intake -----------------------------------------------------------------------------
@@ -458,6 +460,13 @@ class Scheduler:
         self.on_release(sequence.job)
 
     def _update_gauges(self) -> None:
+        # Called every step: the cell counts change with every token, and are read every few
+        # seconds at most, so they are refreshed four times a second, the queue's at once.
+        now = time.monotonic()
+        queue = (len(self.waiting), len(self.running))
+        if queue == self._gauged and now - self._gauged_at < 0.25:
+            return
+        self._gauged, self._gauged_at = queue, now
         m = self.metrics
         m.queue_depth.set(len(self.waiting))
         m.running.set(len(self.running))

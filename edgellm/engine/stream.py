@@ -7,13 +7,16 @@ call_soon_threadsafe per loop; each request iterates its Stream. cancel() is a
 flag the scheduler checks before each step.
 
 A generation's events are Text pieces and, last, one Finish; a failure ends the
-stream by raising an EdgeError from the iteration.
+stream by raising an EdgeError from the iteration. Text pieces that are already
+waiting when the reader comes for the next event arrive as one: a reader that
+falls behind (many streams, a slow client) catches up with one response write
+instead of one per token, and a reader that keeps up sees every token at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -55,7 +58,8 @@ class Stream:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader, waiting for an item
         self._ended = False  # the reader has seen the end
         self._finished: list[Callable[[], None]] | None = []  # None once the runner is done with it
         self.cancelled = False
@@ -76,7 +80,9 @@ class Stream:
             callbacks, self._finished = self._finished, None
             for callback in callbacks:
                 callback()
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def __aiter__(self) -> Stream:
         return self
@@ -84,7 +90,19 @@ class Stream:
     async def __anext__(self) -> Event:
         if self._ended:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        items = self._items
+        while not items:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = items.popleft()
+        if isinstance(item, Text) and items and isinstance(items[0], Text):
+            parts = [item.text]
+            while items and isinstance(items[0], Text):
+                parts.append(cast(Text, items.popleft()).text)
+            return Text("".join(parts))
         if item is _END:
             self._ended = True
             raise StopAsyncIteration
@@ -111,16 +129,24 @@ class Outbox:
         """Hand everything over: one wake-up of each event loop, however many streams."""
         if not self._items:
             return
+        items, self._items = self._items, []
+        loop = items[0][0].loop
+        if all(stream.loop is loop for stream, _ in items):  # the usual case: one event loop
+            self._send(loop, items)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, object]]] = defaultdict(list)
-        for stream, item in self._items:
+        for stream, item in items:
             by_loop[stream.loop].append((stream, item))
-        self._items = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                for stream, _ in items:
-                    stream.cancelled = True
+        for loop, some in by_loop.items():
+            self._send(loop, some)
+
+    @staticmethod
+    def _send(loop: asyncio.AbstractEventLoop, items: list[tuple[Stream, object]]) -> None:
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for stream, _ in items:
+                stream.cancelled = True
 
 
 def _deliver(items: list[tuple[Stream, object]]) -> None:
