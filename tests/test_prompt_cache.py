@@ -127,6 +127,21 @@ def test_a_model_no_longer_installed_takes_its_snapshots_with_it(tmp_path):
 
 # --- slot choice, through the server ----------------------------------------------------------
 
+
+@pytest.fixture
+def connect():
+    """openai clients for servers, closed at the end of the test (an open socket is a warning)."""
+    clients: list[openai.OpenAI] = []
+
+    def make(server) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
 SYSTEM = "You control a smart home. " + " ".join(f"the lamp {i} in the {['hall', 'den'][i % 2]} is on;"
                                                    for i in range(60))
 NO_SNAPSHOTS = "[engine]\nparallel = {parallel}\nprompt_cache_memory = \"0\"\nprompt_cache_disk = \"0\"\n"
@@ -139,9 +154,9 @@ def chat(client, model: str, user: str, system: bool = True):
     return reply.usage.prompt_tokens_details.cached_tokens
 
 
-def test_an_unrelated_short_request_does_not_take_the_slot_of_a_long_prompt(server_factory, models):
+def test_an_unrelated_short_request_does_not_take_the_slot_of_a_long_prompt(connect, server_factory, models):
     server = server_factory(models["scripted-chatml"], config=NO_SNAPSHOTS.format(parallel=4))
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = connect(server)
     assert chat(client, "scripted-chatml", "turn on lamp 3") == 0
     system_cached = chat(client, "scripted-chatml", "turn off lamp 4")
     assert system_cached > 400  # the system prompt, in the slot it was computed in
@@ -149,9 +164,9 @@ def test_an_unrelated_short_request_does_not_take_the_slot_of_a_long_prompt(serv
     assert chat(client, "scripted-chatml", "is the hall lit?") >= 0.95 * system_cached
 
 
-def test_with_every_slot_cached_the_least_valuable_one_is_reused(server_factory, models):
+def test_with_every_slot_cached_the_least_valuable_one_is_reused(connect, server_factory, models):
     server = server_factory(models["scripted-chatml"], config=NO_SNAPSHOTS.format(parallel=2))
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = connect(server)
     chat(client, "scripted-chatml", "turn on lamp 3")
     system_cached = chat(client, "scripted-chatml", "turn off lamp 4")
     chat(client, "scripted-chatml", "Hello there", system=False)  # the other slot
@@ -174,10 +189,10 @@ def snapshot_files(state_dir: Path) -> list[Path]:
 
 
 def test_a_reused_prefix_is_restored_after_an_unload_and_a_restart_with_the_same_output(
-        server_factory, models, tmp_path):
+        connect, server_factory, models, tmp_path):
     state_dir = tmp_path / "state"
     server = server_factory(models["random"], state_dir=state_dir)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = connect(server)
     cold_text, cached = complete(client, "tick")
     assert cached == 0
     _, reused = complete(client, "tock")  # a second request reuses the prefix: it is saved
@@ -196,16 +211,16 @@ def test_a_reused_prefix_is_restored_after_an_unload_and_a_restart_with_the_same
     server.stop()
     assert len(snapshot_files(state_dir)) == 1
     again = server_factory(models["random"], state_dir=state_dir)
-    client = openai.OpenAI(base_url=again.base_url, api_key="unused", max_retries=0)
+    client = connect(again)
     text, restored = complete(client, "tick")
     assert text == cold_text and restored >= reused
     assert metric(again, "edgellm_prompt_cache_restored_tokens_total", model="random") == restored
 
 
-def test_a_damaged_snapshot_is_computed_again_never_loaded(server_factory, models, tmp_path):
+def test_a_damaged_snapshot_is_computed_again_never_loaded(connect, server_factory, models, tmp_path):
     state_dir = tmp_path / "state"
     server = server_factory(models["random"], state_dir=state_dir)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = connect(server)
     cold_text, _ = complete(client, "tick")
     complete(client, "tock")
     server.stop()
@@ -215,20 +230,42 @@ def test_a_damaged_snapshot_is_computed_again_never_loaded(server_factory, model
     path.write_bytes(raw)
 
     again = server_factory(models["random"], state_dir=state_dir)
-    client = openai.OpenAI(base_url=again.base_url, api_key="unused", max_retries=0)
+    client = connect(again)
     text, cached = complete(client, "tick")
     assert (text, cached) == (cold_text, 0)
     assert metric(again, "edgellm_prompt_cache_restored_tokens_total", model="random") == 0
     assert not path.exists()
 
 
-def test_removing_a_model_deletes_its_snapshots(server_factory, models, tmp_path):
+def test_removing_a_model_deletes_its_snapshots(connect, server_factory, models, tmp_path):
     state_dir = tmp_path / "state"
     assert edgellm("models", "add", str(models["random"]), "--state-dir", str(state_dir)).returncode == 0
     server = server_factory(None, state_dir=state_dir)
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    client = connect(server)
     complete(client, "tick")
     complete(client, "tock")
     wait_until(lambda: snapshot_files(state_dir), 10, message="the snapshot to reach the disk")
     assert httpx.delete(server.url + "/admin/models/random").status_code == 200
     wait_until(lambda: not list((state_dir / "prompt-cache").iterdir()), 10, message="the snapshots to go")
+
+
+def test_evicted_cells_are_saved_only_when_they_extend_a_reused_prefix(connect, server_factory, models):
+    server = server_factory(models["random"], config="[engine]\nparallel = 1\n")
+    client = connect(server)
+
+    def send(prompt: str) -> int:
+        reply = client.completions.create(model="random", prompt=prompt, max_tokens=4, temperature=0)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    def saved() -> float:
+        return metric(server, "edgellm_prompt_cache_saved_total", model="random")
+
+    other = "tick tock " * 200
+    send(PREFIX + "tick")
+    send(other)  # takes the only slot from a one-off request: nothing is worth saving
+    assert saved() == 0
+    assert send(other + "Hello world " * 100) > 300  # reuses the prefix: saved
+    assert saved() == 1
+    send(PREFIX + "tock")  # evicts the prefix and what extends it: the extension is saved too
+    assert saved() == 2
+    assert send(other + "Hello world " * 100 + "euro") > 500  # restored, the extension included

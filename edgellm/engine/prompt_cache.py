@@ -5,7 +5,8 @@ home-automation hub its tools and devices with every request, a chat its whole h
 While a model is loaded its slots keep their cells (scheduler.py), but an unload, an
 eviction or a restart throws them away. This cache keeps a *snapshot* of a prefix's KV
 state (llama_state_seq_get_data) once the prefix has proved worth it (a second request
-reused it, or its cells are about to be dropped for another prompt), in RAM and on disk
+reused it; or the cells of a slot that reused one, extended by a hub's or a chat's later
+turns, are about to be dropped for another prompt), in RAM and on disk
 under the state dir, least recently used first out within [engine] prompt_cache_memory
 and prompt_cache_disk. A request whose prompt starts with a snapshot's tokens gets it
 restored into its slot (llama_state_seq_set_data) instead of computing them again.

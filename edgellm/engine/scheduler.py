@@ -15,7 +15,7 @@ least (_choose): a short unrelated prompt never truncates a long cached prefix f
 the few tokens it shares with it. Prefixes worth keeping past an unload or a
 restart are saved as prompt snapshots (prompt_cache.py), and restored into a slot
 when no slot holds as much. When the cache is full, idle slots give up their cells
-first (saved first if worth it), then prefill waits, then the newest sequence is
+first (saved first if they extend a reused prefix), then prefill waits, then the newest sequence is
 preempted and later recomputed: llama_decode failing for lack of space never fails
 a request.
 
@@ -74,6 +74,7 @@ class Slot:
         self.tokens: list[int] = []
         self.sequence: Sequence | None = None
         self.used_at = 0.0
+        self.reused = False  # its last sequence reused MIN_TOKENS or more: its cells are a client's prefix
 
 
 class Sequence:
@@ -221,6 +222,7 @@ class Scheduler:
         if keep == 0:
             C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.tokens = tokens[:keep]
+        slot.reused = keep >= MIN_TOKENS
         if not restored and self._worth_saving(slot.tokens, 0):
             self._save(slot)  # a prefix that a second request reused: keep it past an unload
         slot.sequence = sequence
@@ -255,8 +257,11 @@ class Scheduler:
         return len(tokens) - max(reused, self.cache.covered(tokens)) >= MIN_TOKENS
 
     def _save_before_loss(self, slot: Slot, keep: int) -> None:
-        """Save a slot's cells before all but `keep` of them are dropped, if they are worth it."""
-        if slot.sequence is None and self._worth_saving(slot.tokens, keep):
+        """Save a slot's cells before all but `keep` of them are dropped, if they are worth it: they
+        extend a prefix that was reused (a hub's next turn, a chat's history and last reply). A
+        one-off request's cells are not saved: most are never asked for again, and saving each
+        would cost every request a copy of its KV state and a disk write."""
+        if slot.sequence is None and slot.reused and self._worth_saving(slot.tokens, keep):
             self._save(slot)
 
     def _save(self, slot: Slot) -> None:
