@@ -72,7 +72,7 @@ class EngineConfig:
     max_queue: int = 16
     cache_type_k: str = "f16"  # the KV cache's element types: f16, q8_0 or q4_0 (quantized V needs
     cache_type_v: str = "f16"  # flash attention: flash_attn auto turns it on, off refuses)
-    prompt_cache_memory: str = "256MiB"  # prompt snapshots kept in RAM (engine/prompt_cache.py); 0: none
+    prompt_cache_memory: str = "128MiB"  # prompt snapshots kept in RAM (engine/prompt_cache.py); 0: none
     prompt_cache_disk: str = "2GiB"  # and under <state dir>/prompt-cache, across restarts; 0: none
 
 

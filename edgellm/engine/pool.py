@@ -191,7 +191,7 @@ class Pool:
                         self._begin_unload(state, "removed")
             for known in came:
                 self._states[known.id] = ModelState(known, self.default_keep_alive)
-            if (came or gone) and self._prompt_cache is not None:
+            if (came or gone) and self._prompt_cache is not None and not self._catalog.problem:
                 # A model removed or replaced takes its prompt snapshots with it.
                 keys = [snapshot_key(k.entry) for k in self._catalog.all()]
                 await asyncio.to_thread(self._prompt_cache.retain, keys)
