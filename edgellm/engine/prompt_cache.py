@@ -171,10 +171,11 @@ class PromptCache:
                     snapshot.data = data
                     self._memory += snapshot.size
                     self._trim_memory()
-        snapshot.used = time.time()
-        if snapshot.path is not None:
-            try:
-                os.utime(snapshot.path)  # the disk's LRU order, across restarts
+        now, last = time.time(), snapshot.used
+        snapshot.used = now
+        if snapshot.path is not None and now - last > 60:
+            try:  # the disk's LRU order across restarts; not on every request, an SD card wears
+                os.utime(snapshot.path)
             except OSError:
                 pass
         self._gauges()
@@ -219,8 +220,9 @@ class PromptCache:
             layout, snapshot = item
             try:
                 self._write(layout, snapshot)
-            except OSError as e:
-                log.warning("cannot write a prompt snapshot under %s: %s", self.directory, e.strerror or e)
+            except Exception as e:  # a cache never stops the service: the snapshot stays in RAM only
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+                log.warning("cannot write a prompt snapshot under %s: %s", self.directory, reason)
             with self._idle:
                 snapshot.writing = False
                 self._trim_memory()
