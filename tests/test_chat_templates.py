@@ -1,11 +1,12 @@
-"""Chat templates: the GGUF's own, a config override, or a built-in chosen by vocabulary and architecture."""
+"""Chat templates: the GGUF's own (in transformers' environment), a config override, or one of
+llama.cpp's built-ins chosen by vocabulary and architecture."""
 
 from __future__ import annotations
 
 import pytest
 from test_errors import assert_error
 
-from edgellm.engine.chat import BUILTIN, ChatTemplate, TemplateError, builtin_for
+from edgellm.engine.chat import BuiltinTemplate, ChatTemplate, JinjaTemplate, TemplateError, builtin_for, builtin_names
 from edgellm.engine.model import Model
 
 CONVERSATION = [
@@ -15,27 +16,40 @@ CONVERSATION = [
     {"role": "user", "content": "Bye"},
 ]
 
-EXPECTED = {
-    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
-    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
-              "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
-              "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]",
-    "mistral": "<s>[INST] Be brief.\n\nHi[/INST] Hello!</s>[INST] Bye[/INST]",
-    "gemma": "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
-             "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
-    "phi3": "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n"
-            "<|assistant|>\n",
+# What each built-in edgellm picks must show of the conversation: its turn markers and the texts.
+MARKERS = {
+    "chatml": ["<|im_start|>system\nBe brief.<|im_end|>", "<|im_start|>assistant\nHello!<|im_end|>",
+               "<|im_start|>assistant\n"],
+    "llama3": ["<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>", "Hello!<|eot_id|>"],
+    "llama2": ["[INST]", "Be brief.", "Hi", "Hello!", "[/INST]"],
+    "mistral-v3": ["[INST]", "Be brief.", "Hi", "Hello!", "[/INST]"],
+    "mistral-v7": ["[SYSTEM_PROMPT] Be brief.[/SYSTEM_PROMPT]", "[INST] Hi[/INST] Hello!</s>"],
+    "gemma": ["<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>", "<start_of_turn>model\nHello!<end_of_turn>",
+              "<start_of_turn>model\n"],
+    "phi3": ["<|system|>\nBe brief.<|end|>", "<|assistant|>\nHello!<|end|>", "<|assistant|>\n"],
 }
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN))
-def test_builtin_templates_render_the_conversation(name):
-    template = ChatTemplate(BUILTIN[name], name, bos_token="<s>", eos_token="</s>")
-    assert template.render(CONVERSATION) == EXPECTED[name]
+@pytest.mark.parametrize("name", sorted(MARKERS))
+def test_llama_cpps_builtin_templates_render_the_conversation(name):
+    assert name in builtin_names()
+    text = BuiltinTemplate(name).render(CONVERSATION)
+    for marker in MARKERS[name]:
+        assert marker in text
+    assert text.endswith(BuiltinTemplate(name).render(CONVERSATION[-1:])[-8:])  # ends with the generation prompt
+
+
+def test_a_builtin_template_has_no_place_for_tools():
+    with pytest.raises(TemplateError, match="no place for tools"):
+        BuiltinTemplate("chatml").render(CONVERSATION, tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_transformers_template_extensions_compile_and_render():
+    source = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+              "{% generation %}{{ m.content }}{% endgeneration %}{% if loop.index > 2 %}{% break %}{% endif %}"
+              "{% endfor %}{{ {'a': '<b>'} | tojson }}{{ enable_thinking }}")
+    text = JinjaTemplate(source, "t").render(CONVERSATION, kwargs={"enable_thinking": True})
+    assert text == 'HiHello!{"a": "<b>"}True'
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +63,7 @@ def test_a_file_without_template_gets_one_by_architecture(plain_model):
     assert plain_model.chat_template is None
     assert builtin_for(plain_model) == "llama2"  # llama architecture, no special chat tokens
     assert ChatTemplate.for_model(plain_model).name == "built-in llama2"
+    assert ChatTemplate.for_model(plain_model, "mistral").name == "built-in mistral-v3"  # an old name still works
 
 
 def test_special_tokens_in_the_vocabulary_pick_the_format(models):
@@ -56,20 +71,20 @@ def test_special_tokens_in_the_vocabulary_pick_the_format(models):
     try:
         assert builtin_for(m) == "chatml"  # the vocabulary has <|im_start|>
         assert ChatTemplate.for_model(m).name == "from the GGUF file"
-        assert ChatTemplate.for_model(m, "phi3").name == "phi3"
+        assert ChatTemplate.for_model(m, "phi3").name == "built-in phi3"
     finally:
         m.close()
 
 
 def test_templates_from_files_are_sandboxed():
-    evil = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", "evil")
+    evil = JinjaTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", "evil")
     with pytest.raises(TemplateError):
         evil.render(CONVERSATION)
 
 
 def test_raise_exception_in_a_template_is_a_template_error():
-    strict = ChatTemplate("{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}",
-                          "strict")
+    strict = JinjaTemplate("{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}",
+                           "strict")
     with pytest.raises(TemplateError, match="no system role"):
         strict.render(CONVERSATION)
 
@@ -105,3 +120,21 @@ def test_a_template_that_does_not_compile_falls_back_to_a_builtin(server_factory
     assert in_use(server) == "built-in chatml"  # its own does not compile; its tokens say chatml
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert r.status_code == 200
+
+
+def test_chat_template_kwargs_reach_the_template(server_factory, models):
+    server = server_factory(models["scripted"], config=(
+        "[model]\nchat_template = \"{% if enable_thinking %}think: {% endif %}{{ messages[-1].content }} ]\"\n"))
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                             "temperature": 0, "chat_template_kwargs": {"enable_thinking": True}})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 3
+    thinking = r.json()["usage"]["prompt_tokens"]
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                             "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] < thinking  # without it, the template leaves "think: " out
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                             "chat_template_kwargs": {"messages": []}})
+    assert_error(r, 400, param="chat_template_kwargs", says="cannot set messages")
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                             "chat_template_kwargs": [1]})
+    assert_error(r, 400, param="chat_template_kwargs")

@@ -18,23 +18,27 @@ def server(server_factory, demo_model):
     return server_factory(demo_model)
 
 
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        yield client
+
+
 def readme_block(language: str, contains: str) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     return next(b for b in blocks if contains in b)
 
 
-def test_gemma_without_template_chats_through_the_builtin_gemma_format(server):
+def test_gemma_without_template_chats_through_the_builtin_gemma_format(server, client):
     [model] = server.get("/admin/models").json()["data"]
     assert model["chat_template_in_use"] == "built-in gemma"
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     r = client.chat.completions.create(model="gemma-3-270m-q4_k_m", temperature=0, max_tokens=16,
                                        messages=[{"role": "user", "content": "Name three colours."}])
     assert r.choices[0].message.content.strip()
     assert r.usage.completion_tokens <= 16 and r.usage.prompt_tokens > 5
 
 
-def test_gemma_text_completion_is_deterministic_at_temperature_zero(server):
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+def test_gemma_text_completion_is_deterministic_at_temperature_zero(server, client):
     runs = [client.completions.create(model="gemma-3-270m-q4_k_m", prompt="The capital of France is",
                                       temperature=0, max_tokens=8).choices[0].text for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].strip()
@@ -61,10 +65,9 @@ def test_readme_quotes_the_make_targets_the_makefile_has():
         assert f"make {target}" in (ROOT / "README.md").read_text()
 
 
-def test_prefix_reuse_on_a_sliding_window_model_keeps_the_output(server):
+def test_prefix_reuse_on_a_sliding_window_model_keeps_the_output(server, client):
     # Gemma 3 attends through a 512-token sliding window in most layers: a reused prefix
     # longer than the window must give exactly what recomputing it gives.
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     system = "You help on a farm. " + " ".join(f"Field {i} grows wheat and barley." for i in range(150))
 
     def ask(question: str):

@@ -47,6 +47,7 @@ class GenerateRequest:
     stops: tuple[str, ...] = ()
     sampling: dict[str, object] = field(default_factory=dict)
     keep_alive: float | None | bool = False  # seconds, None (until evicted), False (the default)
+    chat_template_kwargs: dict[str, object] = field(default_factory=dict)  # more variables for the template
 
     @property
     def param(self) -> str:
@@ -178,7 +179,8 @@ class GenerationService:
             model, param = loaded.model, request.param
             if request.messages is not None:
                 assert loaded.chat_template is not None
-                prompt = model.tokenize(loaded.chat_template.render(request.messages))
+                text = loaded.chat_template.render(request.messages, kwargs=request.chat_template_kwargs)
+                prompt = model.tokenize(text)
             elif isinstance(request.prompt, str):
                 prompt = model.tokenize(request.prompt)
             else:

@@ -41,6 +41,7 @@ class GenerationOptions:
 class ChatRequest:
     messages: list[dict]
     options: GenerationOptions
+    chat_template_kwargs: dict[str, Any]  # more variables for the chat template (vLLM's and llama-server's field)
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def parse_chat(body: dict) -> ChatRequest:
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
         parsed.append(entry)
-    return ChatRequest(messages=parsed, options=_options(body, chat=True))
+    kwargs = _get(body, "chat_template_kwargs", "object", {})
+    return ChatRequest(messages=parsed, options=_options(body, chat=True), chat_template_kwargs=kwargs)
 
 
 def parse_completion(body: dict) -> CompletionRequest:

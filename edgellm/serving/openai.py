@@ -64,7 +64,8 @@ async def chat_completions(request: Request) -> ASGIApp:
 
     async def local() -> ASGIApp:
         parsed = proto.parse_chat(body)
-        return await _generate(request, _generation(parsed.options, messages=parsed.messages), parsed.options,
+        wanted = _generation(parsed.options, messages=parsed.messages, chat_template_kwargs=parsed.chat_template_kwargs)
+        return await _generate(request, wanted, parsed.options,
                                chat=True)
 
     return await route(request, body, "/chat/completions", local)
@@ -82,9 +83,11 @@ async def completions(request: Request) -> ASGIApp:
 
 
 def _generation(options: proto.GenerationOptions, *, messages: list[dict[str, object]] | None = None,
-                prompt: str | list[int] | None = None) -> GenerateRequest:
+                prompt: str | list[int] | None = None, chat_template_kwargs: dict[str, object] | None = None
+                ) -> GenerateRequest:
     return GenerateRequest(model=options.model, messages=messages, prompt=prompt, max_tokens=options.max_tokens,
-                           stops=options.stops, sampling=options.sampling, keep_alive=options.keep_alive)
+                           stops=options.stops, sampling=options.sampling, keep_alive=options.keep_alive,
+                           chat_template_kwargs=chat_template_kwargs or {})
 
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
