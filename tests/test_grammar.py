@@ -107,7 +107,28 @@ SCHEMAS = {
                                                  "e": {"type": "string", "format": "email"}},
                 "required": ["t", "e"]},
     "any-object": {},
+    # oneOf where the branches cannot overlap: by type, and by a required const tag.
+    "one-of-types": {"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"}, {"type": "string"}]}},
+                     "required": ["v"]},
+    "one-of-tagged": {"oneOf": [
+        {"type": "object", "properties": {"kind": {"const": "light"}, "on": {"type": "boolean"}},
+         "required": ["kind", "on"]},
+        {"type": "object", "properties": {"kind": {"const": "fan"}, "speed": {"type": "integer", "minimum": 0,
+                                                                           "maximum": 3}},
+         "required": ["kind", "speed"]}]},
+    # Extra keys never repeat a declared one (a duplicate key passes a validator but is not one object).
+    "extras-beside-declared": {"type": "object", "properties": {"a": {"type": "boolean"}, "ab": {"type": "null"}},
+                               "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "enum-with-type": {"type": "object", "properties": {"e": {"enum": [1, "one", None], "type": "string"}},
+                       "required": ["e"]},
+    "format-with-lengths": {"type": "string", "format": "date", "minLength": 10, "maxLength": 10},
 }
+
+
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate key in {keys}"
+    return dict(pairs)
 
 
 @pytest.mark.parametrize("name", SCHEMAS)
@@ -138,7 +159,8 @@ def test_random_model_output_validates(runner, model, name):
         text, finish = asyncio.run(generate(seed))
         if finish == "length":
             continue  # cut short by max_tokens: not the grammar's fault
-        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker())
+        jsonschema.validate(json.loads(text, object_pairs_hook=no_duplicate_keys), schema,
+                            format_checker=jsonschema.FormatChecker())
         completed += 1
     assert completed >= 3, "too few outputs finished to check the grammar"
 
@@ -164,6 +186,13 @@ for _ in range(120):
     ({"type": "tuple"}, "unknown type"),
     ({"allOf": [{"properties": {"a": {}}}], "additionalProperties": False}, "'allOf' together"),
     ({"enum": []}, "'enum'"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "'oneOf' with branches that can match"),
+    ({"oneOf": [{"type": "object", "properties": {"a": {}}}, {"type": "object"}]}, "'oneOf'"),
+    ({"type": "string", "format": "date", "maxLength": 8}, "format 'date' writes 10 to 10"),
+    ({"type": "string", "format": "email", "minLength": 20}, "minLength or maxLength"),
+    ({"const": 5, "minimum": 10}, "'minimum' beside 'const'"),
+    ({"enum": [1, 2], "type": "string"}, "no value of the 'const' or 'enum'"),
+    ({"const": 1, "enum": [2, 3]}, "no value is both"),
     (NESTED, "nested too deeply"),
 ])
 def test_what_cannot_be_enforced_is_refused_by_name(schema, keyword):
@@ -183,3 +212,39 @@ def test_literals_escape_quotes_backslashes_and_control_characters(model):
     assert '\\"' in grammar and "\\\\" in grammar
     sampler = Sampler(model, SamplingParams(json_schema=schema))
     sampler.close()
+
+
+def rule_regex(grammar: str, name: str) -> str:
+    """A Python regex for a regular rule of a GBNF (literals, classes, {m,n}, alternatives, rule names)."""
+    rules = dict(line.split(" ::= ", 1) for line in grammar.strip().splitlines())
+
+    def expand(body: str) -> str:
+        out = []
+        for token in re.findall(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]])*\]|\{\d*,?\d*\}|\||[\w-]+', body):
+            if token.startswith('"'):
+                out.append(re.escape(json.loads(token)))
+            elif token.startswith("["):
+                negated = token.startswith("[^")
+                chars = token[2 if negated else 1:-1].encode().decode("unicode_escape")
+                out.append("[" + "^" * negated + "".join(c if c == "-" else re.escape(c) for c in chars) + "]")
+            elif token.startswith("{") or token == "|":
+                out.append(token)
+            else:
+                out.append("(?:" + expand(rules[token]) + ")")
+        return "".join(out)
+
+    return expand(rules[name])
+
+
+def test_extra_keys_exclude_exactly_the_declared_ones():
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "ab": {"type": "null"}},
+              "additionalProperties": {"type": "integer"}}
+    grammar = to_gbnf(schema)
+    extra = re.compile(rule_regex(grammar.replace(" ws", ""), "root-extra-key") + r"\Z")
+    for key in ('"a"', '"ab"'):
+        assert not extra.match(key), key
+    for key in ('""', '"b"', '"aa"', '"abc"', '"ba"', '"a b"', '"é"'):
+        assert extra.match(key), key
+    assert not extra.match('"\\u0061"')  # an escape could spell a declared key: extra keys have none
+
+

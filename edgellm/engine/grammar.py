@@ -8,7 +8,12 @@ and keywords this module has never heard of are skipped, as JSON Schema
 validators do.
 
 Whitespace is at most one space between tokens, and free numbers and strings
-are length-bounded where JSON allows it, so a weak model cannot run away.
+are length-bounded (strings to MAX_STRING characters, object keys to MAX_KEY),
+so a weak model cannot run away. An object's declared keys never repeat: extra
+keys (additionalProperties) exclude them, and are written without escapes so that
+two spellings of one key cannot slip through. `oneOf` is enforced where its
+branches cannot match the same value (different types, or objects told apart by
+a const property) and refused where they can.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import re
 from edgellm.engine.errors import SchemaError
 
 MAX_INT_DIGITS = 15
+MAX_STRING = 1024  # characters of a string without maxLength
+MAX_KEY = 128  # characters of an object key that no schema names
 MAX_DEPTH = 100  # path segments: keeps deep schemas from exhausting the Python stack
 
 
@@ -33,7 +40,9 @@ _UNSUPPORTED = (
 _PRIMITIVES = {
     "ws": '| " "',
     "char": r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
-    "string": r'"\"" char* "\"" ws',
+    "string": '"\\"" char{0,' + str(MAX_STRING) + '} "\\"" ws',
+    "key": '"\\"" keychar{0,' + str(MAX_KEY) + '} "\\"" ws',
+    "keychar": r'[^"\\\x7F\x00-\x1F]',
     "integer": f'"-"? ("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ws',
     "number": f'"-"? ("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ("." [0-9]{{1,15}})? ([eE] [-+]? [0-9]{{1,3}})? ws',
     "nonneg-number": f'("0" | [1-9] [0-9]{{0,{MAX_INT_DIGITS - 1}}}) ("." [0-9]{{1,15}})? '
@@ -41,7 +50,7 @@ _PRIMITIVES = {
     "boolean": '("true" | "false") ws',
     "null": '"null" ws',
     "value": "object | array | string | number | boolean | null",
-    "object": '"{" ws (string ":" ws value ("," ws string ":" ws value)*)? "}" ws',
+    "object": '"{" ws (key ":" ws value ("," ws key ":" ws value)*)? "}" ws',
     "array": '"[" ws (value ("," ws value)*)? "]" ws',
     # Calendar dates: 30- and 31-day months, and 29 February only in leap years.
     "date": 'year "-" (("0" [13578] | "1" [02]) "-" day31 | ("0" [469] | "11") "-" day30 | "02-" day28) '
@@ -58,12 +67,20 @@ _PRIMITIVES = {
     "hex": "[0-9a-fA-F]",
     "email": '[A-Za-z0-9._%+-]{1,64} "@" [A-Za-z0-9-]{1,63} ("." [A-Za-z0-9-]{1,63}){1,4}',
 }
-_USES = {"value": ("object", "array", "string", "number", "boolean", "null"), "object": ("string", "value", "ws"),
+_USES = {"value": ("object", "array", "string", "number", "boolean", "null"), "object": ("key", "value", "ws"),
+         "key": ("keychar", "ws"),
          "array": ("value", "ws"), "string": ("char", "ws"), "integer": ("ws",), "number": ("ws",),
          "nonneg-number": ("ws",), "boolean": ("ws",), "null": ("ws",), "date-time": ("date", "time"),
          "date": ("year", "leap-year", "day28", "day30", "day31"), "day30": ("day28",), "day31": ("day30",),
          "uuid": ("hex",)}
-_FORMATS = ("date", "time", "date-time", "uuid", "email")
+# Each format the grammar writes, and the shortest and longest strings it writes.
+_FORMATS = {"date": (10, 10), "time": (9, 21), "date-time": (20, 32), "uuid": (36, 36), "email": (5, 384)}
+# JSON kinds by schema type; a number is an integer or a fraction.
+_KINDS = {"null": {"null"}, "boolean": {"boolean"}, "integer": {"integer"}, "number": {"integer", "fraction"},
+          "string": {"string"}, "array": {"array"}, "object": {"object"}}
+# Keywords that say nothing about which values match.
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "deprecated",
+                "readOnly", "writeOnly", "$defs", "definitions"}
 
 
 def literal(text: str) -> str:
@@ -121,18 +138,15 @@ class _Converter:
                 raise SchemaError(f"{where}: '{keyword}' is not supported in JSON schemas here")
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
-        if "const" in schema:
-            return _json_literal(schema["const"])
-        if "enum" in schema:
-            values = schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise SchemaError(f"{where}: 'enum' must be a non-empty array")
-            return "(" + " | ".join(_json_literal(v) for v in values) + ")"
+        if "const" in schema or "enum" in schema:
+            return "(" + " | ".join(_json_literal(v) for v in _values(schema, where)) + ")"
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
                 options = schema[keyword]
                 if not isinstance(options, list) or not options:
                     raise SchemaError(f"{where}: '{keyword}' must be a non-empty array")
+                if keyword == "oneOf":
+                    self._exclusive(options, where)
                 alternatives = [self.visit(s, f"{where}/{keyword}/{i}") for i, s in enumerate(options)]
                 return "(" + " | ".join(alternatives) + ")"
         if "allOf" in schema:
@@ -151,6 +165,86 @@ class _Converter:
             else:
                 return "value"
         return self._typed(schema, kind, where)
+
+    def _key_except(self, names: set[str], where: str) -> str:
+        """A rule for an extra key of an object: any key (unescaped, MAX_KEY characters at most) but
+        `names`, the keys the schema declares. Built from the trie of the names: at each prefix,
+        the key may end (unless the prefix is a name), go on with a name's next character, or
+        leave every name behind with any other character."""
+        trie: dict = {}
+        for name in names:
+            if len(name) <= MAX_KEY and not re.search(r'["\\\x00-\x1f\x7f]', name):  # else no key can equal it
+                node = trie
+                for ch in name:
+                    node = node.setdefault(ch, {})
+                node[None] = True
+
+        def rule(node: dict, depth: int) -> str:
+            children = sorted(c for c in node if c is not None)
+            options = [] if None in node else ['"\\""']
+            options += [f"{literal(c)} {rule(node[c], depth + 1)}" for c in children if depth < MAX_KEY]
+            if depth < MAX_KEY:
+                excluded = "".join(f"\\U{ord(c):08X}" for c in children)
+                options.append(f'[^"\\\\\\x7F\\x00-\\x1F{excluded}] keychar{{0,{MAX_KEY - depth - 1}}} "\\""')
+            return self._rule(_hint(where, "key"), " | ".join(options))
+
+        return self._rule(_hint(where, "extra-key"), f'"\\"" {rule(trie, 0)} ws')
+
+    def _exclusive(self, options: list, where: str) -> None:
+        """Refuse a oneOf whose branches could match one value: the grammar allows any branch, and
+        exactly one must match. Disjoint are branches of different JSON types, and objects that a
+        required const (or enum) property tells apart."""
+        kinds = [self._kinds(o, 0) for o in options]
+        if all(k is not None for k in kinds) and sum(map(len, kinds)) == len(frozenset().union(*kinds)):  # type: ignore[arg-type]
+            return
+        if self._discriminated(options):
+            return
+        raise SchemaError(f"{where}: 'oneOf' with branches that can match the same value is not supported "
+                          "(tell them apart by type or by a required 'const' property, or use 'anyOf')")
+
+    def _kinds(self, schema: object, depth: int) -> frozenset[str] | None:
+        """The JSON kinds a schema allows (integer and fraction for numbers); None: any, or unknown."""
+        if depth > 20 or not isinstance(schema, dict) or not schema:
+            return None
+        if "$ref" in schema:
+            return self._kinds(self._resolve(schema["$ref"], "#"), depth + 1)
+        if "const" in schema:
+            return frozenset({_kind_of(schema["const"])})
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return frozenset(_kind_of(v) for v in schema["enum"])
+        for keyword in ("anyOf", "oneOf"):
+            if isinstance(schema.get(keyword), list) and schema[keyword]:
+                parts = [self._kinds(s, depth + 1) for s in schema[keyword]]
+                return None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
+        kind = schema.get("type")
+        if isinstance(kind, str):
+            kind = [kind]
+        if isinstance(kind, list) and kind and all(k in _KINDS for k in kind):
+            return frozenset().union(*(_KINDS[k] for k in kind))
+        if "properties" in schema or "required" in schema or "additionalProperties" in schema:
+            return frozenset({"object"})
+        if "items" in schema or "prefixItems" in schema:
+            return frozenset({"array"})
+        return None
+
+    def _discriminated(self, options: list) -> bool:
+        """Whether every branch is an object with one required property whose const or enum values
+        differ from branch to branch."""
+        branches: list[dict] = []
+        for option in options:
+            branch = self._resolve(option["$ref"], "#") if isinstance(option, dict) and "$ref" in option else option
+            if not isinstance(branch, dict) or not isinstance(branch.get("properties"), dict):
+                return False
+            branches.append(branch)
+        names = set.intersection(*(set(b.get("required", [])) for b in branches))
+        for name in sorted(names):
+            tags = [b["properties"].get(name) for b in branches]
+            if not all(isinstance(t, dict) and ("const" in t or "enum" in t) for t in tags):
+                continue
+            values = [{json.dumps(v, sort_keys=True) for v in _values(t, "#")} for t in tags]
+            if sum(map(len, values)) == len(set().union(*values)):  # no value in two branches
+                return True
+        return False
 
     def _ref(self, ref: object, where: str) -> str:
         target = self._resolve(ref, where)
@@ -214,12 +308,17 @@ class _Converter:
 
     def _string(self, schema: dict, where: str) -> str:
         fmt = schema.get("format")
+        low = _count(schema, "minLength", where) or 0
+        high = _count(schema, "maxLength", where)
         if fmt is not None:
             if fmt not in _FORMATS:
                 raise SchemaError(f"{where}: string format {fmt!r} is not supported (supported: {', '.join(_FORMATS)})")
+            shortest, longest = _FORMATS[fmt]
+            if low > shortest or (high is not None and high < longest):
+                raise SchemaError(f"{where}: format {fmt!r} writes {shortest} to {longest} characters; "
+                                  "minLength or maxLength inside that range is not supported")
             return f'"\\"" {fmt} "\\"" ws'
-        low = _count(schema, "minLength", where) or 0
-        high = _count(schema, "maxLength", where)
+
         if low == 0 and high is None:
             return "string"
         if high is not None and high < low:
@@ -286,7 +385,8 @@ class _Converter:
         optional_pairs = [pair(k, v) for k, v in properties.items() if k not in required]
         if extra_schema not in (None, False):
             value = self.visit(extra_schema, f"{where}/additionalProperties")
-            optional_pairs.append(f'(string ":" ws {value} ("," ws string ":" ws {value})*)')
+            key = self._key_except({*properties, *required}, where) if properties or required else "key"
+            optional_pairs.append(f'({key} ":" ws {value} ("," ws {key} ":" ws {value})*)')
 
         if required_pairs:
             body = ' "," ws '.join(required_pairs) + "".join(f' ("," ws {p})?' for p in optional_pairs)
@@ -299,6 +399,43 @@ class _Converter:
         else:
             body = ""
         return self._rule(_hint(where, 'object'), f'"{{" ws {body} "}}" ws'.replace("  ", " "))
+
+
+def _kind_of(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value.is_integer() else "fraction"
+    kinds: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return kinds.get(type(value), "unknown")
+
+
+def _values(schema: dict, where: str) -> list:
+    """The values a const or enum schema allows, checked against its siblings: a 'type' beside it
+    filters them; any other constraint beside it is refused (the grammar writes the values alone)."""
+    if "enum" in schema:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise SchemaError(f"{where}: 'enum' must be a non-empty array")
+    if "const" in schema:
+        const = schema["const"]
+        if "enum" in schema and not any(const == v and _kind_of(const) == _kind_of(v) for v in values):
+            raise SchemaError(f"{where}: no value is both the 'const' and in the 'enum'")
+        values = [const]
+    others = sorted(set(schema) - _ANNOTATIONS - {"const", "enum", "type"})
+    if others:
+        raise SchemaError(f"{where}: '{others[0]}' beside 'const' or 'enum' is not supported")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = set().union(*(_KINDS.get(k, set()) for k in ([kind] if isinstance(kind, str) else kind)))
+        values = [v for v in values if _kind_of(v) in kinds]
+        if not values:
+            raise SchemaError(f"{where}: no value of the 'const' or 'enum' has the 'type' beside it")
+    return values
 
 
 def _hint(where: str, kind: str) -> str:
