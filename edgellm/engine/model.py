@@ -183,6 +183,28 @@ class Model:
         """Every end-of-generation token (a model may have several: <eos>, <end_of_turn>, ...)."""
         return tuple(t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t))
 
+    @functools.cached_property
+    def json_enders(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Tokens that end a JSON string (a quote, maybe with closing brackets after it), tokens that
+        only close objects and arrays, and tokens with a comma (which start another item): what a
+        JSON reply running out of max_tokens needs, and needs to avoid. One walk over the vocabulary."""
+        closing = frozenset(b'"}] ')
+        quotes: list[int] = []
+        brackets: list[int] = []
+        commas: list[int] = []
+        buf = ctypes.create_string_buffer(64)
+        for t in range(self.n_vocab):  # not through piece(): its cache would keep the whole vocabulary
+            n = C.llama_token_to_piece(self.vocab, t, buf, 64, 0, False)
+            piece = buf.raw[:n] if n > 0 else b""
+            if b"," in piece:
+                commas.append(t)
+            elif piece.strip(b" ") and set(piece) <= closing:
+                if piece.lstrip(b" ").startswith(b'"'):
+                    quotes.append(t)
+                elif b'"' not in piece:
+                    brackets.append(t)
+        return tuple(quotes), tuple(brackets), tuple(commas)
+
     def close(self) -> None:
         if self.ptr:
             C.llama_model_free(self.ptr)

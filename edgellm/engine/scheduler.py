@@ -405,7 +405,7 @@ class Scheduler:
     # --- sampling -------------------------------------------------------------------------------
 
     def _sample(self, sequence: Sequence, index: int) -> None:
-        token = sequence.sampler.sample(self.ctx, index)
+        token = sequence.sampler.sample(self.ctx, index, sequence.limit - sequence.generated)
         now = time.perf_counter()
         if not sequence.last_token_at:
             self.metrics.ttft.observe(now - sequence.job.submitted)
