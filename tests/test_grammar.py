@@ -273,3 +273,10 @@ def test_a_json_reply_cut_by_max_tokens_still_closes(runner, model):
         except json.JSONDecodeError:
             pass
     assert parsed >= 9
+
+
+def test_a_name_required_twice_is_refused():
+    """Found by the property test: 'required': ['_', '_'] wrote the key twice (JSON Schema wants the
+    names unique: jsonschema refuses such a schema)."""
+    with pytest.raises(SchemaError, match="'required' lists '_' twice"):
+        to_gbnf({"type": "object", "properties": {"_": {"type": "null"}}, "required": ["_", "_"]})

@@ -4,7 +4,7 @@ Schemas come from a hypothesis strategy over the keywords the grammar supports (
 lengths, enum/const, formats, arrays and tuples, objects with required, optional and extra keys,
 anyOf, oneOf by type); each is compiled, llama.cpp writes with it at temperature 1 from the tiny
 random model, and every finished reply must parse, have no repeated declared key, and validate
-with jsonschema, the oracle. `EDGELLM_GRAMMAR_EXAMPLES` raises the count (default 200) for a
+with jsonschema, the oracle. `EDGELLM_GRAMMAR_EXAMPLES` raises the count (default 300) for a
 longer run by hand.
 """
 
@@ -27,7 +27,7 @@ from edgellm.engine.sampling import Sampler, SamplingParams
 from edgellm.engine.scheduler import Prepared
 from edgellm.engine.stream import Finish
 
-EXAMPLES = int(os.environ.get("EDGELLM_GRAMMAR_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("EDGELLM_GRAMMAR_EXAMPLES", "300"))
 NAMES = st.text("abcxyz_", min_size=1, max_size=4)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-50, 50), st.text("abc \"\\é", max_size=4))
 

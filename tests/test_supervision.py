@@ -78,7 +78,7 @@ def test_a_stream_cut_by_a_dead_runner_ends_with_an_error_event(models, monkeypa
         with httpx.stream("POST", server.url + "/v1/completions", json={**HELLO, "stream": True}, timeout=30) as r:
             assert r.status_code == 200
             events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
-        assert '"text":" wor"' in events[0]  # text arrived before the failure
+        assert '"text":" wor' in events[0]  # text arrived before the failure (maybe joined with what followed)
         assert '"code":"runner_failed"' in events[-1] and "[DONE]" not in events
         r = httpx.post(server.url + "/v1/completions", json=HELLO, timeout=30)
         assert r.json()["choices"][0]["text"] == " world!"

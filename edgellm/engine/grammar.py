@@ -370,6 +370,9 @@ class _Converter:
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise SchemaError(f"{where}: 'required' must be an array of strings")
+        twice = next((r for i, r in enumerate(required) if r in required[:i]), None)
+        if twice is not None:  # JSON Schema wants them unique; the grammar would write the key twice
+            raise SchemaError(f"{where}: 'required' lists {twice!r} twice")
         missing = [r for r in required if r not in properties]
         extra_schema = schema.get("additionalProperties", None if properties or required else True)
         if missing and extra_schema in (None, False):
