@@ -138,25 +138,29 @@ def test_llama_cpp_accepts_the_grammar(model, name):
     sampler.close()
 
 
+def write_json(runner: Runner, model: Model, sampler: Sampler, max_tokens: int) -> tuple[str, str | None]:
+    """What the model writes with `sampler` after "json:", and why it stopped."""
+    async def generate() -> tuple[str, str | None]:
+        stream = runner.submit(Prepared(model.tokenize("json:"), sampler, max_tokens))
+        stream.when_finished(sampler.close)
+        parts, finish = [], None
+        async for item in stream:
+            if isinstance(item, Finish):
+                finish = item.reason
+            else:
+                parts.append(item.text)
+        return "".join(parts), finish
+
+    return asyncio.run(generate())
+
+
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_random_model_output_validates(runner, model, name):
     schema = SCHEMAS[name] or {"type": "object"}
-
-    async def generate(seed: int) -> tuple[str, str]:
-        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema=SCHEMAS[name]))
-        parts, finish = [], None
-        stream = runner.submit(Prepared(model.tokenize("json:"), sampler, 400))
-        stream.when_finished(sampler.close)
-        async for event in stream:
-            if isinstance(event, Finish):
-                finish = event.reason
-            else:
-                parts.append(event.text)
-        return "".join(parts), finish
-
     completed = 0
     for seed in range(6):
-        text, finish = asyncio.run(generate(seed))
+        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema=SCHEMAS[name]))
+        text, finish = write_json(runner, model, sampler, 400)
         if finish == "length":
             continue  # cut short by max_tokens: not the grammar's fault
         jsonschema.validate(json.loads(text, object_pairs_hook=no_duplicate_keys), schema,
@@ -252,21 +256,10 @@ def test_extra_keys_exclude_exactly_the_declared_ones():
 
 def test_a_json_reply_cut_by_max_tokens_still_closes(runner, model):
     """A random model rarely ends an object by itself; with 30 tokens it must still close validly."""
-    async def generate(seed: int) -> tuple[str, str | None]:
-        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema={}))
-        stream = runner.submit(Prepared(model.tokenize("json:"), sampler, 30))
-        stream.when_finished(sampler.close)
-        parts, finish = [], None
-        async for event in stream:
-            if isinstance(event, Finish):
-                finish = event.reason
-            else:
-                parts.append(event.text)
-        return "".join(parts), finish
-
     parsed = 0
     for seed in range(10):
-        text, _ = asyncio.run(generate(seed))
+        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed, json_schema={}))
+        text, _ = write_json(runner, model, sampler, 30)
         try:
             json.loads(text)
             parsed += 1

@@ -10,7 +10,6 @@ longer run by hand.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 
@@ -18,14 +17,13 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_grammar import write_json
 
 from edgellm.config import EngineConfig
 from edgellm.engine.grammar import SchemaError
 from edgellm.engine.model import Model
 from edgellm.engine.runner import Runner
 from edgellm.engine.sampling import Sampler, SamplingParams
-from edgellm.engine.scheduler import Prepared
-from edgellm.engine.stream import Finish
 
 EXAMPLES = int(os.environ.get("EDGELLM_GRAMMAR_EXAMPLES", "300"))
 NAMES = st.text("abcxyz_", min_size=1, max_size=4)
@@ -106,18 +104,7 @@ def test_every_finished_reply_validates(engine, schema, seed):
         event(f"refused: {str(e).split(': ', 1)[-1][:40]}")
         return  # refused by name: allowed (test_grammar.py checks which refusals are expected)
 
-    async def generate() -> tuple[str, str | None]:
-        stream = runner.submit(Prepared(model.tokenize("json:"), sampler, 96))
-        stream.when_finished(sampler.close)
-        parts, finish = [], None
-        async for item in stream:
-            if isinstance(item, Finish):
-                finish = item.reason
-            else:
-                parts.append(item.text)
-        return "".join(parts), finish
-
-    text, finish = asyncio.run(generate())
+    text, finish = write_json(runner, model, sampler, 96)
     try:
         value = json.loads(text, object_pairs_hook=no_repeated_keys)
     except json.JSONDecodeError:
