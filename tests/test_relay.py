@@ -287,12 +287,17 @@ def test_a_huge_upstream_error_body_is_read_only_in_part(server_factory, models,
     assert after - before < 8 * 1024  # KiB: not the 50 MiB
 
 
+def streamed_lines(server) -> list[str]:
+    """The data lines of a streamed completion relayed to the upstream model."""
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=10,
+                      json={"model": "remote", "prompt": "x", "stream": True}) as r:
+        return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+
 def test_nonsense_usage_from_the_upstream_leaves_the_stream_whole(server_factory, models, faulty):
     upstream = faulty("bad-usage")
     server = server_factory(models["random"], config=relay_config(upstream.url))
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=10,
-                      json={"model": "remote", "prompt": "x", "stream": True}) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    lines = streamed_lines(server)
     assert lines[-1] == "data: [DONE]" and len(lines) == 5
     assert metric(server, 'edgellm_upstream_tokens_total{kind="prompt"}') == 0
 
@@ -307,9 +312,7 @@ def test_a_malformed_structured_outputs_is_a_400(server_factory, models, upstrea
 def test_a_cut_stream_ends_with_an_error_event(server_factory, models, faulty):
     upstream = faulty("cut")
     server = server_factory(models["random"], config=relay_config(upstream.url))
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=10,
-                      json={"model": "remote", "prompt": "x", "stream": True}) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    lines = streamed_lines(server)
     assert json.loads(lines[0][6:])["choices"][0]["text"] == "half", lines
     assert json.loads(lines[-1][6:])["error"]["code"] == "upstream_error"
 

@@ -19,6 +19,7 @@ built-in one instead.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -56,6 +57,7 @@ _BY_ARCHITECTURE = {
 _ALIASES = {"mistral": "mistral-v3"}  # a name edgellm's own formats had, in [model] chat_template and bundles
 
 
+@functools.cache
 def builtin_names() -> frozenset[str]:
     """The names of llama.cpp's built-in templates."""
     n = C.llama_chat_builtin_templates(None, 0)
@@ -87,10 +89,10 @@ class ChatTemplate:
         bos, eos = model.bos_text, model.token_text(model.eos)
         if override:
             name = _ALIASES.get(override, override)
-            log.info("chat template: %s (from the config)", name if name in builtin_names() else "configured")
-            if name in builtin_names():
-                return BuiltinTemplate(name)
-            return JinjaTemplate(override, "configured", bos_token=bos, eos_token=eos)
+            template: ChatTemplate = BuiltinTemplate(name) if name in builtin_names() else \
+                JinjaTemplate(override, "configured", bos_token=bos, eos_token=eos)
+            log.info("chat template: %s (from the config)", template.name)
+            return template
         if model.chat_template:
             try:
                 return JinjaTemplate(model.chat_template, "from the GGUF file", bos_token=bos, eos_token=eos)

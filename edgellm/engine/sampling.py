@@ -56,6 +56,7 @@ class Sampler:
     def __init__(self, model: Model, params: SamplingParams) -> None:
         self.ptr = None
         self.n_vocab = model.n_vocab
+        self._row = ctypes.c_float * model.n_vocab  # one row of logits, read in place
         # JSON output: near the end of max_tokens, tokens that close the JSON are favoured and commas
         # (another item) disfavoured, so that a reply cut by the budget still ends where the grammar
         # allows it to. What closes depends on whether the reply is inside a string: tracked here.
@@ -78,7 +79,6 @@ class Sampler:
             self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
             self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
             self._biased = frozenset(bias)
-            self._row = ctypes.c_float * model.n_vocab
             return
         self.ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         try:
@@ -121,7 +121,7 @@ class Sampler:
         the grammar still decides what is allowed, this makes ending sooner likelier than going on."""
         address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
         assert address is not None and self._enders is not None
-        logits = np.frombuffer(self._row_type.from_address(address), dtype=np.float32)  # type: ignore[call-overload]
+        logits = np.frombuffer(self._row.from_address(address), dtype=np.float32)  # type: ignore[call-overload]
         quotes, brackets, commas = self._enders
         boost = CLOSING_BOOST * (CLOSING_WINDOW + 1 - remaining)
         if self._in_string:
@@ -139,10 +139,6 @@ class Sampler:
                 self._escaped = True
             elif byte == 0x22:  # a quote
                 self._in_string = not self._in_string
-
-    @property
-    def _row_type(self) -> type[ctypes.Array[ctypes.c_float]]:
-        return ctypes.c_float * self.n_vocab
 
     def _add(self, sampler: C.llama_sampler_p) -> None:
         C.llama_sampler_chain_add(self.ptr, sampler)

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -608,11 +607,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         tiny = run.tiny_model(out / "tiny-random.gguf")
         results.append(bench_model(tiny, args, bin_dir, out / "prefix-tiny-random"))
-    summary = {"when": out.name, "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": load,
-               "threads": args.threads, "slots": args.slots, "ctx": args.ctx, "max_tokens": args.max_tokens,
-               "rounds": args.rounds, "results": results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwritten to {out}")
+    run.write_summary(out, load, args, results, max_tokens=args.max_tokens)
     return 0
 
 

@@ -275,6 +275,16 @@ def write_results(out: Path, data: dict, text: str) -> None:
     (out / "results.md").write_text(text)
 
 
+def write_summary(out: Path, load: tuple[float, float, float], args: argparse.Namespace, results: list,
+                  **settings: object) -> None:
+    """The run's summary.json beside the models' folders: the machine, the shared settings, the results."""
+    summary = {"when": out.name, "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": load,
+               "threads": args.threads, "slots": args.slots, "ctx": args.ctx, **settings, "rounds": args.rounds,
+               "results": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nwritten to {out}")
+
+
 def results_dir(base: Path) -> Path:
     """Where this run's results go: a folder named for the time under `base` (not created here)."""
     return base / time.strftime("%Y%m%d-%H%M%S")
@@ -315,11 +325,7 @@ def main() -> int:
     results = [bench_model(args.model, args, bin_dir, out / args.model.stem)]
     if args.tiny:
         results.append(bench_model(tiny_model(out / "tiny-random.gguf"), args, bin_dir, out / "tiny-random"))
-    summary = {"when": out.name, "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": load,
-               "threads": args.threads, "slots": args.slots, "ctx": args.ctx, "tokens": args.tokens,
-               "rounds": args.rounds, "results": results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwritten to {out}")
+    write_summary(out, load, args, results, tokens=args.tokens)
     return 0
 
 
