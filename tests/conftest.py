@@ -91,7 +91,7 @@ class Server:
 
     def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
         headers = {**self.headers(), **kwargs.pop("headers", {})}
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+        return httpx.post(self.url + path, json=body, headers=headers, **{"timeout": 60, **kwargs})
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         headers = {**self.headers(), **kwargs.pop("headers", {})}

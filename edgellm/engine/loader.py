@@ -110,6 +110,8 @@ def _load_on(known: Known, engine: EngineConfig, device: str, layers: int, metri
     model = Model(entry.paths, n_gpu_layers=layers, device=device)
     try:
         template = None if model.is_embedding else ChatTemplate.for_model(model, entry.chat_template)
+        if template is not None:
+            model.control_initials  # noqa: B018 -- a walk over the vocabulary, here rather than in a request
         runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit,
                         prompt_cache=prompt_cache, model_key=snapshot_key(entry))
     except StartTimeout as e:  # the weights go once the runner's thread has let go of them, if it ever does

@@ -134,8 +134,9 @@ class Model:
                 return buf.value.decode("utf-8", "replace")
             size = n + 1
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokens for `text`, special tokens parsed, BOS/EOS added as the model wants.
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokens for `text`, BOS/EOS added as the model wants; with `parse_special` the text of a
+        control token (`<|im_end|>`) becomes that token, else plain characters.
 
         Text that already starts with the BOS token (chat templates write it)
         gets no second one.
@@ -145,11 +146,11 @@ class Model:
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buf = (C.llama_token * capacity)()
-        n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         if n < 0:
             capacity = -n
             buf = (C.llama_token * capacity)()
-            n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
@@ -177,6 +178,23 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def control_tokens(self) -> frozenset[int]:
+        """Tokens that mark structure (turns, roles, BOS/EOS): only a chat template may write them."""
+        control = C.LLAMA_TOKEN_ATTR_CONTROL
+        return frozenset(t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & control)
+
+    @functools.cached_property
+    def control_initials(self) -> frozenset[str]:
+        """The first characters of the control tokens' texts: text without any spells none."""
+        return frozenset(text[0] for text in map(self.token_text, self.control_tokens) if text)
+
+    def spells_control(self, text: str) -> bool:
+        """True when tokenizing `text` with special parsing would give a control token."""
+        if not any(c in text for c in self.control_initials):
+            return False
+        return not self.control_tokens.isdisjoint(self.tokenize(text, add_special=False))
 
     @functools.cached_property
     def eog_tokens(self) -> tuple[int, ...]:

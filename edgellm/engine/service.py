@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from edgellm.engine.deadline import Deadline
 from edgellm.engine.errors import NotGenerative
 from edgellm.engine.pool import Lease, Pool
 from edgellm.engine.stream import Event, Finish, Stream, Text, Usage
@@ -156,7 +157,9 @@ class GenerationService:
             if self._log_prompts:
                 log.info("prompt for %s: %s", loaded.id, json.dumps(request.messages or request.prompt,
                                                                     ensure_ascii=False))
-            prepared = await _in_thread(lambda: self._prepare(loaded, request), abandon=lambda p: p.sampler.close())
+            deadline = Deadline()
+            prepared = await _in_thread(lambda: self._prepare(loaded, request, deadline),
+                                        abandon=lambda p: p.sampler.close(), cancel=deadline.cancel)
             try:
                 stream = loaded.runner.submit(prepared)
             except BaseException:
@@ -169,23 +172,24 @@ class GenerationService:
             raise
 
     @staticmethod
-    def _prepare(loaded: Loaded, request: GenerateRequest) -> Prepared:
-        """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds)."""
+    def _prepare(loaded: Loaded, request: GenerateRequest, deadline: Deadline) -> Prepared:
+        """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds;
+        a hostile template or schema is stopped by the deadline)."""
         # Here, with a model loaded: they import llama.cpp, which an idle server does without (pool.py).
         from edgellm.engine.sampling import Sampler, SamplingParams
         from edgellm.engine.scheduler import Prepared
 
         with loaded.held():
-            model, param = loaded.model, request.param
+            model, param, n_ctx = loaded.model, request.param, loaded.runner.n_ctx
             if request.messages is not None:
                 assert loaded.chat_template is not None
-                text = loaded.chat_template.render(request.messages, kwargs=request.chat_template_kwargs)
-                prompt = model.tokenize(text)
+                prompt = loaded.chat_template.tokens(model, request.messages, kwargs=request.chat_template_kwargs,
+                                                     deadline=deadline, n_ctx=n_ctx)
             elif isinstance(request.prompt, str):
-                prompt = model.tokenize(request.prompt)
+                prompt = model.tokenize(request.prompt)  # a raw prompt is the client's whole prompt, markers too
             else:
                 prompt = _checked_tokens(loaded, request.prompt or [], param)
-            n_ctx = loaded.runner.n_ctx
+            deadline.check()
             if not prompt:
                 raise InvalidRequest("the prompt is empty", param=param)
             if len(prompt) >= n_ctx:
@@ -195,9 +199,9 @@ class GenerationService:
             sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
             _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
             cache = loaded.runner.prompt_cache
-            snapshot = cache.find(prompt) if cache is not None else None  # may read it from disk: here, not
-            return Prepared(prompt, Sampler(model, sampling), request.max_tokens, request.stops,  # in the runner
-                            snapshot=snapshot)
+            snapshot = cache.find(prompt) if cache is not None else None
+            return Prepared(prompt, Sampler(model, sampling, check=deadline.check), request.max_tokens,
+                            request.stops, snapshot=snapshot)  # (find() may read from disk: here, not in the runner)
 
     # --- embeddings -----------------------------------------------------------------------------
 
@@ -273,15 +277,21 @@ def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:
     return tokens
 
 
-async def _in_thread(work: Callable[[], T], abandon: Callable[[T], None] | None = None) -> T:
+async def _in_thread(work: Callable[[], T], abandon: Callable[[T], None] | None = None,
+                     cancel: Callable[[], None] | None = None) -> T:
     """Run `work` in a worker thread. If the caller is cancelled meanwhile (the client left),
-    whatever it built is still cleaned up: `abandon` gets it once it is done (to close a sampler)."""
+    `cancel` tells the work to stop, and whatever it built is still cleaned up: `abandon` gets it
+    once it is done (to close a sampler)."""
     task = asyncio.ensure_future(asyncio.to_thread(work))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        if cancel is not None:
+            cancel()
         def clean_up(done: asyncio.Future[T]) -> None:
-            if abandon is not None and not done.cancelled() and done.exception() is None:
+            if done.cancelled() or done.exception() is not None:
+                return  # (Abandoned, most likely: nobody is left to tell)
+            if abandon is not None:
                 abandon(done.result())
         task.add_done_callback(clean_up)
         raise
