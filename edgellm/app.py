@@ -53,7 +53,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
                                disk=parse_size(config.engine.prompt_cache_disk), metrics=stats)
     pool = Pool(engine, config.models, plan=plan, registry=registry, extra=extra, metrics=stats,
                 prompt_cache=prompt_cache)
-    service = GenerationService(pool, log_prompts=config.log.prompts)
+    service = GenerationService(pool, log_prompts=config.log.prompts,
+                                shared_prompt_cache=config.engine.prompt_cache_shared)
     thermals = ThermalWatch(Path(hardware_root), stats, on_threads=pool.set_threads, threads=plan.threads,
                             throttle_threads=config.engine.throttle_threads)
 

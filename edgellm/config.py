@@ -74,6 +74,7 @@ class EngineConfig:
     cache_type_v: str = "f16"  # flash attention: flash_attn auto turns it on, off refuses)
     prompt_cache_memory: str = "128MiB"  # prompt snapshots kept in RAM (engine/prompt_cache.py); 0: none
     prompt_cache_disk: str = "2GiB"  # and under <state dir>/prompt-cache, across restarts; 0: none
+    prompt_cache_shared: bool = False  # true: API keys reuse each other's cached prompts (one user's keys)
 
 
 @dataclass(frozen=True)

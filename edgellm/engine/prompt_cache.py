@@ -12,7 +12,9 @@ and prompt_cache_disk. A request whose prompt starts with a snapshot's tokens ge
 restored into its slot (llama_state_seq_set_data) instead of computing them again.
 
 A snapshot fits only the model it came from and contexts with the same KV layout: they are
-keyed by the model's SHA-256 and the settings that shape the state (Layout). Files are
+keyed by the model's SHA-256 and the settings that shape the state (Layout). And it serves
+only the clients it came from: each API key's snapshots are a partition of their own (a
+Layout of their own), so a prompt that is fast for one key tells nothing of another's. Files are
 written atomically and verified on read: a truncated, foreign or damaged file is deleted,
 never given to llama.cpp; a model replaced in the store has a new SHA-256, and its old
 snapshots are deleted with it (retain()).
@@ -29,7 +31,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgellm.files import fsync_dir, write_atomic
@@ -67,10 +69,12 @@ class Layout:
 
     model: str  # the model's SHA-256 (or, for a file outside the store, its path, size and time)
     settings: str  # e.g. "n_ctx=4096 type_k=f16 type_v=f16 flash_attn=auto llama.cpp=0.3.36"
+    partition: str = ""  # whose prompts: an API key's id; "" for a box whose keys share them
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(f"{self.model}\n{self.settings}".encode()).hexdigest()[:32]
+        partition = f"\npartition={self.partition}" if self.partition else ""
+        return hashlib.sha256(f"{self.model}\n{self.settings}{partition}".encode()).hexdigest()[:32]
 
 
 class Snapshot:
@@ -400,6 +404,15 @@ class CacheView:
     def __init__(self, cache: PromptCache, layout: Layout) -> None:
         self.cache = cache
         self.layout = layout
+        self._partitions: dict[str, CacheView] = {layout.partition: self}
+
+    def partition(self, name: str) -> CacheView:
+        """The snapshots of one partition (an API key's) of this model and layout; the first call
+        for a partition reads its files (worker threads: the generation service asks first)."""
+        view = self._partitions.get(name)
+        if view is None:
+            view = self._partitions.setdefault(name, self.cache.view(replace(self.layout, partition=name)))
+        return view
 
     def find(self, tokens: list[int]) -> tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None:
         """The snapshot sharing the longest prefix (at least MIN_TOKENS) with `tokens`, and its

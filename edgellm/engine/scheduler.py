@@ -57,6 +57,8 @@ class Prepared:
     # The prompt snapshot sharing the longest prefix with the prompt (its tokens and state),
     # found before submission; restored if no slot holds as much when the sequence starts.
     snapshot: tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None = None
+    # Whose cached cells it may reuse: an API key's id ("" when every client may share them).
+    partition: str = ""
 
 
 @dataclass(eq=False)
@@ -64,6 +66,11 @@ class Job:
     request: Prepared
     stream: Stream
     submitted: float = field(default_factory=time.perf_counter)
+
+
+def _shared(slot: Slot, tokens: list[int], partition: str) -> int:
+    """The leading tokens of `tokens` whose cells a slot holds and may give to this partition."""
+    return common_prefix(slot.tokens, tokens) if slot.partition == partition else 0
 
 
 class Slot:
@@ -75,6 +82,7 @@ class Slot:
         self.sequence: Sequence | None = None
         self.used_at = 0.0
         self.reused = False  # its last sequence reused MIN_TOKENS or more: its cells are a client's prefix
+        self.partition = ""  # whose prompt its cells hold: only that partition's requests reuse them
 
 
 class Sequence:
@@ -198,13 +206,13 @@ class Scheduler:
         """Put a sequence in a free slot with the longest cached prefix there is: the slot's
         own cells, another slot's (copied), or a prompt snapshot (restored). Returns the
         tokens kept, and how many of them a snapshot gave."""
-        tokens = sequence.resume
+        tokens, partition = sequence.resume, sequence.job.request.partition
         limit = len(tokens) - 1  # one token must run for logits
-        slot = self._choose(free, tokens)
-        keep = min(common_prefix(slot.tokens, tokens), limit)
+        slot = self._choose(free, tokens, partition)
+        keep = min(_shared(slot, tokens, partition), limit)
         self._save_before_loss(slot, keep)
-        donor = max(self.slots, key=lambda s: common_prefix(s.tokens, tokens))
-        donor_keep = min(common_prefix(donor.tokens, tokens), limit)
+        donor = max(self.slots, key=lambda s: _shared(s, tokens, partition))
+        donor_keep = min(_shared(donor, tokens, partition), limit)
         snapshot = sequence.job.request.snapshot
         snapshot_keep = min(common_prefix(snapshot[0], tokens), limit) if snapshot is not None else 0
         restored = 0
@@ -222,8 +230,9 @@ class Scheduler:
         if keep == 0:
             C.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
         slot.tokens = tokens[:keep]
+        slot.partition = partition
         slot.reused = keep >= MIN_TOKENS
-        if not restored and self._worth_saving(slot.tokens, 0):
+        if not restored and self._worth_saving(slot, 0):
             self._save(slot)  # a prefix that a second request reused: keep it past an unload
         slot.sequence = sequence
         sequence.slot = slot
@@ -231,37 +240,39 @@ class Scheduler:
         self.running.append(sequence)
         return keep, restored
 
-    def _choose(self, free: list[Slot], tokens: list[int]) -> Slot:
+    def _choose(self, free: list[Slot], tokens: list[int], partition: str) -> Slot:
         """The free slot where this prompt saves the most and destroys the least. A slot's cells
         past the shared prefix are lost (unless a snapshot holds them), so a short unrelated
         prompt goes to an empty slot, or the least valuable one, rather than truncate a long
-        cached prefix for the few tokens (BOS, a turn marker) it shares with it."""
+        cached prefix for the few tokens (BOS, a turn marker) it shares with it. Another
+        partition's cells share nothing with it, whatever their tokens."""
         limit = len(tokens) - 1
 
         def value(slot: Slot) -> tuple[int, int, float]:
-            reuse = min(common_prefix(slot.tokens, tokens), limit)
+            reuse = min(_shared(slot, tokens, partition), limit)
             lost = len(slot.tokens) - reuse
             if lost and self.cache is not None:
-                lost = len(slot.tokens) - max(reuse, self.cache.covered(slot.tokens))
+                lost = len(slot.tokens) - max(reuse, self.cache.partition(slot.partition).covered(slot.tokens))
             return reuse - lost, reuse, -slot.used_at  # among equals, the least recently used
 
         return max(free, key=value)
 
     # --- prompt snapshots -------------------------------------------------------------------
 
-    def _worth_saving(self, tokens: list[int], reused: int) -> bool:
-        """Whether a snapshot of `tokens` would hold MIN_TOKENS or more that no snapshot holds
-        (beyond the `reused` ones the next sequence keeps in the slot anyway)."""
+    def _worth_saving(self, slot: Slot, reused: int) -> bool:
+        """Whether a snapshot of the slot's tokens would hold MIN_TOKENS or more that no snapshot of
+        its partition holds (beyond the `reused` ones the next sequence keeps in the slot anyway)."""
+        tokens = slot.tokens
         if self.cache is None or len(tokens) - reused < MIN_TOKENS:
             return False
-        return len(tokens) - max(reused, self.cache.covered(tokens)) >= MIN_TOKENS
+        return len(tokens) - max(reused, self.cache.partition(slot.partition).covered(tokens)) >= MIN_TOKENS
 
     def _save_before_loss(self, slot: Slot, keep: int) -> None:
         """Save a slot's cells before all but `keep` of them are dropped, if they are worth it: they
         extend a prefix that was reused (a hub's next turn, a chat's history and last reply). A
         one-off request's cells are not saved: most are never asked for again, and saving each
         would cost every request a copy of its KV state and a disk write."""
-        if slot.sequence is None and slot.reused and self._worth_saving(slot.tokens, keep):
+        if slot.sequence is None and slot.reused and self._worth_saving(slot, keep):
             self._save(slot)
 
     def _save(self, slot: Slot) -> None:
@@ -274,7 +285,7 @@ class Scheduler:
         if C.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id) != size:
             log.warning("llama.cpp could not snapshot a %d-token prefix", len(slot.tokens))
             return
-        self.cache.add(slot.tokens, data)
+        self.cache.partition(slot.partition).add(slot.tokens, data)
         self.metrics.snapshots_saved.inc()
 
     def _restore(self, slot: Slot, data: ctypes.Array[ctypes.c_uint8], keep: int) -> int:

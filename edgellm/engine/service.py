@@ -49,6 +49,7 @@ class GenerateRequest:
     sampling: dict[str, object] = field(default_factory=dict)
     keep_alive: float | None | bool = False  # seconds, None (until evicted), False (the default)
     chat_template_kwargs: dict[str, object] = field(default_factory=dict)  # more variables for the template
+    partition: str = ""  # whose cached prompts it may reuse: the API key's id ("" for a box without keys)
 
     @property
     def param(self) -> str:
@@ -120,9 +121,12 @@ class Generation:
 
 
 class GenerationService:
-    def __init__(self, pool: Pool, *, log_prompts: bool = False) -> None:
+    def __init__(self, pool: Pool, *, log_prompts: bool = False, shared_prompt_cache: bool = False) -> None:
+        """`shared_prompt_cache`: every API key may reuse every other's cached prompts (one user's
+        keys); else each key's are its own, so that no key learns what another's prompts are."""
         self._pool = pool
         self._log_prompts = log_prompts
+        self._shared_prompt_cache = shared_prompt_cache
 
     # --- the models, for listings and for the relay's routing ---------------------------------
 
@@ -158,7 +162,8 @@ class GenerationService:
                 log.info("prompt for %s: %s", loaded.id, json.dumps(request.messages or request.prompt,
                                                                     ensure_ascii=False))
             deadline = Deadline()
-            prepared = await _in_thread(lambda: self._prepare(loaded, request, deadline),
+            partition = "" if self._shared_prompt_cache else request.partition
+            prepared = await _in_thread(lambda: self._prepare(loaded, request, partition, deadline),
                                         abandon=lambda p: p.sampler.close(), cancel=deadline.cancel)
             try:
                 stream = loaded.runner.submit(prepared)
@@ -172,7 +177,7 @@ class GenerationService:
             raise
 
     @staticmethod
-    def _prepare(loaded: Loaded, request: GenerateRequest, deadline: Deadline) -> Prepared:
+    def _prepare(loaded: Loaded, request: GenerateRequest, partition: str, deadline: Deadline) -> Prepared:
         """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds;
         a hostile template or schema is stopped by the deadline)."""
         # Here, with a model loaded: they import llama.cpp, which an idle server does without (pool.py).
@@ -199,9 +204,10 @@ class GenerationService:
             sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
             _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
             cache = loaded.runner.prompt_cache
-            snapshot = cache.find(prompt) if cache is not None else None
+            # find() may read the snapshot from disk: here, in a worker thread, not in the runner.
+            snapshot = cache.partition(partition).find(prompt) if cache is not None else None
             return Prepared(prompt, Sampler(model, sampling, check=deadline.check), request.max_tokens,
-                            request.stops, snapshot=snapshot)  # (find() may read from disk: here, not in the runner)
+                            request.stops, snapshot=snapshot, partition=partition)
 
     # --- embeddings -----------------------------------------------------------------------------
 

@@ -48,8 +48,12 @@ class APIKeyAuth:
             return
         admin = scope["path"].startswith("/admin/") or scope["path"] == "/admin"
         digests = self._admin_digests if admin else self._digests
-        if (not digests and (not admin or (self._admin_open and _from_this_machine(scope)))) or \
-                _valid(scope, digests):
+        if not digests and (not admin or (self._admin_open and _from_this_machine(scope))):
+            await self.app(scope, receive, send)
+            return
+        if _valid(scope, digests):
+            # Whose request it is, for what must not cross between keys (cached prompts): a digest, not the key.
+            scope.setdefault("state", {})["api_key_id"] = _digest(_presented_key(scope) or "").hex()[:16]
             await self.app(scope, receive, send)
             return
         if admin and not digests:

@@ -64,7 +64,8 @@ async def chat_completions(request: Request) -> ASGIApp:
 
     async def local() -> ASGIApp:
         parsed = proto.parse_chat(body)
-        wanted = _generation(parsed.options, messages=parsed.messages, chat_template_kwargs=parsed.chat_template_kwargs)
+        wanted = _generation(request, parsed.options, messages=parsed.messages,
+                             chat_template_kwargs=parsed.chat_template_kwargs)
         return await _generate(request, wanted, parsed.options,
                                chat=True)
 
@@ -76,18 +77,19 @@ async def completions(request: Request) -> ASGIApp:
 
     async def local() -> ASGIApp:
         parsed = proto.parse_completion(body)
-        return await _generate(request, _generation(parsed.options, prompt=parsed.prompt), parsed.options,
+        return await _generate(request, _generation(request, parsed.options, prompt=parsed.prompt), parsed.options,
                                chat=False)
 
     return await route(request, body, "/completions", local)
 
 
-def _generation(options: proto.GenerationOptions, *, messages: list[dict[str, object]] | None = None,
-                prompt: str | list[int] | None = None, chat_template_kwargs: dict[str, object] | None = None
-                ) -> GenerateRequest:
+def _generation(request: Request, options: proto.GenerationOptions, *,
+                messages: list[dict[str, object]] | None = None, prompt: str | list[int] | None = None,
+                chat_template_kwargs: dict[str, object] | None = None) -> GenerateRequest:
     return GenerateRequest(model=options.model, messages=messages, prompt=prompt, max_tokens=options.max_tokens,
                            stops=options.stops, sampling=options.sampling, keep_alive=options.keep_alive,
-                           chat_template_kwargs=chat_template_kwargs or {})
+                           chat_template_kwargs=chat_template_kwargs or {},
+                           partition=getattr(request.state, "api_key_id", ""))
 
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
