@@ -65,12 +65,14 @@ def write_model(
     n_ctx_train: int = 65536,
     split_max_tensors: int = 0,
     sampling: dict[str, int | float] | None = None,
+    embedding_length: float | None = None,
 ) -> Path:
     """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next.
 
     With split_max_tensors, it is written as split files (NAME-00001-of-0000N.gguf)
     and the first part's path is returned. `sampling`: recommended sampling settings
-    (general.sampling.temp, top_k, ...)."""
+    (general.sampling.temp, top_k, ...). `embedding_length`: an f32 written where the
+    header's integer belongs (a broken file: NaN, say)."""
     extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
     tokens = vocabulary(extra)
     index = {t: i for i, t in enumerate(tokens)}
@@ -80,7 +82,10 @@ def write_model(
     w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name("tiny-test")
     w.add_context_length(n_ctx_train)
-    w.add_embedding_length(N_EMBD)
+    if embedding_length is None:
+        w.add_embedding_length(N_EMBD)
+    else:
+        w.add_float32("llama.embedding_length", embedding_length)
     w.add_block_count(N_LAYER)
     w.add_feed_forward_length(N_FF)
     w.add_head_count(N_HEAD)

@@ -3,7 +3,10 @@
 Every installed model (the store's catalog) and the --model file gets a Known
 record: its entry, its GGUF headers and its memory estimate at the configured
 context. refresh() takes in changes made by anyone (the CLI, the admin API, an
-import) and says what came and went; names resolve to records here.
+import) and says what came and went; names resolve to records here. A file that
+cannot be described (a damaged blob, a header no estimate can read) is kept aside
+with the reason, `unservable`: it is shown and named in errors, and nothing else
+waits for it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from edgellm.config import EngineConfig, ModelsConfig
-from edgellm.engine.errors import ModelNotFound
+from edgellm.engine.errors import ModelNotFound, NotReady
 from edgellm.errors import EdgeError
 from edgellm.modelfile import gguf, memory
 from edgellm.modelfile.memory import Estimate
@@ -60,6 +63,7 @@ class Catalog:
         self._installed: list[Entry] = []  # the store's, as last read
         self._stamp: int | None = None
         self.problem = ""  # why the store's catalog cannot be read, while it cannot
+        self.unservable: dict[str, tuple[Entry, str]] = {}  # id -> the entry, and why it cannot be served
 
     async def refresh(self) -> tuple[list[Known], list[Known]]:
         """Read the store's catalog if it changed: the models that (re)appeared and those that went.
@@ -80,14 +84,18 @@ class Catalog:
         current = {e.id: e for e in [*self._extra, *installed]}
         gone = [k for i, k in self._known.items() if i not in current or current[i].sha256 != k.entry.sha256]
         kept = {i: k for i, k in self._known.items() if k not in gone}
-        came = []
+        came, unservable = [], {}
         for model_id, entry in current.items():
             if model_id not in kept:
                 try:
                     came.append(await asyncio.to_thread(self._describe, entry))
                 except (OSError, EdgeError) as e:  # a damaged blob: the others still serve
-                    log.error("model %s cannot be served: %s", model_id, e)
+                    reason = e.message if isinstance(e, EdgeError) else f"{e.strerror or e}"
+                    if self.unservable.get(model_id, (None, ""))[1] != reason:
+                        log.error("model %s cannot be served: %s", model_id, reason)
+                    unservable[model_id] = (entry, reason)
         self._known = {**kept, **{k.id: k for k in came}}
+        self.unservable = unservable
         self._names = {name: k for k in self._known.values() for name in k.entry.names()}
         self._installed, self.problem = installed, problem
         if not problem:
@@ -115,5 +123,8 @@ class Catalog:
             return next(iter(self._known.values()))
         known = self._names.get(name) if name is not None else None
         if known is None:
+            for entry, reason in self.unservable.values():
+                if name in entry.names():
+                    raise NotReady(f"model '{entry.id}' cannot be served: {reason}", code="model_failed")
             raise ModelNotFound(name, sorted(self._known))
         return known

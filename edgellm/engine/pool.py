@@ -505,6 +505,7 @@ class Pool:
         if self._catalog.problem:
             raise NotReady(self._catalog.problem)
         failed = [f"model '{s.known.id}' {s.failure}" for s in self._states.values() if s.phase == "failed"]
+        failed += [f"model '{i}' cannot be served: {reason}" for i, (_, reason) in self._catalog.unservable.items()]
         if failed:
             raise NotReady("; ".join(failed))
 
@@ -531,6 +532,11 @@ class Pool:
             "pinned": state.known.pinned,
         }
 
+    def unservable(self) -> list[dict[str, object]]:
+        """The installed models whose files cannot be described, as /admin/models shows them."""
+        return [{**entry.record(), "state": "failed", "failure": reason}
+                for entry, reason in self._catalog.unservable.values()]
+
     def summary(self) -> str:
         """One line for `systemctl status`: models, loaded ones, requests in flight, failures."""
         loaded = [s.loaded for s in self._states.values() if s.loaded is not None]
@@ -538,6 +544,7 @@ class Pool:
         line = (f"{len(self._states)} models, {len(loaded)} loaded, "
                 f"{in_flight} request{'' if in_flight == 1 else 's'} in flight")
         failed = [f"{s.known.id} {s.failure}" for s in self._states.values() if s.phase == "failed"]
+        failed += [f"{i} cannot be served: {reason}" for i, (_, reason) in self._catalog.unservable.items()]
         return line + (f"; failed: {'; '.join(failed)}" if failed else "")
 
     def interrupt(self) -> None:

@@ -242,7 +242,8 @@ class GenerationService:
     # --- the operator's view: the admin API, /health, systemd's STATUS and watchdog ---------------
 
     def status(self) -> list[dict[str, object]]:
-        return [self._pool.describe(s) for s in self._pool.states()]
+        """Every model with its state; those whose files cannot be served are "failed", with why."""
+        return [*(self._pool.describe(s) for s in self._pool.states()), *self._pool.unservable()]
 
     async def load(self, name: str) -> dict[str, object]:
         return self._pool.describe(await self._pool.load(name))

@@ -1,0 +1,51 @@
+"""A model file that cannot be described never stops the service: it is shown as failed with the
+reason, a request for it is told why, and every other model (installed before or after it)
+serves. The audit's file: a GGUF whose `embedding_length` is an f32 NaN, which `models add`
+accepted and which then stopped `serve` at start-up."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import wait_until
+from test_cli import edgellm
+from tiny_models import write_model
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("broken") / "broken.gguf", embedding_length=float("nan"))
+
+
+def _ids(server) -> list[str]:
+    return [m["id"] for m in server.get("/v1/models").json()["data"]]
+
+
+def test_a_bad_file_installed_before_start_is_failed_and_the_rest_serve(server_factory, models, broken, tmp_path):
+    state = tmp_path / "state"
+    for path in (broken, models["scripted"]):
+        assert edgellm("models", "add", str(path), "--state-dir", str(state)).returncode == 0
+    server = server_factory(None, state_dir=state, wait_ready=False)
+    wait_until(lambda: _ids(server) == ["scripted"], 30, message="the good model to be served")
+    listed = {m["id"]: m for m in server.get("/admin/models").json()["data"]}
+    assert listed["broken"]["state"] == "failed"
+    assert "embedding_length" in listed["broken"]["failure"]
+    r = server.post("/v1/completions", {"model": "broken", "prompt": "Hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_failed"
+    assert "embedding_length" in r.json()["error"]["message"]
+    assert server.post("/v1/completions", {"model": "scripted", "prompt": "Hello", "temperature": 0}
+                       ).json()["choices"][0]["text"] == " world!"
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and "broken" in health.text  # the operator is told, nothing waits for it
+
+
+def test_models_installed_after_a_bad_one_are_picked_up(server_factory, models, broken, tmp_path):
+    state = tmp_path / "state"
+    server = server_factory(None, state_dir=state, wait_ready=False)
+    assert edgellm("models", "add", str(broken), "--state-dir", str(state)).returncode == 0
+    assert edgellm("models", "add", str(models["scripted"]), "--state-dir", str(state)).returncode == 0
+    wait_until(lambda: "scripted" in _ids(server), 10, message="the model installed after the bad one")
+    assert server.post("/v1/completions", {"model": "scripted", "prompt": "Hello", "temperature": 0}
+                       ).json()["choices"][0]["text"] == " world!"
+    assert edgellm("models", "remove", "broken", "--state-dir", str(state)).returncode == 0
+    wait_until(lambda: httpx.get(server.url + "/health").status_code == 200, 10, message="health once it is gone")
