@@ -25,8 +25,8 @@ def test_a_bad_file_installed_before_start_is_failed_and_the_rest_serve(server_f
     state = tmp_path / "state"
     for path in (broken, models["scripted"]):
         assert edgellm("models", "add", str(path), "--state-dir", str(state)).returncode == 0
-    server = server_factory(None, state_dir=state, wait_ready=False)
-    wait_until(lambda: _ids(server) == ["scripted"], 30, message="the good model to be served")
+    server = server_factory(None, state_dir=state)
+    assert _ids(server) == ["scripted"]
     listed = {m["id"]: m for m in server.get("/admin/models").json()["data"]}
     assert listed["broken"]["state"] == "failed"
     assert "embedding_length" in listed["broken"]["failure"]
@@ -35,8 +35,7 @@ def test_a_bad_file_installed_before_start_is_failed_and_the_rest_serve(server_f
     assert "embedding_length" in r.json()["error"]["message"]
     assert server.post("/v1/completions", {"model": "scripted", "prompt": "Hello", "temperature": 0}
                        ).json()["choices"][0]["text"] == " world!"
-    health = httpx.get(server.url + "/health")
-    assert health.status_code == 503 and "broken" in health.text  # the operator is told, nothing waits for it
+    assert httpx.get(server.url + "/health").status_code == 200  # the box serves: /admin/models says what failed
 
 
 def test_models_installed_after_a_bad_one_are_picked_up(server_factory, models, broken, tmp_path):
@@ -48,4 +47,5 @@ def test_models_installed_after_a_bad_one_are_picked_up(server_factory, models, 
     assert server.post("/v1/completions", {"model": "scripted", "prompt": "Hello", "temperature": 0}
                        ).json()["choices"][0]["text"] == " world!"
     assert edgellm("models", "remove", "broken", "--state-dir", str(state)).returncode == 0
-    wait_until(lambda: httpx.get(server.url + "/health").status_code == 200, 10, message="health once it is gone")
+    wait_until(lambda: [m["id"] for m in server.get("/admin/models").json()["data"]] == ["scripted"], 10,
+               message="the bad model to go from the listing")

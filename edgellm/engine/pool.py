@@ -505,8 +505,7 @@ class Pool:
         if self._catalog.problem:
             raise NotReady(self._catalog.problem)
         failed = [f"model '{s.known.id}' {s.failure}" for s in self._states.values() if s.phase == "failed"]
-        failed += [f"model '{i}' cannot be served: {reason}" for i, (_, reason) in self._catalog.unservable.items()]
-        if failed:
+        if failed:  # (not a file that cannot be described: it never was ready, and nothing waits for it)
             raise NotReady("; ".join(failed))
 
     def describe(self, state: ModelState) -> dict[str, object]:
