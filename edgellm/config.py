@@ -83,6 +83,11 @@ class ModelsConfig:
     memory_budget: str = ""  # empty: the RAM psutil says is available, minus memory_reserve
     memory_reserve: str = "256MiB"
     keep_alive: str = "5m"
+    # The keep_alive a request may ask for (an admin key's may be anything): at least min_keep_alive,
+    # so that no client can make a model unload after each request and reload for the next one; at
+    # most max_keep_alive (-1: until evicted to make room, as Ollama's -1).
+    min_keep_alive: str = "1m"
+    max_keep_alive: str = "-1"
     load_timeout: str = "120s"
     pinned: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
@@ -204,6 +209,8 @@ _PARSED = {
     ("models", "memory_budget"): parse_size,
     ("models", "memory_reserve"): parse_size,
     ("models", "keep_alive"): parse_duration,
+    ("models", "min_keep_alive"): parse_duration,
+    ("models", "max_keep_alive"): parse_duration,
     ("models", "load_timeout"): parse_duration,
     ("relay", "connect_timeout"): parse_duration,
     ("relay", "first_byte_timeout"): parse_duration,

@@ -72,7 +72,8 @@ def test_the_least_recently_used_idle_model_is_evicted(server_factory, installed
 
 def test_keep_alive_per_request_config_default_and_pinned(server_factory, installed):
     server = server_factory(None, state_dir=installed,
-                            config='[models]\nmax_loaded = 3\nkeep_alive = "1s"\npinned = ["chat"]\n')
+                            config='[models]\nmax_loaded = 3\nkeep_alive = "1s"\npinned = ["chat"]\n'
+                                   'min_keep_alive = "0s"\n')
     assert complete(server, "scripted", keep_alive=-1).status_code == 200  # negative: stay loaded
     assert complete(server, "chat", keep_alive=0).status_code == 200  # pinned: stays all the same
     assert complete(server, "random").status_code == 200  # the configured default, 1 s

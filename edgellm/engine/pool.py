@@ -143,6 +143,8 @@ class Pool:
         self._closing = False
         self._threads = engine.n_threads
         self.default_keep_alive = parse_duration(settings.keep_alive)
+        self._min_keep_alive = parse_duration(settings.min_keep_alive) or 0.0
+        self._max_keep_alive = parse_duration(settings.max_keep_alive)  # None: no bound
         self.load_timeout = parse_duration(settings.load_timeout)  # None: wait as long as it takes
 
     # --- the catalog --------------------------------------------------------------------------
@@ -218,16 +220,20 @@ class Pool:
 
     # --- leases ---------------------------------------------------------------------------------
 
-    async def acquire(self, name: str | None, *, keep_alive: float | None | bool = False) -> Lease:
+    async def acquire(self, name: str | None, *, keep_alive: float | None | bool = False,
+                      privileged: bool = False) -> Lease:
         """Lease the model called `name` (id or alias; None when only one exists), loading it if
         need be. keep_alive: seconds to stay loaded once idle, None for until evicted, False for
-        the configured default."""
+        the configured default; within [models] min_keep_alive and max_keep_alive unless
+        `privileged` (an admin key's request)."""
         if self._closing:
             raise ShuttingDown()
         if name is not None and not self._catalog.has(name):
             await self.refresh()  # installed a moment ago by another process?
         state = self.find(name)
         keep = self.default_keep_alive if keep_alive is False else cast("float | None", keep_alive)
+        if keep_alive is not False and not privileged:
+            keep = self._bounded(keep)
         deadline = None if self.load_timeout is None else time.monotonic() + self.load_timeout
         state.waiters += 1  # from now until the lease: another load must not evict it
         try:
@@ -238,6 +244,11 @@ class Pool:
             return Lease(self, state, keep)
         finally:
             state.waiters -= 1
+
+    def _bounded(self, keep: float | None) -> float | None:
+        if self._max_keep_alive is not None and (keep is None or keep > self._max_keep_alive):
+            keep = self._max_keep_alive
+        return None if keep is None else max(keep, self._min_keep_alive)
 
     def _after_release(self, state: ModelState, keep_alive: float | None) -> None:
         state.last_used = time.time()

@@ -50,6 +50,7 @@ class GenerateRequest:
     keep_alive: float | None | bool = False  # seconds, None (until evicted), False (the default)
     chat_template_kwargs: dict[str, object] = field(default_factory=dict)  # more variables for the template
     partition: str = ""  # whose cached prompts it may reuse: the API key's id ("" for a box without keys)
+    privileged: bool = False  # an admin key's: keep_alive is not bounded by [models] min/max_keep_alive
 
     @property
     def param(self) -> str:
@@ -62,6 +63,7 @@ class EmbedRequest:
     model: str | None
     inputs: list[str | list[int]]
     keep_alive: float | None | bool = False
+    privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ class GenerationService:
     # --- generation -----------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> Generation:
-        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive)
+        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive,
+                                         privileged=request.privileged)
         try:
             loaded = lease.loaded
             if loaded.chat_template is None:
@@ -212,7 +215,8 @@ class GenerationService:
     # --- embeddings -----------------------------------------------------------------------------
 
     async def embed(self, request: EmbedRequest) -> Embeddings:
-        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive)
+        lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive,
+                                         privileged=request.privileged)
         try:
             loaded = lease.loaded
             if not loaded.model.is_embedding:

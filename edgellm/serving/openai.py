@@ -89,7 +89,8 @@ def _generation(request: Request, options: proto.GenerationOptions, *,
     return GenerateRequest(model=options.model, messages=messages, prompt=prompt, max_tokens=options.max_tokens,
                            stops=options.stops, sampling=options.sampling, keep_alive=options.keep_alive,
                            chat_template_kwargs=chat_template_kwargs or {},
-                           partition=getattr(request.state, "api_key_id", ""))
+                           partition=getattr(request.state, "api_key_id", ""),
+                           privileged=getattr(request.state, "admin", False))
 
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
@@ -157,7 +158,8 @@ async def embeddings(request: Request) -> ASGIApp:
 
     async def local() -> ASGIApp:
         parsed = proto.parse_embeddings(body)
-        wanted = EmbedRequest(model=parsed.model, inputs=parsed.inputs, keep_alive=parsed.keep_alive)
+        wanted = EmbedRequest(model=parsed.model, inputs=parsed.inputs, keep_alive=parsed.keep_alive,
+                              privileged=getattr(request.state, "admin", False))
         result = await unless_disconnected(request, _service(request).embed(wanted))
         return JSONResponse(proto.embeddings_body(result.model, result.vectors, parsed.encoding_format,
                                                   result.prompt_tokens))
