@@ -107,7 +107,7 @@ def test_a_model_that_keeps_failing_is_broken_and_the_watchdog_stops(models, mon
             with pytest.raises(TimeoutError):
                 while True:
                     seen.append(systemd.recv(4096))
-            said = next(i for i, m in enumerate(seen) if b"stopped working" in m)
+            said = next(i for i, m in enumerate(seen) if b"waiting for a restart" in m)
             assert b"WATCHDOG=1" not in seen[said:]
         finally:
             supervising.cancel()
