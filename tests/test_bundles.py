@@ -197,6 +197,11 @@ HOSTILE = {
     "extra file": (lambda b, s: (b / "files/extra.gguf").write_bytes(b"GGUF"), "not listed in the manifest"),
     "symlinked file": (lambda b, s: ((b / "files/random.gguf").unlink(),
                                      (b / "files/random.gguf").symlink_to("/etc/passwd")), "not a regular file"),
+    # Another name for the file, outside the bundle: it could change there after the check.
+    "hard-linked file": (lambda b, s: os.link(b / "files/random.gguf", b.parent / "elsewhere.gguf"),
+                         "files/random.gguf: a hard link (links are refused)"),
+    "symlinked manifest": (lambda b, s: ((b / "manifest.json").rename(b.parent / "m.json"),
+                                         (b / "manifest.json").symlink_to(b.parent / "m.json")), "a symbolic link"),
     "manifest not JSON": (lambda b, s: ((b / "manifest.json").write_text("{nope"), resign(b, s)), "not JSON"),
     "manifest huge": (lambda b, s: ((b / "manifest.json").write_bytes(b" " * (2 << 20)), resign(b, s)),
                       "at most 1048576"),
