@@ -311,6 +311,8 @@ def _bundle(args: argparse.Namespace) -> int:
               + (f", signed by key {key.public_key().id}" if key else ", unsigned"))
         return 0
     policy = Policy.from_config(config)
+    for warning in policy.skipped:
+        print(f"edgellm: warning: {warning}", file=sys.stderr)
     failed = 0
     for path in find_bundles(Path(args.path)):
         source = None

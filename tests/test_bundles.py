@@ -456,7 +456,7 @@ def test_upload_over_http_with_progress(site, server_factory, models, tmp_path):
     progress = [data for name, data in got if name == "progress"]
     assert progress, got
     assert progress[-1]["done"] == progress[-1]["total"] == models["scripted"].stat().st_size
-    assert got[-1] == ("done", {"models": [{"id": "scripted", "status": "installed"}]})
+    assert got[-1] == ("done", {"models": [{"id": "scripted", "status": "installed"}], "warnings": []})
     reply = server.post("/v1/completions", {"model": "scripted", "prompt": " Hello", "max_tokens": 4})
     assert reply.json()["choices"][0]["text"] == " world!"
 
@@ -532,3 +532,46 @@ def test_a_stick_the_import_cannot_read_is_one_line(tmp_path):
                              "edgellm", "bundle", "import", str(locked / "sda"),
                              "--state-dir", str(tmp_path / "state")], capture_output=True, text=True)
     assert_one_line_error(result, f"{locked / 'sda'}: Permission denied", status=1)
+
+
+def test_a_damaged_trusted_key_is_skipped_with_a_warning(site, models, server_factory, tmp_path):
+    state, bundle = site["state"], site["bundle"]
+    broken = state / "trusted-keys" / "0-broken.pub"
+    broken.write_text("not a key\n")
+    (state / "trusted-keys" / "1-folder.pub").mkdir()
+    warnings = [f"edgellm: warning: {broken}: not a minisign public key (it must start with 'untrusted comment:'); "
+                "skipped (the other trusted keys are used)",
+                f"edgellm: warning: {state / 'trusted-keys' / '1-folder.pub'}: cannot read the public key (Is a "
+                "directory); skipped (the other trusted keys are used)"]
+    verified = edgellm("bundle", "verify", str(bundle), "--state-dir", str(state))
+    assert verified.returncode == 0 and verified.stdout.startswith(f"ok {bundle}: scripted, random (key ")
+    assert verified.stderr.splitlines() == warnings
+    imported = do_import(bundle, state)
+    assert imported.returncode == 0 and imported.stderr.splitlines() == warnings
+    assert [e["id"] for e in assert_consistent(state)] == ["scripted", "random"]
+
+    tar = tmp_path / "up.tar"
+    assert edgellm("bundle", "create", str(models["embedding"]), "-o", str(tar), "--key", str(site["key"]),
+                   "--state-dir", str(state)).returncode == 0
+    server = server_factory(None, state_dir=state)
+    name, done = upload(server, tar)[-1]
+    assert name == "done" and done["warnings"] == [w.removeprefix("edgellm: warning: ") for w in warnings]
+    assert f"{broken}: not a minisign public key" in server.log()
+
+
+def test_keys_claiming_the_same_id_are_all_skipped(site, tmp_path):
+    """A key id is whatever its maker wrote: another key claiming the site key's id could pass the
+    pin of the site's models, so neither is used (the same key twice is one key)."""
+    state, site_key = site["state"], site["secret"]
+    impostor = signing.generate()
+    forged = signing.SecretKey(site_key.key_id, impostor.seed, impostor.public)
+    (state / "trusted-keys" / "impostor.pub").write_text(forged.public_key().text())
+    shutil.copy(state / "trusted-keys" / "site.pub", state / "trusted-keys" / "site-copy.pub")
+    result = do_import(site["bundle"], state)
+    assert result.returncode == 1 and "not trusted here (trusted: none)" in result.stderr
+    keys = state / "trusted-keys"
+    assert result.stderr.splitlines()[0] == (
+        f"edgellm: warning: {keys / 'impostor.pub'}, {keys / 'site-copy.pub'}, {keys / 'site.pub'}: different keys "
+        f"with the same key id {site_key.public_key().id}; all skipped (the other trusted keys are used)")
+    (keys / "impostor.pub").unlink()
+    assert do_import(site["bundle"], state).returncode == 0

@@ -26,7 +26,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm import __version__
@@ -56,11 +56,12 @@ Source = DirectorySource | TarSource | StreamSource
 class Policy:
     keys: list[signing.PublicKey]
     require_signature: bool
+    skipped: list[str] = field(default_factory=list)  # why each unusable trusted-keys file was skipped
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
-        return cls(signing.trusted_keys(config.trusted_keys_dir),
-                   require_signature=config.bundles.policy == "require-signature")
+        keys, skipped = signing.trusted_keys(config.trusted_keys_dir)
+        return cls(keys, require_signature=config.bundles.policy == "require-signature", skipped=skipped)
 
 
 def memory_limit(config: Config) -> int:

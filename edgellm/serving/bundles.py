@@ -3,7 +3,8 @@
 The upload is read as it arrives and fed to the same importer the CLI uses
 (in a worker thread), so a multi-GiB bundle never sits in memory and gets the
 same checks. Events: `progress` ({"file", "done", "total"}), then `done`
-({"models": [{"id", "status"}]}) or `error` (OpenAI's error shape).
+({"models": [{"id", "status"}], "warnings": [...]}) or `error` (OpenAI's error shape);
+warnings name the trusted-keys files that were skipped.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ async def upload(request: Request) -> EventStream:
     loop = asyncio.get_running_loop()
     body = _Body(loop)
     events: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
+    warnings: list[str] = []
     last = 0.0
 
     def progress(stage: str, name: str, done: int, total: int) -> None:
@@ -93,9 +95,13 @@ async def upload(request: Request) -> EventStream:
         from edgellm.bundles.importer import Policy, import_bundle, memory_limit
         from edgellm.bundles.reader import StreamSource
 
+        policy = Policy.from_config(config)
+        for warning in policy.skipped:
+            log.warning("%s", warning)
+        warnings.extend(policy.skipped)
         source = StreamSource(body, "upload")
         try:
-            return import_bundle(source, registry.open(wait=False), Policy.from_config(config),
+            return import_bundle(source, registry.open(wait=False), policy,
                                  engine=config.engine, memory_limit=memory_limit(config), progress=progress,
                                  wait=False)
         finally:
@@ -126,7 +132,8 @@ async def upload(request: Request) -> EventStream:
                 yield sse.event(error_body(EdgeError("internal error while importing (see the log)")), "error")
                 return
             await request.app.state.service.refresh()  # served at once, not within the next second
-            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes]}, "done")
+            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes],
+                             "warnings": warnings}, "done")
         finally:
             pump.cancel()  # and so the importer sees the end, if the client went away mid-import
             await asyncio.wait({job})
