@@ -305,7 +305,7 @@ def _bundle(args: argparse.Namespace) -> int:
     bar = Bar()
     if args.action == "create":
         key = signing.read_secret_key(args.key) if args.key else None
-        manifest = create(args.models, Path(args.output), registry=registry.open(), key=key, license=args.license,
+        manifest = create(args.models, Path(args.output), registry=registry, key=key, license=args.license,
                           progress=bar)
         print(f"created {args.output}: {', '.join(m.id for m in manifest.models)}"
               + (f", signed by key {key.public_key().id}" if key else ", unsigned"))
@@ -340,7 +340,9 @@ def _models(args: argparse.Namespace) -> int:
     from edgellm.store.registry import Registry, StoreError
 
     config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
-    registry = Registry(config.server.state_dir).open()
+    registry = Registry(config.server.state_dir)
+    if args.action in ("add", "remove"):  # writers clear what interrupted ones left; readers take no lock
+        registry.open()
     if args.action == "list":
         entries = registry.entries()
         if args.json:

@@ -575,3 +575,18 @@ def test_keys_claiming_the_same_id_are_all_skipped(site, tmp_path):
         f"with the same key id {site_key.public_key().id}; all skipped (the other trusted keys are used)")
     (keys / "impostor.pub").unlink()
     assert do_import(site["bundle"], state).returncode == 0
+
+
+def test_listing_models_never_waits_for_a_writer(site):
+    """While a writer holds the store's lock (an import committing, `models add` copying a file),
+    `models list` and `models show` answer at once from the catalog last committed."""
+    state = site["state"]
+    assert do_import(site["bundle"], state).returncode == 0
+    with Registry(state).locked() as held:
+        assert held
+        listed = edgellm("models", "list", "--json", "--state-dir", str(state), timeout=20)
+        shown = edgellm("models", "show", "random", "--state-dir", str(state), timeout=20)
+        table = edgellm("models", "list", "--state-dir", str(state), timeout=20)
+    assert [e["id"] for e in json.loads(listed.stdout)] == ["scripted", "random"]
+    assert shown.returncode == 0 and shown.stdout.startswith("id:             random\n")
+    assert [line.split()[0] for line in table.stdout.splitlines()] == ["ID", "scripted", "random"]
