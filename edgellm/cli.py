@@ -294,6 +294,7 @@ def _bundle(args: argparse.Namespace) -> int:
         Policy,
         import_bundle,
         memory_limit,
+        signed_by,
         verify,
         verify_files,
     )
@@ -319,11 +320,11 @@ def _bundle(args: argparse.Namespace) -> int:
         try:
             source = open_source(path)
             if args.action == "verify":
-                manifest, signer = verify(source, policy)
+                manifest, key_id = verify(source, policy)
                 verify_files(source, manifest, bar)
-                print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signer})")
+                print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signed_by(key_id)})")
             else:
-                outcomes = import_bundle(source, registry.open(), policy, engine=config.engine,
+                outcomes = import_bundle(source, registry, policy, engine=config.engine,
                                          memory_limit=memory_limit(config), progress=bar)
                 for outcome in outcomes:
                     print(f"{outcome.status} {outcome.model} from {path}")

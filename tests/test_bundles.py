@@ -22,7 +22,9 @@ from test_cli import assert_one_line_error, edgellm
 from test_store import assert_consistent, sha256
 from tiny_models import write_model
 
-from edgellm.bundles import signing
+from edgellm.bundles import importer, signing
+from edgellm.bundles.reader import open_source
+from edgellm.config import Config, ServerConfig
 from edgellm.store.registry import Registry
 
 needs_minisign = pytest.mark.skipif(shutil.which("minisign") is None,
@@ -590,3 +592,89 @@ def test_listing_models_never_waits_for_a_writer(site):
     assert [e["id"] for e in json.loads(listed.stdout)] == ["scripted", "random"]
     assert shown.returncode == 0 and shown.stdout.startswith("id:             random\n")
     assert [line.split()[0] for line in table.stdout.splitlines()] == ["ID", "scripted", "random"]
+
+
+# A child process that imports the two-model bundle and, as the first file is being copied,
+# swaps the second for something else; it prints whether the store's lock was free then, and
+# the import's error.
+SWAPPER = textwrap.dedent("""
+    import json, os, shutil, sys
+    from pathlib import Path
+    from edgellm.bundles import importer
+    from edgellm.bundles.reader import BundleError, open_source
+    from edgellm.config import Config, ServerConfig
+    from edgellm.store.registry import Registry
+    state, bundle, how = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    victim, aside = bundle / "files/random.gguf", bundle.parent / "aside.gguf"
+    registry, seen = Registry(state), {}
+    def swap():
+        os.rename(victim, aside)
+        if how == "symlink to a fifo":
+            os.mkfifo(bundle.parent / "fifo")
+            victim.symlink_to(bundle.parent / "fifo")
+        elif how == "fifo":
+            os.mkfifo(victim)
+        elif how == "another file":
+            shutil.copy(aside, victim)
+        elif how == "hard link":
+            os.link(aside, victim)
+    def progress(stage, name, done, total):
+        if not seen:
+            with registry.locked(wait=False) as held:
+                seen["lock free"] = held
+            swap()
+    config = Config(server=ServerConfig(state_dir=state))
+    try:
+        importer.import_bundle(open_source(bundle), registry, importer.Policy.from_config(config),
+                               engine=config.engine, memory_limit=1 << 40, progress=progress)
+    except BundleError as e:
+        seen["error"] = str(e)
+    print(json.dumps(seen))
+""")
+
+
+@pytest.mark.parametrize("how,says", [
+    ("symlink to a fifo", "files/random.gguf: a symbolic link (links are refused)"),
+    ("fifo", "files/random.gguf: not a regular file"),
+    ("another file", "files/random.gguf: replaced or changed in size after the bundle was checked"),
+    ("hard link", "files/random.gguf: a hard link (links are refused)"),
+])
+def test_a_file_swapped_after_the_check_is_refused_and_no_lock_is_held_while_reading(site, how, says):
+    """The layout is checked, then the files are read: what is put in a file's place in between is
+    refused at once (a FIFO used to hang the import in open(), holding the store's lock)."""
+    state = site["state"]
+    Registry(state).open()
+    before = snapshot(state)
+    result = subprocess.run([sys.executable, "-c", SWAPPER, str(state), str(site["bundle"]), how],
+                            capture_output=True, text=True, timeout=30)  # a hang fails here
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["lock free"] is True  # other imports, `models add` and `remove` go on meanwhile
+    assert says in seen["error"]
+    assert snapshot(state) == before and assert_consistent(state) == []
+
+
+def test_a_recovery_meanwhile_leaves_a_running_import_alone(site):
+    """An import copies without the store's lock, so another process may clear debris meanwhile (a
+    service starting, `models add`): the running import's staging directory is not debris."""
+    state = site["state"]
+    registry = Registry(state)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def progress(stage: str, name: str, done: int, total: int) -> None:
+        if not seen:
+            staging = sorted(p.name for p in registry.tmp.iterdir())
+            Registry(state).open()  # what a starting service does
+            seen.append((staging, sorted(p.name for p in registry.tmp.iterdir())))
+
+    config = Config(server=ServerConfig(state_dir=str(state)))
+    source = open_source(site["bundle"])
+    try:
+        outcomes = importer.import_bundle(source, registry, importer.Policy.from_config(config), engine=config.engine,
+                                          memory_limit=1 << 40, progress=progress)
+    finally:
+        source.close()
+    assert [o.status for o in outcomes] == ["installed", "installed"]
+    staging, after = seen[0]
+    assert len(staging) == 2 and staging[1] == staging[0] + ".lock" and after == staging
+    assert [e["id"] for e in assert_consistent(state)] == ["scripted", "random"]

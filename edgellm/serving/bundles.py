@@ -101,9 +101,8 @@ async def upload(request: Request) -> EventStream:
         warnings.extend(policy.skipped)
         source = StreamSource(body, "upload")
         try:
-            return import_bundle(source, registry.open(wait=False), policy,
-                                 engine=config.engine, memory_limit=memory_limit(config), progress=progress,
-                                 wait=False)
+            return import_bundle(source, registry, policy, engine=config.engine, memory_limit=memory_limit(config),
+                                 progress=progress)
         finally:
             source.close()
 

@@ -5,7 +5,9 @@ Layout under <state dir>/models:
     catalog.json              every installed model, one entry each
     blobs/sha256-<hex>.gguf   model files, named by the SHA-256 of their content
     tmp/                      files being copied in; anything here after a crash is debris
-    .lock                     held (flock) by whoever changes the above
+    tmp/import-ID/            an import's verified files until it commits; import-ID.lock
+                              beside it is held (flock) by the import while it runs
+    .lock                     held (flock) by whoever changes the catalog and blobs/
 
 The catalog is one JSON file, replaced atomically (write a temporary file,
 fsync it, rename it over the old one, fsync the directory): a crash at any
@@ -18,6 +20,9 @@ place first and changes the catalog last; removing changes the catalog first
 and deletes files after. So after a crash there can only be debris (temporary
 files, files no entry names), which open() deletes; a model is either fully
 installed or not at all.
+
+Readers never take the lock: they read the last catalog committed, so listing
+models or serving them never waits for an import or an add in progress.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import json
 import os
 import queue
 import re
+import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +65,8 @@ QUANTIZATIONS = {
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 CATALOG_VERSION = 2  # 2: chat_template is the template to use, has_chat_template the file's flag
+STAGING = "import-"  # imports' staging directories in tmp/, and their locks
+STAGING_RE = re.compile(rf"^{STAGING}\d+-[0-9a-f]{{8}}(\.lock)?$")
 
 
 class StoreError(EdgeError):
@@ -257,7 +266,7 @@ class Registry:
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
 
-    # --- reading (no lock: the catalog is only ever replaced whole) ----------------------------
+    # --- reading (no lock: the catalog is only ever replaced whole, so it is read as committed) -
 
     def stamp(self) -> int:
         """Changes whenever the catalog does (for noticing installs by another process)."""
@@ -322,11 +331,58 @@ class Registry:
                 self.recover()
         return self
 
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A directory of this process's own in tmp/ to verify an import's files in before it
+        commits, without the store's lock. It is deleted at the end; while it is in use, a lock
+        of its own (a file beside it, made first and deleted last) keeps recover() away from it."""
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        while True:
+            name = f"{STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+            lock_path = self.tmp / f"{name}.lock"
+            lock = open(lock_path, "x")  # noqa: SIM115 (held until the directory is gone)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:  # still there once held: a recover() did not take it for debris in the instant before
+                if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            lock.close()
+        path = self.tmp / name
+        try:
+            path.mkdir()
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():  # else both stay, for the next recover() to delete
+                lock_path.unlink()
+            lock.close()
+
+    def _clear_staging(self) -> None:
+        """Delete the staging directories of imports that ended without doing so (killed, crashed)."""
+        for lock_path in self.tmp.glob(f"{STAGING}*.lock"):
+            try:
+                lock = open(lock_path)  # noqa: SIM115 (closed below, after the deletion)
+            except FileNotFoundError:  # its import has just ended
+                continue
+            with lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # its import is running
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # none yet when it ended at once
+                    shutil.rmtree(self.tmp / lock_path.name.removesuffix(".lock"))
+                lock_path.unlink(missing_ok=True)
+
     def recover(self) -> None:
-        """Delete what interrupted operations left: temporary files, blobs no entry names (hold the lock)."""
+        """Delete what interrupted operations left: temporary files, staging directories of imports
+        no longer running, blobs no entry names (hold the lock)."""
         entries = self.entries()  # raises on a damaged catalog: never delete files then
+        self._clear_staging()
         for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
-            leftover.unlink()
+            if not STAGING_RE.fullmatch(leftover.name):  # those of running imports are theirs
+                leftover.unlink()
         wanted = {self.blob(f.sha256).name for e in entries for f in e.files}
         unwanted = [blob for blob in self.blobs.iterdir() if blob.name not in wanted]
         for blob in unwanted:
@@ -394,8 +450,8 @@ class Registry:
 
     def stage(self, src: IO[bytes], tmp: Path, progress: Callable[[int], None] | None = None,
               limit: int | None = None) -> tuple[str, int]:
-        """Copy into a temporary file in the store (hold the lock), hashing in the same pass, and
-        fsync it; returns its SHA-256 and size."""
+        """Copy into a temporary file in the store (under the lock, or in a staging directory),
+        hashing in the same pass, and fsync it; returns its SHA-256 and size."""
         with open(tmp, "wb") as dst:
             result = copy_hashing(src, dst, progress, limit)
             dst.flush()
