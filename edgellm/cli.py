@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            ("import", "install the models of a bundle, or of every bundle in a directory")):
         step = steps.add_parser(name, help=helptext)
         step.add_argument("path", metavar="PATH")
+        if name == "import":
+            step.add_argument("--allow-downgrade", action="store_true",
+                              help="let a bundle replace models installed from newer bundles")
     for step in (create, *[steps.choices[n] for n in ("verify", "import")]):
         step.add_argument("--config", metavar="FILE", help="TOML config file ([server] state_dir, [bundles])")
         step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
@@ -325,7 +328,8 @@ def _bundle(args: argparse.Namespace) -> int:
                 print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signed_by(key_id)})")
             else:
                 outcomes = import_bundle(source, registry, policy, engine=config.engine,
-                                         memory_limit=memory_limit(config), progress=bar)
+                                         memory_limit=memory_limit(config), progress=bar,
+                                         allow_downgrade=args.allow_downgrade)
                 for outcome in outcomes:
                     print(f"{outcome.status} {outcome.model} from {path}")
         except (EdgeError, OSError) as e:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_until
+from conftest import ROOT, wait_until
 from test_cli import assert_one_line_error, edgellm
-from test_store import assert_consistent, sha256
+from test_store import assert_consistent, catalog, sha256
 from tiny_models import write_model
 
 from edgellm.bundles import importer, signing
@@ -204,6 +205,8 @@ HOSTILE = {
                          "files/random.gguf: a hard link (links are refused)"),
     "symlinked manifest": (lambda b, s: ((b / "manifest.json").rename(b.parent / "m.json"),
                                          (b / "manifest.json").symlink_to(b.parent / "m.json")), "a symbolic link"),
+    "created not a time": (lambda b, s: edit_manifest(b, s, lambda d: d.update(created="last tuesday")),
+                           "'created' must be an ISO 8601 time"),
     "manifest not JSON": (lambda b, s: ((b / "manifest.json").write_text("{nope"), resign(b, s)), "not JSON"),
     "manifest huge": (lambda b, s: ((b / "manifest.json").write_bytes(b" " * (2 << 20)), resign(b, s)),
                       "at most 1048576"),
@@ -438,13 +441,13 @@ def events(response: httpx.Response) -> list[tuple[str, dict]]:
     return found
 
 
-def upload(server, tar: Path, chunk: int = 1 << 16) -> list[tuple[str, dict]]:
+def upload(server, tar: Path, chunk: int = 1 << 16, query: str = "") -> list[tuple[str, dict]]:
     def body():
         with open(tar, "rb") as f:
             while data := f.read(chunk):
                 yield data
 
-    with httpx.stream("POST", server.url + "/admin/bundles", content=body(), timeout=60) as response:
+    with httpx.stream("POST", server.url + "/admin/bundles" + query, content=body(), timeout=60) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         return events(response)
 
@@ -536,6 +539,104 @@ def test_a_stick_the_import_cannot_read_is_one_line(tmp_path):
     assert_one_line_error(result, f"{locked / 'sda'}: Permission denied", status=1)
 
 
+# --- versions and signers: what may replace an installed model ---------------------------------
+
+def model_bundle(site, tmp_path: Path, name: str, seed: int, created: str,
+                 secret: signing.SecretKey | None = None) -> Path:
+    """A bundle of a model `m` (its content made by `seed`), created at `created`, signed by
+    `secret` (the site's key by default)."""
+    (tmp_path / name).mkdir()
+    path = write_model(tmp_path / name / "m.gguf", seed=seed)
+    bundle = tmp_path / f"{name}.edgellm"
+    made = edgellm("bundle", "create", str(path), "-o", str(bundle), "--key", str(site["key"]),
+                   "--state-dir", str(site["state"]))
+    assert made.returncode == 0, made.stderr
+    edit_manifest(bundle, secret or site["secret"], lambda d: d.update(created=created))
+    return bundle
+
+
+def test_an_older_bundle_does_not_replace_a_newer_one(site, tmp_path):
+    state = site["state"]
+    v1 = model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z")
+    v2 = model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z")
+    assert do_import(v2, state).stdout == f"installed m from {v2}\n"
+    assert catalog(state)[0]["bundle_created"] == "2026-02-01T00:00:00Z"
+    before = snapshot(state)
+    assert_one_line_error(do_import(v1, state), f"{v1}: model m: this bundle was created 2026-01-01T00:00:00Z",
+                          "the installed one's 2026-02-01T00:00:00Z", "downgrade", "--allow-downgrade", status=1)
+    # As old, with other content; and later as text but earlier in time (+02:00): refused as well.
+    same = model_bundle(site, tmp_path, "same", 5, "2026-02-01T00:00:00Z")
+    zoned = model_bundle(site, tmp_path, "zoned", 6, "2026-02-01T01:30:00+02:00")
+    for bundle in (same, zoned):
+        assert_one_line_error(do_import(bundle, state), "refused as a downgrade", status=1)
+    assert snapshot(state) == before
+    assert do_import(v2, state).stdout == f"unchanged m from {v2}\n"  # the same again is no downgrade
+
+    forced = do_import(v1, state, "--allow-downgrade")  # meant
+    assert forced.returncode == 0 and forced.stdout == f"replaced m from {v1}\n"
+    [entry] = assert_consistent(state)
+    assert entry["bundle_created"] == "2026-01-01T00:00:00Z"
+    assert entry["files"][0]["sha256"] == sha256(v1 / "files/m.gguf")
+    assert do_import(v2, state).stdout == f"replaced m from {v2}\n"  # newer: no flag needed
+
+
+def test_models_installed_before_versions_and_signers_were_recorded_take_any_bundle(site, tmp_path):
+    """A catalog of edgellm before 3 records neither: its models are replaced by any trusted bundle,
+    which then records both."""
+    state = site["state"]
+    v2 = model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z")
+    v1 = model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z")
+    assert do_import(v2, state).returncode == 0
+    doc = json.loads((state / "models/catalog.json").read_text())
+    for record in doc["models"]:
+        del record["bundle_created"], record["signer"]
+    (state / "models/catalog.json").write_text(json.dumps({**doc, "version": 2}))
+    assert do_import(v1, state).stdout == f"replaced m from {v1}\n"
+    [entry] = assert_consistent(state)
+    assert (entry["bundle_created"], entry["signer"]) == ("2026-01-01T00:00:00Z", site["secret"].public_key().id)
+
+
+def minisign_key(directory: Path, name: str) -> tuple[Path, str]:
+    """A key pair made by the minisign CLI; its secret key's path and the key id minisign prints."""
+    public, secret = directory / f"{name}.pub", directory / f"{name}.key"
+    subprocess.run(["minisign", "-G", "-W", "-p", str(public), "-s", str(secret)], check=True, capture_output=True)
+    return secret, public.read_text().splitlines()[0].split()[-1]
+
+
+@needs_minisign
+def test_a_model_is_pinned_to_the_key_that_signed_it(site, tmp_path):
+    """A second trusted key (made and used by the minisign CLI) cannot replace a model installed
+    from the first, even with a newer bundle, until the operator removes the model."""
+    state = site["state"]
+    secret, other = minisign_key(tmp_path, "other")
+    shutil.copy(tmp_path / "other.pub", state / "trusted-keys")
+    mine = site["secret"].public_key().id
+    assert do_import(model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z"), state).returncode == 0
+    assert catalog(state)[0]["signer"] == mine
+
+    rogue = model_bundle(site, tmp_path, "rogue", 4, "2026-03-01T00:00:00Z")
+    (rogue / "manifest.json.minisig").unlink()
+    subprocess.run(["minisign", "-S", "-s", str(secret), "-m", str(rogue / "manifest.json")], check=True,
+                   capture_output=True)
+    verified = edgellm("bundle", "verify", str(rogue), "--state-dir", str(state))
+    assert verified.stdout == f"ok {rogue}: m (key {other})\n"  # a good signature by a trusted key
+    before = snapshot(state)
+    for extra in ((), ("--allow-downgrade",)):
+        assert_one_line_error(do_import(rogue, state, *extra), f"model m was installed from a bundle signed by key "
+                              f"{mine}, and this one is key {other}", "edgellm models remove m", status=1)
+    unsigned = model_bundle(site, tmp_path, "unsigned", 5, "2026-03-01T00:00:00Z")
+    (unsigned / "manifest.json.minisig").unlink()
+    config = tmp_path / "dev.toml"
+    config.write_text(f'[server]\nstate_dir = "{state}"\n[bundles]\npolicy = "allow-unsigned"\n')
+    assert_one_line_error(edgellm("bundle", "import", str(unsigned), "--config", str(config)),
+                          f"signed by key {mine}, and this one is unsigned", status=1)
+    assert snapshot(state) == before
+
+    assert edgellm("models", "remove", "m", "--state-dir", str(state)).returncode == 0  # the operator's decision
+    assert do_import(rogue, state).stdout == f"installed m from {rogue}\n"
+    assert catalog(state)[0]["signer"] == other
+
+
 def test_a_damaged_trusted_key_is_skipped_with_a_warning(site, models, server_factory, tmp_path):
     state, bundle = site["state"], site["bundle"]
     broken = state / "trusted-keys" / "0-broken.pub"
@@ -577,21 +678,6 @@ def test_keys_claiming_the_same_id_are_all_skipped(site, tmp_path):
         f"with the same key id {site_key.public_key().id}; all skipped (the other trusted keys are used)")
     (keys / "impostor.pub").unlink()
     assert do_import(site["bundle"], state).returncode == 0
-
-
-def test_listing_models_never_waits_for_a_writer(site):
-    """While a writer holds the store's lock (an import committing, `models add` copying a file),
-    `models list` and `models show` answer at once from the catalog last committed."""
-    state = site["state"]
-    assert do_import(site["bundle"], state).returncode == 0
-    with Registry(state).locked() as held:
-        assert held
-        listed = edgellm("models", "list", "--json", "--state-dir", str(state), timeout=20)
-        shown = edgellm("models", "show", "random", "--state-dir", str(state), timeout=20)
-        table = edgellm("models", "list", "--state-dir", str(state), timeout=20)
-    assert [e["id"] for e in json.loads(listed.stdout)] == ["scripted", "random"]
-    assert shown.returncode == 0 and shown.stdout.startswith("id:             random\n")
-    assert [line.split()[0] for line in table.stdout.splitlines()] == ["ID", "scripted", "random"]
 
 
 # A child process that imports the two-model bundle and, as the first file is being copied,
@@ -652,6 +738,68 @@ def test_a_file_swapped_after_the_check_is_refused_and_no_lock_is_held_while_rea
     assert seen["lock free"] is True  # other imports, `models add` and `remove` go on meanwhile
     assert says in seen["error"]
     assert snapshot(state) == before and assert_consistent(state) == []
+
+
+def test_listing_models_never_waits_for_a_writer(site):
+    """While a writer holds the store's lock (an import committing, `models add` copying a file),
+    `models list` and `models show` answer at once from the catalog last committed."""
+    state = site["state"]
+    assert do_import(site["bundle"], state).returncode == 0
+    with Registry(state).locked() as held:
+        assert held
+        listed = edgellm("models", "list", "--json", "--state-dir", str(state), timeout=20)
+        shown = edgellm("models", "show", "random", "--state-dir", str(state), timeout=20)
+        table = edgellm("models", "list", "--state-dir", str(state), timeout=20)
+    assert [e["id"] for e in json.loads(listed.stdout)] == ["scripted", "random"]
+    assert shown.returncode == 0 and shown.stdout.startswith("id:             random\n")
+    assert [line.split()[0] for line in table.stdout.splitlines()] == ["ID", "scripted", "random"]
+
+
+def test_the_usb_import_never_downgrades(site, tmp_path):
+    """The USB unit's script runs `edgellm bundle import` with the defaults: run as it does (the
+    config on its stdin), an older bundle on a stick is refused."""
+    script = (ROOT / "systemd" / "edgellm-usb-import").read_text()
+    command = next(line for line in script.splitlines() if "bundle import" in line)
+    args = shlex.split(command.split("/opt/edgellm/bin/edgellm", 1)[1].split("<", 1)[0])
+    assert args == ["bundle", "import", "--config", "-", "$mountpoint"]
+    state = site["state"]
+    assert do_import(model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z"), state).returncode == 0
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z").rename(stick / "v1.edgellm")
+    before = snapshot(state)
+    result = subprocess.run([sys.executable, "-m", "edgellm", *args[:-1], str(stick)], capture_output=True, text=True,
+                            input=f'[server]\nstate_dir = "{state}"\n', timeout=60)
+    assert_one_line_error(result, "refused as a downgrade", status=1)
+    assert snapshot(state) == before
+
+
+def as_tar(bundle: Path) -> Path:
+    """A directory bundle as the tar an upload sends: manifest, signature, then the files."""
+    tar = bundle.with_suffix(".tar")
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for name in ("manifest.json", "manifest.json.minisig", *[f"files/{f['name']}" for m in json.loads(
+                (bundle / "manifest.json").read_text())["models"] for f in m["files"]]):
+            t.add(bundle / name, name)
+    return tar
+
+
+def test_an_upload_downgrades_only_when_asked(site, server_factory, tmp_path):
+    state = site["state"]
+    v1 = as_tar(model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z"))
+    v2 = as_tar(model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z"))
+    server = server_factory(None, state_dir=state)
+    assert upload(server, v2)[-1] == ("done", {"models": [{"id": "m", "status": "installed"}], "warnings": []})
+    before = snapshot(state)
+    name, error = upload(server, v1)[-1]
+    assert name == "error" and error["error"]["code"] == "bundle_refused"
+    assert "this bundle was created 2026-01-01T00:00:00Z" in error["error"]["message"]
+    assert "?allow_downgrade=true" in error["error"]["message"]
+    assert snapshot(state) == before
+    replaced = upload(server, v1, query="?allow_downgrade=true")[-1]
+    assert replaced == ("done", {"models": [{"id": "m", "status": "replaced"}], "warnings": []})
+    bad = httpx.post(server.url + "/admin/bundles?allow_downgrade=maybe", content=b"x")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "allow_downgrade"
 
 
 def test_a_recovery_meanwhile_leaves_a_running_import_alone(site):

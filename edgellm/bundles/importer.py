@@ -5,8 +5,10 @@ The order of work:
 1. read the manifest and check its signature against the trusted keys (or
    the policy allows unsigned bundles), then the source's layout: every
    hostile or damaged input is refused here, before a byte is written;
-2. against the catalog as committed: refuse a model that would take a name
-   in use; check the free disk space;
+2. against the catalog as committed: refuse a model that would replace an
+   installed one with a bundle not newer than the installed one's (unless
+   downgrades are allowed) or signed by another key than the installed one's,
+   or that would take a name in use; check the free disk space;
 3. into a staging directory of this import's own in the store's tmp/: copy
    each file not installed yet, hashing in the same pass, fsync (a file whose
    SHA-256 or size differs from the manifest's ends the import); hard-link
@@ -51,7 +53,7 @@ from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, T
 from edgellm.config import Config, EngineConfig
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
-from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe
+from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe, timestamp
 from edgellm.units import MiB, parse_size
 
 DISK_MARGIN = 64 * MiB  # left free on the state dir's filesystem
@@ -118,10 +120,10 @@ def verify(source: Source, policy: Policy) -> tuple[Manifest, str]:
 
 
 def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine: EngineConfig, memory_limit: int,
-                  progress: Progress | None = None) -> list[Outcome]:
-    """Verify and install."""
+                  progress: Progress | None = None, allow_downgrade: bool = False) -> list[Outcome]:
+    """Verify and install; `allow_downgrade` lets a bundle replace a model installed from a newer one."""
     manifest, key_id = verify(source, policy)
-    unchanged = _check(source, manifest, registry.entries())
+    unchanged = _check(source, manifest, key_id, registry.entries(), allow_downgrade)
     with registry.staging() as staging:
         try:
             staged = _stage(source, manifest, unchanged, registry, staging, progress)
@@ -132,10 +134,10 @@ def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine:
             if model.id not in unchanged:
                 headers = [_header(source, staged[f.sha256], f) for f in model.files]
                 _check_memory(source, model, headers, engine, memory_limit)
-                new.append(_entry(model, registry, source, key_id, headers))
+                new.append(_entry(model, manifest, registry, source, key_id, headers))
         with registry.locked():
             entries = registry.entries()
-            now = _check(source, manifest, entries)  # another import may have committed
+            now = _check(source, manifest, key_id, entries, allow_downgrade)  # another import may have committed
             if unchanged - now:
                 raise BundleError(f"{source.name}: the installed models changed during the import; run it again")
             new = [e for e in new if e.id not in now]
@@ -150,12 +152,26 @@ def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine:
             for m in manifest.models]
 
 
-def _check(source: Source, manifest: Manifest, entries: list[Entry]) -> set[str]:
+def _check(source: Source, manifest: Manifest, key_id: str, entries: list[Entry], allow_downgrade: bool) -> set[str]:
     """The ids of the manifest's models installed with the same files already (left as they are);
-    BundleError for a model that would take another model's name."""
+    BundleError for a replacement the rules refuse: by an older bundle, by another signer, or of
+    another model's name."""
     by_id = {e.id: e for e in entries}
     unchanged = {m.id for m in manifest.models if m.id in by_id
                  and [f.sha256 for f in by_id[m.id].files] == [f.sha256 for f in m.files]}
+    for model in manifest.models:
+        old = by_id.get(model.id)
+        if old is None or model.id in unchanged:
+            continue
+        if old.signer and old.signer != key_id:
+            raise BundleError(f"{source.name}: model {model.id} was installed from a bundle signed by key "
+                              f"{old.signer}, and this one is {signed_by(key_id)}: only that key may replace it "
+                              f"(to change keys, remove the model first: edgellm models remove {model.id})")
+        if old.bundle_created and not allow_downgrade \
+                and timestamp(manifest.created) <= timestamp(old.bundle_created):
+            raise BundleError(f"{source.name}: model {model.id}: this bundle was created {manifest.created}, not "
+                              f"after the installed one's {old.bundle_created}: refused as a downgrade (allow it "
+                              "with --allow-downgrade, or ?allow_downgrade=true for an upload)")
     replacing = {m.id for m in manifest.models} - unchanged
     taken = {n: e.id for e in entries if e.id not in replacing for n in e.names()}
     for model in manifest.models:
@@ -244,7 +260,7 @@ def _check_memory(source: Source, model: BundleModel, headers: list[gguf.GGUFFil
                       "made free for models here")
 
 
-def _entry(model: BundleModel, registry: Registry, source: Source, key_id: str,
+def _entry(model: BundleModel, manifest: Manifest, registry: Registry, source: Source, key_id: str,
            headers: list[gguf.GGUFFile]) -> Entry:
     files = [ModelFile(f.name, f.sha256, f.size) for f in model.files]
     try:
@@ -257,6 +273,8 @@ def _entry(model: BundleModel, registry: Registry, source: Source, key_id: str,
     entry.license = model.license
     entry.chat_template = model.chat_template or ""
     entry.defaults.update(model.defaults)
+    entry.bundle_created = manifest.created
+    entry.signer = key_id
     return entry
 
 

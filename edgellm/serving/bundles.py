@@ -3,7 +3,9 @@
 The upload is read as it arrives and fed to the same importer the CLI uses
 (in a worker thread), so a multi-GiB bundle never sits in memory and gets the
 same checks. Events: `progress` ({"file", "done", "total"}), then `done`
-({"models": [{"id", "status"}], "warnings": [...]}) or `error` (OpenAI's error shape);
+({"models": [{"id", "status"}], "warnings": [...]}) or `error` (OpenAI's error shape).
+The query parameter `allow_downgrade=true` lets the bundle replace models
+installed from newer bundles (`edgellm bundle import --allow-downgrade`);
 warnings name the trusted-keys files that were skipped.
 """
 
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
 
-from edgellm.errors import EdgeError
+from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
 from edgellm.serving.sse import EventStream
@@ -74,7 +76,15 @@ log = logging.getLogger("edgellm.bundles")
 IDLE_TIMEOUT = 60.0  # seconds without a byte of the upload: it is treated as cut off
 
 
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value not in ("true", "1", "false", "0"):
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}", param=name)
+    return value in ("true", "1")
+
+
 async def upload(request: Request) -> EventStream:
+    allow_downgrade = _flag(request, "allow_downgrade")
     config = request.app.state.config
     registry = request.app.state.registry
     loop = asyncio.get_running_loop()
@@ -102,7 +112,7 @@ async def upload(request: Request) -> EventStream:
         source = StreamSource(body, "upload")
         try:
             return import_bundle(source, registry, policy, engine=config.engine, memory_limit=memory_limit(config),
-                                 progress=progress)
+                                 progress=progress, allow_downgrade=allow_downgrade)
         finally:
             source.close()
 

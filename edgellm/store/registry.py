@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -64,7 +65,8 @@ QUANTIZATIONS = {
 }
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-CATALOG_VERSION = 2  # 2: chat_template is the template to use, has_chat_template the file's flag
+# 2: chat_template is the template to use, has_chat_template the file's flag; 3: bundle_created and signer
+CATALOG_VERSION = 3
 STAGING = "import-"  # imports' staging directories in tmp/, and their locks
 STAGING_RE = re.compile(rf"^{STAGING}\d+-[0-9a-f]{{8}}(\.lock)?$")
 
@@ -103,6 +105,10 @@ class Entry:
     # A chat template to use instead of the file's (a bundle's, for a file without one; the
     # [model] chat_template setting for the --model file): a built-in format's name or Jinja.
     chat_template: str = ""
+    # From a bundle: its manifest's `created`, which a bundle replacing this model must exceed, and the
+    # id of the key that signed it, which it must be signed by ("" for an unsigned bundle, or a file).
+    bundle_created: str = ""
+    signer: str = ""
     # Not stored: where the files are (the catalog's blobs, or a file given on the command line).
     paths: list[Path] = field(default_factory=list, compare=False, repr=False)
 
@@ -152,6 +158,13 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
         installed=time.strftime(TIME_FORMAT, time.gmtime()),
         paths=parts,
     )
+
+
+def timestamp(text: str) -> datetime:
+    """An ISO 8601 time, a bundle's `created`, as a UTC datetime to compare (one without a zone is
+    UTC); ValueError when it is not one."""
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def model_id_for(path: Path) -> str:
@@ -486,8 +499,8 @@ class Registry:
 _RECORD = {"id": str, "aliases": list, "files": list, "size": int, "sha256": str, "architecture": str,
            "quantization": str, "parameters": int, "context_length": int, "has_chat_template": bool,
            "embedding": bool, "defaults": dict, "source": str, "installed": str, "license": str,
-           "chat_template": str}
-_OPTIONAL = {"license", "chat_template"}
+           "chat_template": str, "bundle_created": str, "signer": str}
+_OPTIONAL = {"license", "chat_template", "bundle_created", "signer"}
 
 
 def _entry(record: object, version: int) -> Entry:
@@ -519,5 +532,7 @@ def _entry(record: object, version: int) -> Entry:
     if not files:
         raise ValueError("'files' is empty")
     time.strptime(record["installed"], TIME_FORMAT)  # ValueError when it is not a timestamp
+    if record.get("bundle_created"):
+        timestamp(record["bundle_created"])
     return Entry(**{**record, "files": files, "defaults": defaults.check(record["defaults"])})
 
