@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            ("import", "install the models of a bundle, or of every bundle in a directory")):
         step = steps.add_parser(name, help=helptext)
         step.add_argument("path", metavar="PATH")
+        if name == "import":
+            step.add_argument("--allow-downgrade", action="store_true",
+                              help="let a bundle replace models installed from newer bundles")
     for step in (create, *[steps.choices[n] for n in ("verify", "import")]):
         step.add_argument("--config", metavar="FILE", help="TOML config file ([server] state_dir, [bundles])")
         step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
@@ -294,6 +297,7 @@ def _bundle(args: argparse.Namespace) -> int:
         Policy,
         import_bundle,
         memory_limit,
+        signed_by,
         verify,
         verify_files,
     )
@@ -305,24 +309,27 @@ def _bundle(args: argparse.Namespace) -> int:
     bar = Bar()
     if args.action == "create":
         key = signing.read_secret_key(args.key) if args.key else None
-        manifest = create(args.models, Path(args.output), registry=registry.open(), key=key, license=args.license,
+        manifest = create(args.models, Path(args.output), registry=registry, key=key, license=args.license,
                           progress=bar)
         print(f"created {args.output}: {', '.join(m.id for m in manifest.models)}"
               + (f", signed by key {key.public_key().id}" if key else ", unsigned"))
         return 0
     policy = Policy.from_config(config)
+    for warning in policy.skipped:
+        print(f"edgellm: warning: {warning}", file=sys.stderr)
     failed = 0
     for path in find_bundles(Path(args.path)):
         source = None
         try:
             source = open_source(path)
             if args.action == "verify":
-                manifest, signer = verify(source, policy)
+                manifest, key_id = verify(source, policy)
                 verify_files(source, manifest, bar)
-                print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signer})")
+                print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signed_by(key_id)})")
             else:
-                outcomes = import_bundle(source, registry.open(), policy, engine=config.engine,
-                                         memory_limit=memory_limit(config), progress=bar)
+                outcomes = import_bundle(source, registry, policy, engine=config.engine,
+                                         memory_limit=memory_limit(config), progress=bar,
+                                         allow_downgrade=args.allow_downgrade)
                 for outcome in outcomes:
                     print(f"{outcome.status} {outcome.model} from {path}")
         except (EdgeError, OSError) as e:
@@ -338,7 +345,9 @@ def _models(args: argparse.Namespace) -> int:
     from edgellm.store.registry import Registry, StoreError
 
     config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
-    registry = Registry(config.server.state_dir).open()
+    registry = Registry(config.server.state_dir)
+    if args.action in ("add", "remove"):  # writers clear what interrupted ones left; readers take no lock
+        registry.open()
     if args.action == "list":
         entries = registry.entries()
         if args.json:

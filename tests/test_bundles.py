@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_until
+from conftest import ROOT, wait_until
 from test_cli import assert_one_line_error, edgellm
-from test_store import assert_consistent, sha256
+from test_store import assert_consistent, catalog, sha256
 from tiny_models import write_model
 
-from edgellm.bundles import signing
+from edgellm.bundles import importer, signing
+from edgellm.bundles.reader import open_source
+from edgellm.config import Config, ServerConfig
 from edgellm.store.registry import Registry
 
 needs_minisign = pytest.mark.skipif(shutil.which("minisign") is None,
@@ -197,6 +200,13 @@ HOSTILE = {
     "extra file": (lambda b, s: (b / "files/extra.gguf").write_bytes(b"GGUF"), "not listed in the manifest"),
     "symlinked file": (lambda b, s: ((b / "files/random.gguf").unlink(),
                                      (b / "files/random.gguf").symlink_to("/etc/passwd")), "not a regular file"),
+    # Another name for the file, outside the bundle: it could change there after the check.
+    "hard-linked file": (lambda b, s: os.link(b / "files/random.gguf", b.parent / "elsewhere.gguf"),
+                         "files/random.gguf: a hard link (links are refused)"),
+    "symlinked manifest": (lambda b, s: ((b / "manifest.json").rename(b.parent / "m.json"),
+                                         (b / "manifest.json").symlink_to(b.parent / "m.json")), "a symbolic link"),
+    "created not a time": (lambda b, s: edit_manifest(b, s, lambda d: d.update(created="last tuesday")),
+                           "'created' must be an ISO 8601 time"),
     "manifest not JSON": (lambda b, s: ((b / "manifest.json").write_text("{nope"), resign(b, s)), "not JSON"),
     "manifest huge": (lambda b, s: ((b / "manifest.json").write_bytes(b" " * (2 << 20)), resign(b, s)),
                       "at most 1048576"),
@@ -431,13 +441,13 @@ def events(response: httpx.Response) -> list[tuple[str, dict]]:
     return found
 
 
-def upload(server, tar: Path, chunk: int = 1 << 16) -> list[tuple[str, dict]]:
+def upload(server, tar: Path, chunk: int = 1 << 16, query: str = "") -> list[tuple[str, dict]]:
     def body():
         with open(tar, "rb") as f:
             while data := f.read(chunk):
                 yield data
 
-    with httpx.stream("POST", server.url + "/admin/bundles", content=body(), timeout=60) as response:
+    with httpx.stream("POST", server.url + "/admin/bundles" + query, content=body(), timeout=60) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         return events(response)
 
@@ -451,7 +461,7 @@ def test_upload_over_http_with_progress(site, server_factory, models, tmp_path):
     progress = [data for name, data in got if name == "progress"]
     assert progress, got
     assert progress[-1]["done"] == progress[-1]["total"] == models["scripted"].stat().st_size
-    assert got[-1] == ("done", {"models": [{"id": "scripted", "status": "installed"}]})
+    assert got[-1] == ("done", {"models": [{"id": "scripted", "status": "installed"}], "warnings": []})
     reply = server.post("/v1/completions", {"model": "scripted", "prompt": " Hello", "max_tokens": 4})
     assert reply.json()["choices"][0]["text"] == " world!"
 
@@ -527,3 +537,292 @@ def test_a_stick_the_import_cannot_read_is_one_line(tmp_path):
                              "edgellm", "bundle", "import", str(locked / "sda"),
                              "--state-dir", str(tmp_path / "state")], capture_output=True, text=True)
     assert_one_line_error(result, f"{locked / 'sda'}: Permission denied", status=1)
+
+
+# --- versions and signers: what may replace an installed model ---------------------------------
+
+def model_bundle(site, tmp_path: Path, name: str, seed: int, created: str,
+                 secret: signing.SecretKey | None = None) -> Path:
+    """A bundle of a model `m` (its content made by `seed`), created at `created`, signed by
+    `secret` (the site's key by default)."""
+    (tmp_path / name).mkdir()
+    path = write_model(tmp_path / name / "m.gguf", seed=seed)
+    bundle = tmp_path / f"{name}.edgellm"
+    made = edgellm("bundle", "create", str(path), "-o", str(bundle), "--key", str(site["key"]),
+                   "--state-dir", str(site["state"]))
+    assert made.returncode == 0, made.stderr
+    edit_manifest(bundle, secret or site["secret"], lambda d: d.update(created=created))
+    return bundle
+
+
+def test_an_older_bundle_does_not_replace_a_newer_one(site, tmp_path):
+    state = site["state"]
+    v1 = model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z")
+    v2 = model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z")
+    assert do_import(v2, state).stdout == f"installed m from {v2}\n"
+    assert catalog(state)[0]["bundle_created"] == "2026-02-01T00:00:00Z"
+    before = snapshot(state)
+    assert_one_line_error(do_import(v1, state), f"{v1}: model m: this bundle was created 2026-01-01T00:00:00Z",
+                          "the installed one's 2026-02-01T00:00:00Z", "downgrade", "--allow-downgrade", status=1)
+    # As old, with other content; and later as text but earlier in time (+02:00): refused as well.
+    same = model_bundle(site, tmp_path, "same", 5, "2026-02-01T00:00:00Z")
+    zoned = model_bundle(site, tmp_path, "zoned", 6, "2026-02-01T01:30:00+02:00")
+    for bundle in (same, zoned):
+        assert_one_line_error(do_import(bundle, state), "refused as a downgrade", status=1)
+    assert snapshot(state) == before
+    assert do_import(v2, state).stdout == f"unchanged m from {v2}\n"  # the same again is no downgrade
+
+    forced = do_import(v1, state, "--allow-downgrade")  # meant
+    assert forced.returncode == 0 and forced.stdout == f"replaced m from {v1}\n"
+    [entry] = assert_consistent(state)
+    assert entry["bundle_created"] == "2026-01-01T00:00:00Z"
+    assert entry["files"][0]["sha256"] == sha256(v1 / "files/m.gguf")
+    assert do_import(v2, state).stdout == f"replaced m from {v2}\n"  # newer: no flag needed
+
+
+def test_models_installed_before_versions_and_signers_were_recorded_take_any_bundle(site, tmp_path):
+    """A catalog of edgellm before 3 records neither: its models are replaced by any trusted bundle,
+    which then records both."""
+    state = site["state"]
+    v2 = model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z")
+    v1 = model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z")
+    assert do_import(v2, state).returncode == 0
+    doc = json.loads((state / "models/catalog.json").read_text())
+    for record in doc["models"]:
+        del record["bundle_created"], record["signer"]
+    (state / "models/catalog.json").write_text(json.dumps({**doc, "version": 2}))
+    assert do_import(v1, state).stdout == f"replaced m from {v1}\n"
+    [entry] = assert_consistent(state)
+    assert (entry["bundle_created"], entry["signer"]) == ("2026-01-01T00:00:00Z", site["secret"].public_key().id)
+
+
+def minisign_key(directory: Path, name: str) -> tuple[Path, str]:
+    """A key pair made by the minisign CLI; its secret key's path and the key id minisign prints."""
+    public, secret = directory / f"{name}.pub", directory / f"{name}.key"
+    subprocess.run(["minisign", "-G", "-W", "-p", str(public), "-s", str(secret)], check=True, capture_output=True)
+    return secret, public.read_text().splitlines()[0].split()[-1]
+
+
+@needs_minisign
+def test_a_model_is_pinned_to_the_key_that_signed_it(site, tmp_path):
+    """A second trusted key (made and used by the minisign CLI) cannot replace a model installed
+    from the first, even with a newer bundle, until the operator removes the model."""
+    state = site["state"]
+    secret, other = minisign_key(tmp_path, "other")
+    shutil.copy(tmp_path / "other.pub", state / "trusted-keys")
+    mine = site["secret"].public_key().id
+    assert do_import(model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z"), state).returncode == 0
+    assert catalog(state)[0]["signer"] == mine
+
+    rogue = model_bundle(site, tmp_path, "rogue", 4, "2026-03-01T00:00:00Z")
+    (rogue / "manifest.json.minisig").unlink()
+    subprocess.run(["minisign", "-S", "-s", str(secret), "-m", str(rogue / "manifest.json")], check=True,
+                   capture_output=True)
+    verified = edgellm("bundle", "verify", str(rogue), "--state-dir", str(state))
+    assert verified.stdout == f"ok {rogue}: m (key {other})\n"  # a good signature by a trusted key
+    before = snapshot(state)
+    for extra in ((), ("--allow-downgrade",)):
+        assert_one_line_error(do_import(rogue, state, *extra), f"model m was installed from a bundle signed by key "
+                              f"{mine}, and this one is key {other}", "edgellm models remove m", status=1)
+    unsigned = model_bundle(site, tmp_path, "unsigned", 5, "2026-03-01T00:00:00Z")
+    (unsigned / "manifest.json.minisig").unlink()
+    config = tmp_path / "dev.toml"
+    config.write_text(f'[server]\nstate_dir = "{state}"\n[bundles]\npolicy = "allow-unsigned"\n')
+    assert_one_line_error(edgellm("bundle", "import", str(unsigned), "--config", str(config)),
+                          f"signed by key {mine}, and this one is unsigned", status=1)
+    assert snapshot(state) == before
+
+    assert edgellm("models", "remove", "m", "--state-dir", str(state)).returncode == 0  # the operator's decision
+    assert do_import(rogue, state).stdout == f"installed m from {rogue}\n"
+    assert catalog(state)[0]["signer"] == other
+
+
+def test_a_damaged_trusted_key_is_skipped_with_a_warning(site, models, server_factory, tmp_path):
+    state, bundle = site["state"], site["bundle"]
+    broken = state / "trusted-keys" / "0-broken.pub"
+    broken.write_text("not a key\n")
+    (state / "trusted-keys" / "1-folder.pub").mkdir()
+    warnings = [f"edgellm: warning: {broken}: not a minisign public key (it must start with 'untrusted comment:'); "
+                "skipped (the other trusted keys are used)",
+                f"edgellm: warning: {state / 'trusted-keys' / '1-folder.pub'}: cannot read the public key (Is a "
+                "directory); skipped (the other trusted keys are used)"]
+    verified = edgellm("bundle", "verify", str(bundle), "--state-dir", str(state))
+    assert verified.returncode == 0 and verified.stdout.startswith(f"ok {bundle}: scripted, random (key ")
+    assert verified.stderr.splitlines() == warnings
+    imported = do_import(bundle, state)
+    assert imported.returncode == 0 and imported.stderr.splitlines() == warnings
+    assert [e["id"] for e in assert_consistent(state)] == ["scripted", "random"]
+
+    tar = tmp_path / "up.tar"
+    assert edgellm("bundle", "create", str(models["embedding"]), "-o", str(tar), "--key", str(site["key"]),
+                   "--state-dir", str(state)).returncode == 0
+    server = server_factory(None, state_dir=state)
+    name, done = upload(server, tar)[-1]
+    assert name == "done" and done["warnings"] == [w.removeprefix("edgellm: warning: ") for w in warnings]
+    assert f"{broken}: not a minisign public key" in server.log()
+
+
+def test_keys_claiming_the_same_id_are_all_skipped(site, tmp_path):
+    """A key id is whatever its maker wrote: another key claiming the site key's id could pass the
+    pin of the site's models, so neither is used (the same key twice is one key)."""
+    state, site_key = site["state"], site["secret"]
+    impostor = signing.generate()
+    forged = signing.SecretKey(site_key.key_id, impostor.seed, impostor.public)
+    (state / "trusted-keys" / "impostor.pub").write_text(forged.public_key().text())
+    shutil.copy(state / "trusted-keys" / "site.pub", state / "trusted-keys" / "site-copy.pub")
+    result = do_import(site["bundle"], state)
+    assert result.returncode == 1 and "not trusted here (trusted: none)" in result.stderr
+    keys = state / "trusted-keys"
+    assert result.stderr.splitlines()[0] == (
+        f"edgellm: warning: {keys / 'impostor.pub'}, {keys / 'site-copy.pub'}, {keys / 'site.pub'}: different keys "
+        f"with the same key id {site_key.public_key().id}; all skipped (the other trusted keys are used)")
+    (keys / "impostor.pub").unlink()
+    assert do_import(site["bundle"], state).returncode == 0
+
+
+# A child process that imports the two-model bundle and, as the first file is being copied,
+# swaps the second for something else; it prints whether the store's lock was free then, and
+# the import's error.
+SWAPPER = textwrap.dedent("""
+    import json, os, shutil, sys
+    from pathlib import Path
+    from edgellm.bundles import importer
+    from edgellm.bundles.reader import BundleError, open_source
+    from edgellm.config import Config, ServerConfig
+    from edgellm.store.registry import Registry
+    state, bundle, how = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    victim, aside = bundle / "files/random.gguf", bundle.parent / "aside.gguf"
+    registry, seen = Registry(state), {}
+    def swap():
+        os.rename(victim, aside)
+        if how == "symlink to a fifo":
+            os.mkfifo(bundle.parent / "fifo")
+            victim.symlink_to(bundle.parent / "fifo")
+        elif how == "fifo":
+            os.mkfifo(victim)
+        elif how == "another file":
+            shutil.copy(aside, victim)
+        elif how == "hard link":
+            os.link(aside, victim)
+    def progress(stage, name, done, total):
+        if not seen:
+            with registry.locked(wait=False) as held:
+                seen["lock free"] = held
+            swap()
+    config = Config(server=ServerConfig(state_dir=state))
+    try:
+        importer.import_bundle(open_source(bundle), registry, importer.Policy.from_config(config),
+                               engine=config.engine, memory_limit=1 << 40, progress=progress)
+    except BundleError as e:
+        seen["error"] = str(e)
+    print(json.dumps(seen))
+""")
+
+
+@pytest.mark.parametrize("how,says", [
+    ("symlink to a fifo", "files/random.gguf: a symbolic link (links are refused)"),
+    ("fifo", "files/random.gguf: not a regular file"),
+    ("another file", "files/random.gguf: replaced or changed in size after the bundle was checked"),
+    ("hard link", "files/random.gguf: a hard link (links are refused)"),
+])
+def test_a_file_swapped_after_the_check_is_refused_and_no_lock_is_held_while_reading(site, how, says):
+    """The layout is checked, then the files are read: what is put in a file's place in between is
+    refused at once (a FIFO used to hang the import in open(), holding the store's lock)."""
+    state = site["state"]
+    Registry(state).open()
+    before = snapshot(state)
+    result = subprocess.run([sys.executable, "-c", SWAPPER, str(state), str(site["bundle"]), how],
+                            capture_output=True, text=True, timeout=30)  # a hang fails here
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["lock free"] is True  # other imports, `models add` and `remove` go on meanwhile
+    assert says in seen["error"]
+    assert snapshot(state) == before and assert_consistent(state) == []
+
+
+def test_listing_models_never_waits_for_a_writer(site):
+    """While a writer holds the store's lock (an import committing, `models add` copying a file),
+    `models list` and `models show` answer at once from the catalog last committed."""
+    state = site["state"]
+    assert do_import(site["bundle"], state).returncode == 0
+    with Registry(state).locked() as held:
+        assert held
+        listed = edgellm("models", "list", "--json", "--state-dir", str(state), timeout=20)
+        shown = edgellm("models", "show", "random", "--state-dir", str(state), timeout=20)
+        table = edgellm("models", "list", "--state-dir", str(state), timeout=20)
+    assert [e["id"] for e in json.loads(listed.stdout)] == ["scripted", "random"]
+    assert shown.returncode == 0 and shown.stdout.startswith("id:             random\n")
+    assert [line.split()[0] for line in table.stdout.splitlines()] == ["ID", "scripted", "random"]
+
+
+def test_the_usb_import_never_downgrades(site, tmp_path):
+    """The USB unit's script runs `edgellm bundle import` with the defaults: run as it does (the
+    config on its stdin), an older bundle on a stick is refused."""
+    script = (ROOT / "systemd" / "edgellm-usb-import").read_text()
+    command = next(line for line in script.splitlines() if "bundle import" in line)
+    args = shlex.split(command.split("/opt/edgellm/bin/edgellm", 1)[1].split("<", 1)[0])
+    assert args == ["bundle", "import", "--config", "-", "$mountpoint"]
+    state = site["state"]
+    assert do_import(model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z"), state).returncode == 0
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z").rename(stick / "v1.edgellm")
+    before = snapshot(state)
+    result = subprocess.run([sys.executable, "-m", "edgellm", *args[:-1], str(stick)], capture_output=True, text=True,
+                            input=f'[server]\nstate_dir = "{state}"\n', timeout=60)
+    assert_one_line_error(result, "refused as a downgrade", status=1)
+    assert snapshot(state) == before
+
+
+def as_tar(bundle: Path) -> Path:
+    """A directory bundle as the tar an upload sends: manifest, signature, then the files."""
+    tar = bundle.with_suffix(".tar")
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for name in ("manifest.json", "manifest.json.minisig", *[f"files/{f['name']}" for m in json.loads(
+                (bundle / "manifest.json").read_text())["models"] for f in m["files"]]):
+            t.add(bundle / name, name)
+    return tar
+
+
+def test_an_upload_downgrades_only_when_asked(site, server_factory, tmp_path):
+    state = site["state"]
+    v1 = as_tar(model_bundle(site, tmp_path, "v1", 3, "2026-01-01T00:00:00Z"))
+    v2 = as_tar(model_bundle(site, tmp_path, "v2", 4, "2026-02-01T00:00:00Z"))
+    server = server_factory(None, state_dir=state)
+    assert upload(server, v2)[-1] == ("done", {"models": [{"id": "m", "status": "installed"}], "warnings": []})
+    before = snapshot(state)
+    name, error = upload(server, v1)[-1]
+    assert name == "error" and error["error"]["code"] == "bundle_refused"
+    assert "this bundle was created 2026-01-01T00:00:00Z" in error["error"]["message"]
+    assert "?allow_downgrade=true" in error["error"]["message"]
+    assert snapshot(state) == before
+    replaced = upload(server, v1, query="?allow_downgrade=true")[-1]
+    assert replaced == ("done", {"models": [{"id": "m", "status": "replaced"}], "warnings": []})
+    bad = httpx.post(server.url + "/admin/bundles?allow_downgrade=maybe", content=b"x")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "allow_downgrade"
+
+
+def test_a_recovery_meanwhile_leaves_a_running_import_alone(site):
+    """An import copies without the store's lock, so another process may clear debris meanwhile (a
+    service starting, `models add`): the running import's staging directory is not debris."""
+    state = site["state"]
+    registry = Registry(state)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def progress(stage: str, name: str, done: int, total: int) -> None:
+        if not seen:
+            staging = sorted(p.name for p in registry.tmp.iterdir())
+            Registry(state).open()  # what a starting service does
+            seen.append((staging, sorted(p.name for p in registry.tmp.iterdir())))
+
+    config = Config(server=ServerConfig(state_dir=str(state)))
+    source = open_source(site["bundle"])
+    try:
+        outcomes = importer.import_bundle(source, registry, importer.Policy.from_config(config), engine=config.engine,
+                                          memory_limit=1 << 40, progress=progress)
+    finally:
+        source.close()
+    assert [o.status for o in outcomes] == ["installed", "installed"]
+    staging, after = seen[0]
+    assert len(staging) == 2 and staging[1] == staging[0] + ".lock" and after == staging
+    assert [e["id"] for e in assert_consistent(state)] == ["scripted", "random"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from conftest import ROOT
 
 from edgellm import __version__
 from edgellm.config import Config, ConfigError, from_dict, load
+from edgellm.store.registry import Registry
 
 
 def edgellm(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -226,12 +228,13 @@ def test_serve_reads_the_config_systemd_hands_over(tmp_path, models):
     assert_one_line_error(result, f"{creds / 'edgellm.toml'}: [server] port")
 
 
-def test_a_config_on_stdin(tmp_path):
+def test_a_config_on_stdin(tmp_path, models):
     """`--config -`: a file root opened for a process that may not open it (the USB import)."""
     state = tmp_path / "from-stdin"
+    Registry(state).add(models["random"])
     result = subprocess.run([sys.executable, "-m", "edgellm", "models", "list", "--json", "--config", "-"],
                             input=f'[server]\nstate_dir = "{state}"\n', capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.strip() == "[]" and (state / "models").is_dir()
+    assert result.returncode == 0 and [e["id"] for e in json.loads(result.stdout)] == ["random"]
     bad = subprocess.run([sys.executable, "-m", "edgellm", "models", "list", "--config", "-"],
                          input="[server]\nport = 'x'\n", capture_output=True, text=True, timeout=60)
     assert_one_line_error(bad, "stdin: [server] port")

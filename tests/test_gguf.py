@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf as oracle
@@ -200,3 +203,61 @@ def test_damaged_vocabularies_are_clean_errors(tmp_path, name, data):
     path.write_bytes(data)
     with pytest.raises(gguf.GGUFError, match="truncated"):
         gguf.read(path)
+
+
+def _traced(read: Callable[[], object]) -> int:
+    """The peak of Python's allocations while `read` runs (it must raise GGUFError)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(gguf.GGUFError):
+            read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def _kv(key: bytes, kind: int, payload: bytes) -> bytes:
+    return len(key).to_bytes(8, "little") + key + kind.to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("item_kind", [0, 4, 8, 9, 13])  # u8, u32, string, array, an unknown type
+def test_a_header_claiming_a_huge_array_is_refused_without_allocating(tmp_path, item_kind):
+    """2**40 items of a skipped array, with 64 MiB of zeros after the claim: refused at once."""
+    path = tmp_path / "huge.gguf"
+    with open(path, "wb") as f:
+        f.write(_file(_kv(b"x", 9, item_kind.to_bytes(4, "little") + (1 << 40).to_bytes(8, "little"))))
+        f.truncate(64 << 20)
+    started = time.monotonic()
+    assert _traced(lambda: gguf.read(path)) < 4 << 20
+    assert time.monotonic() - started < 2
+
+
+def test_a_huge_metadata_string_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "long.gguf"
+    with open(path, "wb") as f:
+        f.write(_file(_kv(b"general.name", 8, (16 << 20).to_bytes(8, "little"))))
+        f.truncate(17 << 20)
+    with pytest.raises(gguf.GGUFError, match="a string of 16777216 bytes in the metadata"):
+        gguf.read(path)
+    assert _traced(lambda: gguf.read(path)) < 4 << 20  # not the string, let alone its copies and its decoding
+
+
+def test_the_metadata_kept_in_all_is_bounded(tmp_path):
+    """Strings each within the bound, but 40 MiB of them: refused once 32 MiB are kept."""
+    path = tmp_path / "many.gguf"
+    string = b"s" * ((1 << 20) - 64)
+    path.write_bytes(_file(b"".join(_kv(b"k%d" % i, 8, len(string).to_bytes(8, "little") + string)
+                                    for i in range(40)), n_kv=40) + bytes(32))
+    with pytest.raises(gguf.GGUFError, match="more than 32 MiB of metadata"):
+        gguf.read(path)
+    assert _traced(lambda: gguf.read(path)) < 48 << 20
+
+
+def test_absurd_counts_of_keys_and_tensors_are_refused_at_once(tmp_path):
+    path = tmp_path / "counts.gguf"
+    for n_tensors, n_kv in ((0, 1 << 40), (1 << 40, 0)):
+        path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + n_tensors.to_bytes(8, "little")
+                         + n_kv.to_bytes(8, "little") + bytes(64))
+        with pytest.raises(gguf.GGUFError, match="metadata keys and"):
+            gguf.read(path)

@@ -19,7 +19,7 @@ from edgellm.store.registry import Registry
 
 FIELDS = {"id", "aliases", "files", "size", "sha256", "architecture", "quantization", "parameters",
           "context_length", "has_chat_template", "embedding", "defaults", "source", "installed", "license",
-          "chat_template"}
+          "chat_template", "bundle_created", "signer"}
 
 
 def sha256(path: Path) -> str:
@@ -67,6 +67,7 @@ def test_add_list_show_remove(tmp_path, models):
     assert entry["has_chat_template"] is True and entry["chat_template"] == "" and entry["embedding"] is False
     assert entry["context_length"] == 65536 and entry["parameters"] > 0
     assert entry["source"] == f"file:{source}"
+    assert entry["bundle_created"] == entry["signer"] == ""  # from a file: any bundle may replace it
     # Same filesystem: a hard link, not a copy.
     assert (state / "models" / "blobs" / f"sha256-{entry['sha256']}.gguf").stat().st_ino == source.stat().st_ino
 

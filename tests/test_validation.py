@@ -46,7 +46,7 @@ def test_catalog_records_are_checked_when_read(tmp_path, models):
     Registry(state).add(models["scripted"])
     catalog = state / "models" / "catalog.json"
     doc = json.loads(catalog.read_text())
-    assert doc["version"] == 2
+    assert doc["version"] == 3
     good = catalog.read_text()
     for change, says in [
         (lambda r: r.update(defaults={"top_k": 40.0}), "'top_k' must be an integer"),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgellm.errors import InvalidRequest
 from edgellm.modelfile import defaults as sampling_defaults
+from edgellm.store.registry import timestamp
 
 FORMAT = "edgellm-bundle"
 VERSION = 1
@@ -97,7 +98,8 @@ def parse(data: bytes, source: str) -> Manifest:
     unknown = set(doc) - {"format", "version", "creator", "created", "models"}
     need(not unknown, f"unknown keys {sorted(unknown)}")
     need(isinstance(doc.get("creator"), str) and len(doc["creator"]) <= 256, "'creator' must be a short string")
-    need(isinstance(doc.get("created"), str) and len(doc["created"]) <= 64, "'created' must be a timestamp string")
+    need(isinstance(doc.get("created"), str) and len(doc["created"]) <= 64 and _is_time(doc["created"]),
+         "'created' must be an ISO 8601 time such as 2026-11-22T06:00:00Z (it orders the bundles of a model)")
     models = doc.get("models")
     need(isinstance(models, list) and 0 < len(models) <= MAX_MODELS, f"'models' must list 1 to {MAX_MODELS} models")
     parsed, names, files = [], set(), set()
@@ -152,6 +154,14 @@ def parse(data: bytes, source: str) -> Manifest:
             parameters=m.get("parameters", 0), defaults=dict(defaults), chat_template=template,
             license=m.get("license", ""), min_edgellm_version=version))
     return Manifest(creator=doc["creator"], created=doc["created"], models=parsed, version=doc["version"])
+
+
+def _is_time(text: str) -> bool:
+    try:
+        timestamp(text)
+    except ValueError:
+        return False
+    return True
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -2,14 +2,16 @@
 
 Each source checks its own layout before the import writes anything: only
 the manifest, its signature and the files the manifest lists, each a regular
-file of the listed size; no paths that leave the bundle, no links, devices or
-duplicates. A stream cannot be checked ahead, so it is checked as it arrives
-and the import keeps everything in temporary files until the stream has ended
-well (importer.py).
+file of the listed size; no paths that leave the bundle, no links (symbolic
+or hard), devices or duplicates. Files are opened so that one swapped after
+its check is refused rather than read or waited on (_open_file). A stream
+cannot be checked ahead, so it is checked as it arrives and the import keeps
+everything in temporary files until the stream has ended well (importer.py).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -78,66 +80,123 @@ class BundleError(InvalidRequest):
     code = "bundle_refused"
 
 
+# How every file of a bundle is opened: never through a symbolic link, and never waiting on a
+# pipe or device put in the file's place after its check (open() of a FIFO blocks until a writer
+# comes); what was opened is then checked with fstat.
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_file(path: Path, dir_fd: int | None = None) -> tuple[IO[bytes], os.stat_result]:
+    """A bundle file opened for reading (`path`'s last part, in `dir_fd` if given), once it is
+    known to be one plain regular file: not a link of either kind, a device or a pipe."""
+    try:
+        fd = os.open(path.name if dir_fd is not None else path, _OPEN, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BundleError(f"{path}: a symbolic link (links are refused)") from None
+        raise
+    info = os.fstat(fd)
+    problem = ("not a regular file (links, devices and pipes are refused)" if not stat.S_ISREG(info.st_mode)
+               else "a hard link (links are refused)" if info.st_nlink > 1 else "")
+    if problem:
+        os.close(fd)
+        raise BundleError(f"{path}: {problem}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), info
+
+
 class DirectorySource:
-    """NAME.edgellm/ with manifest.json, manifest.json.minisig and files/."""
+    """NAME.edgellm/ with manifest.json, manifest.json.minisig and files/.
+
+    Read through descriptors of the directories, opened once: a directory renamed or replaced by
+    a link after the check changes nothing read. Each file check() accepted is known by its
+    inode, and open() gives that file or refuses."""
 
     seekable: Literal[True] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = str(path)
+        self._dir = os.open(path, _OPEN_DIR)  # the operator's path: it may be a link, nothing in it may
+        self._files: int | None = None
+        self._checked: dict[str, tuple[int, int, int]] = {}  # name -> device, inode, size
+
+    def _read(self, name: str, limit: int, too_large: str) -> bytes | None:
+        """A small file at the top of the bundle, or None when there is none."""
+        try:
+            f, info = _open_file(self.path / name, self._dir)
+        except FileNotFoundError:
+            return None
+        with f:
+            if info.st_size > limit:
+                raise BundleError(f"{self.path / name}: {info.st_size} bytes; {too_large}")
+            return f.read(limit)
 
     def manifest(self) -> tuple[bytes, str | None]:
-        manifest = self.path / MANIFEST
-        try:
-            info = manifest.lstat()
-            if not stat.S_ISREG(info.st_mode):
-                raise BundleError(f"{manifest}: not a regular file")
-            if info.st_size > MAX_MANIFEST:
-                raise BundleError(f"{manifest}: {info.st_size} bytes; a manifest may have at most {MAX_MANIFEST}")
-            data = manifest.read_bytes()
-        except FileNotFoundError:
-            raise BundleError(f"{self.path}: no {MANIFEST}: not an edgellm bundle") from None
-        signature = self.path / SIGNATURE
-        if signature.is_symlink() or (signature.exists() and not signature.is_file()):
-            raise BundleError(f"{signature}: not a regular file")
-        if signature.exists() and signature.lstat().st_size > MAX_SIGNATURE:
-            raise BundleError(f"{signature}: too large for a minisign signature")
-        text = signature.read_text(errors="replace") if signature.exists() else None
-        return data, text
+        data = self._read(MANIFEST, MAX_MANIFEST, f"a manifest may have at most {MAX_MANIFEST}")
+        if data is None:
+            raise BundleError(f"{self.path}: no {MANIFEST}: not an edgellm bundle")
+        signature = self._read(SIGNATURE, MAX_SIGNATURE, "too large for a minisign signature")
+        return data, signature.decode(errors="replace") if signature is not None else None
 
     def check(self, manifest: Manifest) -> None:
         expected = {f.name: f for f in manifest.files()}
-        top = {e.name for e in os.scandir(self.path) if not _ignored(e.name)}
+        top = {e.name for e in os.scandir(self._dir) if not _ignored(e.name)}
         extra = top - {MANIFEST, SIGNATURE, FILES}
         if extra:
             raise BundleError(f"{self.path}: unexpected {', '.join(sorted(extra))} (a bundle holds "
                               f"{MANIFEST}, {SIGNATURE} and {FILES}/)")
         files = self.path / FILES
-        if files.is_symlink() or not files.is_dir():
-            raise BundleError(f"{files}: missing, or not a directory")
-        present = {}
-        for entry in os.scandir(files):
+        if self._files is not None:
+            os.close(self._files)
+            self._files = None
+        try:
+            self._files = os.open(FILES, _OPEN_DIR | os.O_NOFOLLOW, dir_fd=self._dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            raise BundleError(f"{files}: missing, or not a directory") from None
+        self._checked = {}
+        for entry in os.scandir(self._files):
             if _ignored(entry.name):
                 continue
+            where = files / entry.name
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode):
-                raise BundleError(f"{entry.path}: not a regular file (links and devices are refused)")
+                raise BundleError(f"{where}: not a regular file (links and devices are refused)")
+            if info.st_nlink > 1:
+                raise BundleError(f"{where}: a hard link (links are refused)")
             if entry.name not in expected:
-                raise BundleError(f"{entry.path}: not listed in the manifest")
-            present[entry.name] = info.st_size
+                raise BundleError(f"{where}: not listed in the manifest")
+            self._checked[entry.name] = (info.st_dev, info.st_ino, info.st_size)
         for name, f in expected.items():
-            if name not in present:
+            if name not in self._checked:
                 raise BundleError(f"{files / name}: listed in the manifest but missing")
-            if present[name] != f.size:
-                raise BundleError(f"{files / name}: {present[name]} bytes, the manifest says {f.size} "
-                                  f"({'truncated' if present[name] < f.size else 'too long'})")
+            size = self._checked[name][2]
+            if size != f.size:
+                raise BundleError(f"{files / name}: {size} bytes, the manifest says {f.size} "
+                                  f"({'truncated' if size < f.size else 'too long'})")
 
     def open(self, name: str) -> IO[bytes]:
-        return open(self.path / FILES / name, "rb")
+        """A file that check() accepted, still the same file (its inode) of the same size."""
+        where = self.path / FILES / name
+        if self._files is None or name not in self._checked:
+            raise BundleError(f"{where}: not checked against the manifest")
+        try:
+            f, info = _open_file(where, self._files)
+        except FileNotFoundError:
+            raise BundleError(f"{where}: removed after the bundle was checked") from None
+        if (info.st_dev, info.st_ino, info.st_size) != self._checked[name]:
+            f.close()
+            raise BundleError(f"{where}: replaced or changed in size after the bundle was checked")
+        return f
 
     def close(self) -> None:
-        pass
+        for fd in (self._files, self._dir):
+            if fd is not None:
+                os.close(fd)
+        self._files = None
 
 
 def _member_name(member: tarfile.TarInfo, prefix: str) -> str:
@@ -174,8 +233,18 @@ class TarSource:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = str(path)
+        self.file, info = _open_file(path)
+        self.size = info.st_size
         try:
-            self.tar = tarfile.open(path, "r:", tarinfo=_TarInfo)
+            self.members = self._members()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _members(self) -> dict[str, tarfile.TarInfo]:
+        path = self.path
+        try:
+            self.tar = tarfile.open(fileobj=self.file, mode="r:", tarinfo=_TarInfo)
         except (tarfile.TarError, OSError) as e:
             raise BundleError(f"{path}: not an uncompressed tar ({e})") from None
         members: list[tarfile.TarInfo] = []
@@ -185,16 +254,17 @@ class TarSource:
             raise BundleError(f"{path}: an empty tar")
         prefix = _prefix(next((m.name for m in members if not _ignored(m.name.rsplit("/", 1)[-1])),
                               members[0].name))
-        self.members: dict[str, tarfile.TarInfo] = {}
+        found: dict[str, tarfile.TarInfo] = {}
         for member in members:
             name = _member_name(member, prefix)
             if member.isdir():
                 if name not in ("", FILES):
                     raise BundleError(f"{path}: unexpected directory {member.name}")
                 continue
-            if name in self.members:
+            if name in found:
                 raise BundleError(f"{path}: {member.name} appears twice")
-            self.members[name] = member
+            found[name] = member
+        return found
 
     def manifest(self) -> tuple[bytes, str | None]:
         member = self.members.get(MANIFEST)
@@ -222,7 +292,7 @@ class TarSource:
             if found.size != f.size:
                 raise BundleError(f"{self.path}: {name} is {found.size} bytes, the manifest says {f.size}")
         end = max(m.offset_data + m.size for m in self.members.values())
-        if end > self.path.stat().st_size:
+        if end > self.size:
             raise BundleError(f"{self.path}: truncated (the tar ends before its last file does)")
 
     def open(self, name: str) -> IO[bytes]:
@@ -230,6 +300,7 @@ class TarSource:
 
     def close(self) -> None:
         self.tar.close()
+        self.file.close()
 
 
 class StreamSource:

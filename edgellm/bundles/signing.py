@@ -182,9 +182,29 @@ def verify(message: bytes, signature_text: str, keys: list[PublicKey], *, source
     return key, sig.trusted_comment
 
 
-def trusted_keys(directory: str | Path) -> list[PublicKey]:
-    """Every *.pub in the trusted-keys directory (none if it does not exist)."""
+def trusted_keys(directory: str | Path) -> tuple[list[PublicKey], list[str]]:
+    """Every key among the *.pub in the trusted-keys directory (none if it does not exist), and
+    for each file that is not one, why: it is skipped, so that one damaged file does not stop
+    the imports signed by the other keys. The callers show the reasons as warnings.
+
+    Different keys that claim the same key id are all skipped: an id is any 8 bytes its key's
+    maker chose, and installed models are pinned to the id of the key that signed them, so an
+    id must name one key only."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return [read_public_key(p) for p in sorted(directory.glob("*.pub"))]
+    by_id: dict[bytes, list[PublicKey]] = {}
+    skipped = []
+    for path in sorted(directory.glob("*.pub")) if directory.is_dir() else []:
+        try:
+            key = read_public_key(path)
+        except SignatureError as e:
+            skipped.append(f"{e}; skipped (the other trusted keys are used)")
+            continue
+        by_id.setdefault(key.key_id, []).append(key)
+    keys = []
+    for same in by_id.values():
+        if len({k.key for k in same}) > 1:
+            skipped.append(f"{', '.join(k.source for k in same)}: different keys with the same key id {same[0].id}; "
+                           "all skipped (the other trusted keys are used)")
+        else:
+            keys.append(same[0])
+    return keys, skipped

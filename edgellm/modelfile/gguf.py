@@ -3,7 +3,10 @@
 Installing a model, listing it, and deciding whether it fits in memory all
 need the architecture, the sizes and the hyperparameters, and reading them
 must not cost a load. Large arrays (the vocabulary) are skipped, with only
-their length kept.
+their length kept. What is kept is bounded whatever the header claims (its
+counts, the lengths of its strings, the bytes of metadata in all), and every
+bound is checked before anything is read or allocated: a hostile header costs
+at most a few MiB, however large the file.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _KEEP_ARRAY = 256  # arrays up to this many items are kept (per-layer values); longer ones only counted
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_LAYERS = 10_000
+_MAX_KV = 1 << 16  # metadata keys: real files have tens
+_MAX_TENSORS = 1 << 20  # real files have thousands at most
+_MAX_KEY = (1 << 16) - 1  # the GGUF specification's limit on a key
+_MAX_STRING = 1 << 20  # a kept string value: chat templates, the largest, are tens of KiB
+_MAX_KEPT = 32 << 20  # bytes of metadata kept in all (each value counted at _VALUE_COST at least)
+_VALUE_COST = 32  # about what Python spends on one kept value
 
 
 class GGUFError(InvalidRequest):
@@ -115,18 +124,21 @@ def _parse(f: IO[bytes], path: Path, size: int) -> GGUFFile:
     if version not in (2, 3):
         raise GGUFError(f"{path}: GGUF version {version} is not supported")
     n_tensors, n_kv = reader.u64(), reader.u64()
+    if n_kv > _MAX_KV or n_tensors > _MAX_TENSORS:
+        raise GGUFError(f"{path}: {n_kv} metadata keys and {n_tensors} tensors (at most {_MAX_KV} and "
+                        f"{_MAX_TENSORS})")
     metadata: dict[str, object] = {}
     lengths: dict[str, int] = {}
     for _ in range(n_kv):
-        key = reader.string()
+        key = reader.string(_MAX_KEY)
         kind = reader.u32()
         if kind == _ARRAY:
             item_kind, count = reader.u32(), reader.u64()
-            lengths[key] = count
             if count <= _KEEP_ARRAY:
                 metadata[key] = [reader.value(item_kind) for _ in range(count)]
             else:
                 reader.skip_array(item_kind, count)
+            lengths[key] = count
         else:
             metadata[key] = reader.value(kind)
     n_params = 0
@@ -170,6 +182,7 @@ class _Reader:
         self.buffer = b""
         self.at = 0  # the next unread byte in buffer; past its end after a skip not yet seeked over
         self.base = 0  # the file offset of buffer[0]
+        self.kept = 0  # bytes of metadata kept so far, against _MAX_KEPT
 
     def tell(self) -> int:
         return self.base + self.at
@@ -217,16 +230,27 @@ class _Reader:
     def u64(self) -> int:
         return int(self._unpack(_U64))
 
-    def string(self) -> str:
+    def _keep(self, n: int) -> None:
+        """Count n more bytes kept, refusing a header that would keep more than _MAX_KEPT."""
+        self.kept += max(n, _VALUE_COST)
+        if self.kept > _MAX_KEPT:
+            raise GGUFError(f"{self.path}: more than {_MAX_KEPT >> 20} MiB of metadata")
+
+    def string(self, limit: int = _MAX_STRING) -> str:
+        """A kept string (a key or a value), refused by its length before a byte of it is read."""
         n = self.u64()
-        if n > self.size:
+        if n > self.size - self.tell():
             raise self._truncated(f" (a string of {n} bytes)")
+        if n > limit:
+            raise GGUFError(f"{self.path}: a string of {n} bytes in the metadata (at most {limit})")
+        self._keep(n)
         return self.raw(n).decode("utf-8", "replace")
 
     def value(self, kind: int) -> object:
         if kind == _STRING:
             return self.string()
         if kind in _PACKED:
+            self._keep(_VALUE_COST)
             return self._unpack(_PACKED[kind])
         if kind == _ARRAY:  # an array inside an array: kept whole only when short
             item_kind, count = self.u32(), self.u64()
@@ -236,6 +260,7 @@ class _Reader:
         raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
 
     def skip_array(self, kind: int, count: int) -> None:
+        """Step over a long array without keeping or allocating any of it."""
         if kind == _STRING:
             self._skip_strings(count)
         elif kind in _PACKED:
@@ -243,9 +268,10 @@ class _Reader:
             if self.tell() + skip > self.size:
                 raise self._truncated(f" (an array of {count} items)")
             self.at += skip
+        elif kind == _ARRAY:  # llama.cpp reads no nested arrays, and stepping over one costs a loop per item
+            raise GGUFError(f"{self.path}: an unsupported nested array")
         else:
-            for _ in range(count):
-                self.value(kind)
+            raise GGUFError(f"{self.path}: unknown metadata value type {kind}")
 
     def _skip_strings(self, count: int) -> None:
         """Step over `count` length-prefixed strings (a vocabulary): one unpack_from per string,

@@ -3,7 +3,10 @@
 The upload is read as it arrives and fed to the same importer the CLI uses
 (in a worker thread), so a multi-GiB bundle never sits in memory and gets the
 same checks. Events: `progress` ({"file", "done", "total"}), then `done`
-({"models": [{"id", "status"}]}) or `error` (OpenAI's error shape).
+({"models": [{"id", "status"}], "warnings": [...]}) or `error` (OpenAI's error shape).
+The query parameter `allow_downgrade=true` lets the bundle replace models
+installed from newer bundles (`edgellm bundle import --allow-downgrade`);
+warnings name the trusted-keys files that were skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
 
-from edgellm.errors import EdgeError
+from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
 from edgellm.serving.sse import EventStream
@@ -73,12 +76,21 @@ log = logging.getLogger("edgellm.bundles")
 IDLE_TIMEOUT = 60.0  # seconds without a byte of the upload: it is treated as cut off
 
 
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value not in ("true", "1", "false", "0"):
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}", param=name)
+    return value in ("true", "1")
+
+
 async def upload(request: Request) -> EventStream:
+    allow_downgrade = _flag(request, "allow_downgrade")
     config = request.app.state.config
     registry = request.app.state.registry
     loop = asyncio.get_running_loop()
     body = _Body(loop)
     events: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
+    warnings: list[str] = []
     last = 0.0
 
     def progress(stage: str, name: str, done: int, total: int) -> None:
@@ -93,11 +105,14 @@ async def upload(request: Request) -> EventStream:
         from edgellm.bundles.importer import Policy, import_bundle, memory_limit
         from edgellm.bundles.reader import StreamSource
 
+        policy = Policy.from_config(config)
+        for warning in policy.skipped:
+            log.warning("%s", warning)
+        warnings.extend(policy.skipped)
         source = StreamSource(body, "upload")
         try:
-            return import_bundle(source, registry.open(wait=False), Policy.from_config(config),
-                                 engine=config.engine, memory_limit=memory_limit(config), progress=progress,
-                                 wait=False)
+            return import_bundle(source, registry, policy, engine=config.engine, memory_limit=memory_limit(config),
+                                 progress=progress, allow_downgrade=allow_downgrade)
         finally:
             source.close()
 
@@ -126,7 +141,8 @@ async def upload(request: Request) -> EventStream:
                 yield sse.event(error_body(EdgeError("internal error while importing (see the log)")), "error")
                 return
             await request.app.state.service.refresh()  # served at once, not within the next second
-            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes]}, "done")
+            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes],
+                             "warnings": warnings}, "done")
         finally:
             pump.cancel()  # and so the importer sees the end, if the client went away mid-import
             await asyncio.wait({job})

@@ -5,7 +5,9 @@ Layout under <state dir>/models:
     catalog.json              every installed model, one entry each
     blobs/sha256-<hex>.gguf   model files, named by the SHA-256 of their content
     tmp/                      files being copied in; anything here after a crash is debris
-    .lock                     held (flock) by whoever changes the above
+    tmp/import-ID/            an import's verified files until it commits; import-ID.lock
+                              beside it is held (flock) by the import while it runs
+    .lock                     held (flock) by whoever changes the catalog and blobs/
 
 The catalog is one JSON file, replaced atomically (write a temporary file,
 fsync it, rename it over the old one, fsync the directory): a crash at any
@@ -18,6 +20,9 @@ place first and changes the catalog last; removing changes the catalog first
 and deletes files after. So after a crash there can only be debris (temporary
 files, files no entry names), which open() deletes; a model is either fully
 installed or not at all.
+
+Readers never take the lock: they read the last catalog committed, so listing
+models or serving them never waits for an import or an add in progress.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ import json
 import os
 import queue
 import re
+import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -57,7 +65,10 @@ QUANTIZATIONS = {
 }
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-CATALOG_VERSION = 2  # 2: chat_template is the template to use, has_chat_template the file's flag
+# 2: chat_template is the template to use, has_chat_template the file's flag; 3: bundle_created and signer
+CATALOG_VERSION = 3
+STAGING = "import-"  # imports' staging directories in tmp/, and their locks
+STAGING_RE = re.compile(rf"^{STAGING}\d+-[0-9a-f]{{8}}(\.lock)?$")
 
 
 class StoreError(EdgeError):
@@ -94,6 +105,10 @@ class Entry:
     # A chat template to use instead of the file's (a bundle's, for a file without one; the
     # [model] chat_template setting for the --model file): a built-in format's name or Jinja.
     chat_template: str = ""
+    # From a bundle: its manifest's `created`, which a bundle replacing this model must exceed, and the
+    # id of the key that signed it, which it must be signed by ("" for an unsigned bundle, or a file).
+    bundle_created: str = ""
+    signer: str = ""
     # Not stored: where the files are (the catalog's blobs, or a file given on the command line).
     paths: list[Path] = field(default_factory=list, compare=False, repr=False)
 
@@ -143,6 +158,13 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
         installed=time.strftime(TIME_FORMAT, time.gmtime()),
         paths=parts,
     )
+
+
+def timestamp(text: str) -> datetime:
+    """An ISO 8601 time, a bundle's `created`, as a UTC datetime to compare (one without a zone is
+    UTC); ValueError when it is not one."""
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def model_id_for(path: Path) -> str:
@@ -257,7 +279,7 @@ class Registry:
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
 
-    # --- reading (no lock: the catalog is only ever replaced whole) ----------------------------
+    # --- reading (no lock: the catalog is only ever replaced whole, so it is read as committed) -
 
     def stamp(self) -> int:
         """Changes whenever the catalog does (for noticing installs by another process)."""
@@ -322,11 +344,58 @@ class Registry:
                 self.recover()
         return self
 
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A directory of this process's own in tmp/ to verify an import's files in before it
+        commits, without the store's lock. It is deleted at the end; while it is in use, a lock
+        of its own (a file beside it, made first and deleted last) keeps recover() away from it."""
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        while True:
+            name = f"{STAGING}{os.getpid()}-{secrets.token_hex(4)}"
+            lock_path = self.tmp / f"{name}.lock"
+            lock = open(lock_path, "x")  # noqa: SIM115 (held until the directory is gone)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:  # still there once held: a recover() did not take it for debris in the instant before
+                if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            lock.close()
+        path = self.tmp / name
+        try:
+            path.mkdir()
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():  # else both stay, for the next recover() to delete
+                lock_path.unlink()
+            lock.close()
+
+    def _clear_staging(self) -> None:
+        """Delete the staging directories of imports that ended without doing so (killed, crashed)."""
+        for lock_path in self.tmp.glob(f"{STAGING}*.lock"):
+            try:
+                lock = open(lock_path)  # noqa: SIM115 (closed below, after the deletion)
+            except FileNotFoundError:  # its import has just ended
+                continue
+            with lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # its import is running
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # none yet when it ended at once
+                    shutil.rmtree(self.tmp / lock_path.name.removesuffix(".lock"))
+                lock_path.unlink(missing_ok=True)
+
     def recover(self) -> None:
-        """Delete what interrupted operations left: temporary files, blobs no entry names (hold the lock)."""
+        """Delete what interrupted operations left: temporary files, staging directories of imports
+        no longer running, blobs no entry names (hold the lock)."""
         entries = self.entries()  # raises on a damaged catalog: never delete files then
+        self._clear_staging()
         for leftover in [*self.tmp.iterdir(), *self.root.glob("catalog.json.tmp*")]:
-            leftover.unlink()
+            if not STAGING_RE.fullmatch(leftover.name):  # those of running imports are theirs
+                leftover.unlink()
         wanted = {self.blob(f.sha256).name for e in entries for f in e.files}
         unwanted = [blob for blob in self.blobs.iterdir() if blob.name not in wanted]
         for blob in unwanted:
@@ -394,8 +463,8 @@ class Registry:
 
     def stage(self, src: IO[bytes], tmp: Path, progress: Callable[[int], None] | None = None,
               limit: int | None = None) -> tuple[str, int]:
-        """Copy into a temporary file in the store (hold the lock), hashing in the same pass, and
-        fsync it; returns its SHA-256 and size."""
+        """Copy into a temporary file in the store (under the lock, or in a staging directory),
+        hashing in the same pass, and fsync it; returns its SHA-256 and size."""
         with open(tmp, "wb") as dst:
             result = copy_hashing(src, dst, progress, limit)
             dst.flush()
@@ -430,8 +499,8 @@ class Registry:
 _RECORD = {"id": str, "aliases": list, "files": list, "size": int, "sha256": str, "architecture": str,
            "quantization": str, "parameters": int, "context_length": int, "has_chat_template": bool,
            "embedding": bool, "defaults": dict, "source": str, "installed": str, "license": str,
-           "chat_template": str}
-_OPTIONAL = {"license", "chat_template"}
+           "chat_template": str, "bundle_created": str, "signer": str}
+_OPTIONAL = {"license", "chat_template", "bundle_created", "signer"}
 
 
 def _entry(record: object, version: int) -> Entry:
@@ -463,5 +532,7 @@ def _entry(record: object, version: int) -> Entry:
     if not files:
         raise ValueError("'files' is empty")
     time.strptime(record["installed"], TIME_FORMAT)  # ValueError when it is not a timestamp
+    if record.get("bundle_created"):
+        timestamp(record["bundle_created"])
     return Entry(**{**record, "files": files, "defaults": defaults.check(record["defaults"])})
 
