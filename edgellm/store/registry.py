@@ -47,7 +47,7 @@ from typing import IO
 
 from edgellm.errors import EdgeError
 from edgellm.files import fsync_dir, write_atomic
-from edgellm.modelfile import defaults, gguf
+from edgellm.modelfile import defaults, gguf, memory
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 BUFFERS = 4  # chunks in flight while copying: one being read, one hashed, one written, one spare
@@ -419,8 +419,11 @@ class Registry:
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
             raise StoreError(f"missing model file(s): {', '.join(missing)}", status=400)
-        for part in parts:
-            gguf.read(part)  # refuse anything that is not a readable GGUF before copying a byte
+        headers = [gguf.read(part) for part in parts]  # refuse what is not a readable GGUF before copying a byte
+        try:  # and a header the server could not describe (an f32 NaN where a size belongs): it would never serve
+            memory.estimate(headers, n_ctx=512, parallel=1, n_ubatch=512)
+        except EdgeError as e:
+            raise StoreError(e.message, status=400) from None
         if alias is not None and not NAME_RE.fullmatch(alias):
             raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)", status=400)
         with self.locked():
