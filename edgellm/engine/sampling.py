@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as C
@@ -17,6 +18,7 @@ import numpy as np
 
 from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import to_gbnf
+from edgellm.engine.llama_log import llama_errors, reason
 from edgellm.engine.model import Model
 
 
@@ -53,7 +55,8 @@ class Sampler:
     262k-token vocabulary. Everything else runs a llama_sampler chain.
     """
 
-    def __init__(self, model: Model, params: SamplingParams) -> None:
+    def __init__(self, model: Model, params: SamplingParams, *, check: Callable[[], None] | None = None) -> None:
+        """`check`: called while a JSON schema compiles, to give up by raising (see grammar.to_gbnf)."""
         self.ptr = None
         self.n_vocab = model.n_vocab
         self._row = ctypes.c_float * model.n_vocab  # one row of logits, read in place
@@ -82,7 +85,7 @@ class Sampler:
             return
         self.ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         try:
-            self._build(model, params, bias)
+            self._build(model, params, bias, check)
         except BaseException:
             self.close()
             raise
@@ -143,7 +146,8 @@ class Sampler:
     def _add(self, sampler: C.llama_sampler_p) -> None:
         C.llama_sampler_chain_add(self.ptr, sampler)
 
-    def _build(self, model: Model, p: SamplingParams, bias: dict[int, float]) -> None:
+    def _build(self, model: Model, p: SamplingParams, bias: dict[int, float],
+               check: Callable[[], None] | None) -> None:
         if bias:
             biases = (C.llama_logit_bias * len(bias))(
                 *(C.llama_logit_bias(token, value) for token, value in bias.items())
@@ -153,7 +157,7 @@ class Sampler:
             self._add(C.llama_sampler_init_penalties(
                 model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
         if p.json_schema is not None:
-            self._add(_grammar(model, p.json_schema))
+            self._add(_grammar(model, p.json_schema, check))
         if p.temperature <= 0:
             self._add(C.llama_sampler_init_greedy())
             return
@@ -173,13 +177,14 @@ class Sampler:
             self.ptr = None
 
 
-def _grammar(model: Model, schema: dict[str, object]) -> C.llama_sampler_p:
+def _grammar(model: Model, schema: dict[str, object], check: Callable[[], None] | None) -> C.llama_sampler_p:
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""
     try:
-        gbnf = to_gbnf(schema or {"type": "object"})
+        gbnf = to_gbnf(schema or {"type": "object"}, check).encode()
     except (RecursionError, TypeError, ValueError) as e:  # a schema shape the checks did not foresee
-        raise SchemaError(f"unsupported JSON schema: {e!r}") from None
-    sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+        raise SchemaError(f"unsupported JSON schema: {e!r}"[:200]) from None
+    with llama_errors() as errors:
+        sampler = C.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
     if not sampler:
-        raise SchemaError("llama.cpp could not parse the grammar made from this JSON schema")
+        raise SchemaError(f"llama.cpp refused the grammar made from this JSON schema: {reason(errors, 'unknown')}")
     return sampler
