@@ -66,13 +66,14 @@ def write_model(
     split_max_tensors: int = 0,
     sampling: dict[str, int | float] | None = None,
     embedding_length: float | None = None,
+    name: str = "tiny-test",
 ) -> Path:
     """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next.
 
     With split_max_tensors, it is written as split files (NAME-00001-of-0000N.gguf)
     and the first part's path is returned. `sampling`: recommended sampling settings
-    (general.sampling.temp, top_k, ...). `embedding_length`: an f32 written where the
-    header's integer belongs (a broken file: NaN, say)."""
+    (general.sampling.temp, top_k, ...). `name`: general.name, which llama.cpp logs whole.
+    `embedding_length`: an f32 written where the header's integer belongs (a broken file: NaN, say)."""
     extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
     tokens = vocabulary(extra)
     index = {t: i for i, t in enumerate(tokens)}
@@ -80,7 +81,7 @@ def write_model(
     rng = np.random.default_rng(seed)
 
     w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
-    w.add_name("tiny-test")
+    w.add_name(name)
     w.add_context_length(n_ctx_train)
     if embedding_length is None:
         w.add_embedding_length(N_EMBD)

@@ -7,13 +7,22 @@ names it; nothing is silently ignored. Annotations (title, description, ...)
 and keywords this module has never heard of are skipped, as JSON Schema
 validators do.
 
-Whitespace is at most one space between tokens, and free numbers and strings
-are length-bounded (strings to MAX_STRING characters, object keys to MAX_KEY),
-so a weak model cannot run away. An object's declared keys never repeat: extra
-keys (additionalProperties) exclude them, and are written without escapes so that
-two spellings of one key cannot slip through. `oneOf` is enforced where its
-branches cannot match the same value (different types, or objects told apart by
-a const property) and refused where they can.
+Whitespace is at most one space between tokens, and numbers and strings are
+length-bounded (integers to MAX_INT_DIGITS digits, strings without maxLength to
+MAX_STRING characters, object keys to MAX_KEY), so a weak model cannot run away.
+llama.cpp counts a repetition to MAX_COUNT at most: a larger maxLength or
+maxItems is lowered to it (fewer still validate), a larger minLength or minItems
+refused. An object's declared keys never repeat, and come in the schema's order:
+extra keys (additionalProperties) exclude them, and are written without escapes
+so that two spellings of one key cannot slip through. `oneOf` is enforced where
+its branches cannot match the same value (different types, or objects told
+apart by a const property) and refused where they can.
+
+A schema comes from a request, so compiling one is bounded: each schema object is
+compiled once however often it is reached ($ref, allOf, type lists), the grammar
+grows linearly with the schema, and one that would need more than MAX_RULES rules
+or MAX_GRAMMAR_BYTES is refused before llama.cpp sees it. llama.cpp is never
+handed a grammar it rejects: it would print the whole grammar to stderr.
 """
 
 from __future__ import annotations
@@ -21,13 +30,29 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from edgellm.engine.errors import SchemaError
 
 MAX_INT_DIGITS = 15
+_INT_MAX = 10 ** MAX_INT_DIGITS - 1  # the largest integer the grammar writes
 MAX_STRING = 1024  # characters of a string without maxLength
 MAX_KEY = 128  # characters of an object key that no schema names
-MAX_DEPTH = 100  # path segments: keeps deep schemas from exhausting the Python stack
+MAX_DEPTH = 100  # nested schemas: keeps deep schemas from exhausting the Python stack
+# llama.cpp refuses a repetition {m,n} of more than 2000 (and above it quietly drops the maximum).
+MAX_COUNT = 1999
+# Rules as llama.cpp counts them: it writes a rule for each count of a repetition, so char{0,500}
+# is 500. It spends about 200 bytes on each: 50,000 are ~10 MiB, parsed in ~30 ms here. A schema
+# of a few hundred properties needs a few thousand.
+MAX_RULES = 50_000
+# The text of a grammar. llama.cpp's set-up is quadratic in the alternatives it starts from
+# (10,000 literals: 0.1 s, 100,000: 11 s here); 256 KiB holds ~20,000 of them at most (~0.5 s),
+# and the grammar of 1,000 properties is a third of it.
+MAX_GRAMMAR_BYTES = 256 * 1024
+MAX_NAME = 40  # characters of a rule name taken from the schema (a long key makes no long names)
+BLOCK = 64  # optional properties per chain of rules (see _some_in_order)
 
 
 # Keywords that constrain values but have no grammar here: refused, never ignored.
@@ -67,12 +92,6 @@ _PRIMITIVES = {
     "hex": "[0-9a-fA-F]",
     "email": '[A-Za-z0-9._%+-]{1,64} "@" [A-Za-z0-9-]{1,63} ("." [A-Za-z0-9-]{1,63}){1,4}',
 }
-_USES = {"value": ("object", "array", "string", "number", "boolean", "null"), "object": ("key", "value", "ws"),
-         "key": ("keychar", "ws"),
-         "array": ("value", "ws"), "string": ("char", "ws"), "integer": ("ws",), "number": ("ws",),
-         "nonneg-number": ("ws",), "boolean": ("ws",), "null": ("ws",), "date-time": ("date", "time"),
-         "date": ("year", "leap-year", "day28", "day30", "day31"), "day30": ("day28",), "day31": ("day30",),
-         "uuid": ("hex",)}
 # Each format the grammar writes, and the shortest and longest strings it writes.
 _FORMATS = {"date": (10, 10), "time": (9, 21), "date-time": (20, 32), "uuid": (36, 36), "email": (5, 384)}
 # JSON kinds by schema type; a number is an integer or a fraction.
@@ -81,6 +100,12 @@ _KINDS = {"null": {"null"}, "boolean": {"boolean"}, "integer": {"integer"}, "num
 # Keywords that say nothing about which values match.
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "deprecated",
                 "readOnly", "writeOnly", "$defs", "definitions"}
+# The pieces of a rule body that matter to llama.cpp's count of rules: literals and character classes
+# (skipped), repetitions {m,n}, rule names, and groups and the operators ?, * and +.
+_SYNTAX = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{(\d+),?(\d*)\}|([a-z0-9-]+)|[(?*+]')
+_NAME = re.compile(r"[a-z0-9-]+")
+_TOO_LARGE = f"the grammar for this schema would be larger than {MAX_GRAMMAR_BYTES // 1024} KiB"
+_TOO_MANY = f"the grammar for this schema would need more than {MAX_RULES} rules"
 
 
 def literal(text: str) -> str:
@@ -94,41 +119,107 @@ def _json_literal(value: object) -> str:
     return literal(json.dumps(value, ensure_ascii=False, separators=(",", ":"))) + " ws"
 
 
-def to_gbnf(schema: dict) -> str:
-    """GBNF whose root accepts exactly the JSON documents `schema` allows (within the bounds above)."""
-    converter = _Converter(schema)
-    root = converter.visit(schema, "#")
-    rules = {"root": root, **converter.rules}
-    pending = [name for body in rules.values() for name in _PRIMITIVES
-               if re.search(rf"(?<![\w-]){name}(?![\w-])", body)]
-    while pending:
-        name = pending.pop()
-        if name not in rules:
-            rules[name] = _PRIMITIVES[name]
-            pending.extend(_USES.get(name, ()))
-    return "\n".join(f"{name} ::= {body}" for name, body in rules.items()) + "\n"
+def to_gbnf(schema: dict, check: Callable[[], None] | None = None) -> str:
+    """GBNF whose root accepts exactly the JSON documents `schema` allows (within the bounds above).
+
+    `check` is called at every schema object and every rule written; it may raise to give up
+    (the request's deadline passed, its client left), and to_gbnf raises what it raises."""
+    converter = _Converter(schema, check or (lambda: None))
+    converter.write("root", converter.visit(schema, "#"))
+    return converter.grammar()
 
 
 class _Converter:
-    def __init__(self, document: dict) -> None:
+    def __init__(self, document: dict, check: Callable[[], None]) -> None:
         self.document = document
-        self.rules: dict[str, str] = {}
+        self.check = check
+        self.rules: dict[str, str] = {"root": ""}  # root first; a name is taken once it is in here
+        self._named: dict[str, str] = {}  # rule body -> the rule that has it, so that equal rules are one
+        self._suffix: dict[str, int] = {}  # name base -> the number its next rule tries first
+        self._used: set[str] = set()  # names the rules refer to
+        self._size = 0  # bytes of the grammar so far
+        self._count = 0  # llama.cpp's rules so far
+        self._done: dict[int, str] = {}  # id of a schema object of the document -> its expression
+        self._kinds_of: dict[int, frozenset[str] | None] = {}
         self._refs: dict[str, str] = {}
+        self._open: dict[str, int] = {}  # $refs being compiled -> self._brackets when they were entered
+        self._brackets = 0  # objects and arrays open around the schema being compiled
+        self._depth = 0
 
-    def _rule(self, hint: str, body: str) -> str:
-        """Name `body` as a rule and return the name."""
-        base = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-")
-        name, n = base, 1
-        while name in self.rules or name in _PRIMITIVES or name == "root":
+    def _name(self, hint: str) -> str:
+        """A new rule name from `hint`, taken. A counter per base keeps this O(1) however many rules
+        share a hint: each number is tried once."""
+        base = re.sub(r"[^a-z0-9]+", "-", hint[:MAX_NAME].lower()).strip("-") or "rule"
+        n = self._suffix.get(base, 1)
+        name = base if n == 1 else f"{base}-{n}"
+        while name in self.rules or name in _PRIMITIVES:
             n += 1
             name = f"{base}-{n}"
-        self.rules[name] = body
+        self._suffix[base] = n + 1
+        self.rules[name] = ""
         return name
 
+    def _rule(self, hint: str, body: str) -> str:
+        """A rule for `body` (the one already written, if any) and its name."""
+        if body not in self._named:
+            name = self._named[body] = self._name(hint)
+            self.write(name, body)
+        return self._named[body]
+
+    def write(self, name: str, body: str) -> None:
+        """Set rule `name`, within MAX_GRAMMAR_BYTES and MAX_RULES."""
+        self.check()
+        self._size += len(name) + 5 + (len(body) if body.isascii() else len(body.encode()))
+        if self._size > MAX_GRAMMAR_BYTES:
+            raise SchemaError(_TOO_LARGE)
+        self._count += 1
+        for match in _SYNTAX.finditer(body):
+            low, high, ref = match.groups()
+            if ref is not None:
+                self._used.add(ref)
+            elif low is not None:  # llama.cpp writes a rule for each count ({m} and {m,}: copies of one)
+                self._count += int(high) if high else max(int(low), 1)
+            elif match.group() in "(?*+":
+                self._count += 1
+        if self._count > MAX_RULES:
+            raise SchemaError(_TOO_MANY)
+        self.rules[name] = body
+
+    def grammar(self) -> str:
+        """The rules written, and the primitives they refer to."""
+        while missing := {name for name in self._used if name not in self.rules}:
+            for name in missing:
+                self.write(name, _PRIMITIVES[name])
+        return "\n".join(f"{name} ::= {body}" for name, body in self.rules.items()) + "\n"
+
     def visit(self, schema: object, where: str) -> str:
-        """A GBNF expression for values matching `schema` at JSON pointer `where`."""
-        if where.count("/") > MAX_DEPTH:
-            raise SchemaError(f"{where[:80]}...: the schema is nested too deeply")
+        """A GBNF expression for values matching `schema` at JSON pointer `where`. A schema object is
+        compiled once: reached again (a $ref, an allOf that merges it, a type list), its expression
+        is reused, so work and grammar grow with the schema, not with the paths through it."""
+        self.check()
+        if not isinstance(schema, dict):
+            return self._compile(schema, where)
+        key = id(schema)  # objects of the document, which outlives the converter: ids stay unique
+        if key not in self._done:
+            if self._depth >= MAX_DEPTH:
+                raise SchemaError(f"{where[:80]}...: the schema is nested too deeply")
+            self._depth += 1
+            try:
+                self._done[key] = self._compile(schema, where)
+            finally:
+                self._depth -= 1
+        return self._done[key]
+
+    @contextmanager
+    def _bracketed(self) -> Iterator[None]:
+        """Around the parts of an object or an array: they follow its opening bracket."""
+        self._brackets += 1
+        try:
+            yield
+        finally:
+            self._brackets -= 1
+
+    def _compile(self, schema: object, where: str) -> str:
         if schema is True or schema == {}:
             return "value"
         if not isinstance(schema, dict):
@@ -139,7 +230,7 @@ class _Converter:
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
         if "const" in schema or "enum" in schema:
-            return "(" + " | ".join(_json_literal(v) for v in _values(schema, where)) + ")"
+            return _choice(_json_literal(v) for v in _values(schema, where))
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
                 options = schema[keyword]
@@ -147,16 +238,17 @@ class _Converter:
                     raise SchemaError(f"{where}: '{keyword}' must be a non-empty array")
                 if keyword == "oneOf":
                     self._exclusive(options, where)
-                alternatives = [self.visit(s, f"{where}/{keyword}/{i}") for i, s in enumerate(options)]
-                return "(" + " | ".join(alternatives) + ")"
+                return _choice(self.visit(s, f"{where}/{keyword}/{i}") for i, s in enumerate(options))
         if "allOf" in schema:
-            return self.visit(self._merge_all_of(schema, where), where)
+            return self._compile(self._merge_all_of(schema, where), where)
 
         kind = schema.get("type")
         if isinstance(kind, list):
-            if not kind:
-                raise SchemaError(f"{where}: 'type' must not be an empty array")
-            return "(" + " | ".join(self._typed(schema, k, where) for k in kind) + ")"
+            if not kind or not all(isinstance(k, str) for k in kind):
+                raise SchemaError(f"{where}: 'type' must be a string or a non-empty array of strings")
+            # Once each: every type compiles its own keywords (items for arrays, properties for
+            # objects), so each subschema is compiled once, not once per repetition of a type.
+            return _choice(self._typed(schema, k, where) for k in dict.fromkeys(kind))
         if kind is None:
             if "properties" in schema or "additionalProperties" in schema or "required" in schema:
                 kind = "object"
@@ -166,16 +258,26 @@ class _Converter:
                 return "value"
         return self._typed(schema, kind, where)
 
+    def _symbol(self, expression: str, where: str) -> str:
+        """`expression` as one name: what llama.cpp repeats (?, *, {m,n}) must not be a group that
+        makes many rules itself, or it refuses the grammar (2000 rules at most per repetition)."""
+        return expression if _NAME.fullmatch(expression) else self._rule(_hint(where, "value"), expression)
+
     def _key_except(self, names: set[str], where: str) -> str:
         """A rule for an extra key of an object: any key (unescaped, MAX_KEY characters at most) but
         `names`, the keys the schema declares. Built from the trie of the names: at each prefix,
         the key may end (unless the prefix is a name), go on with a name's next character, or
         leave every name behind with any other character."""
         trie: dict = {}
+        nodes = 0
         for name in names:
             if len(name) <= MAX_KEY and not re.search(r'["\\\x00-\x1f\x7f]', name):  # else no key can equal it
                 node = trie
                 for ch in name:
+                    if ch not in node:
+                        nodes += 1  # a rule each: refused here before the trie takes the memory
+                        if nodes > MAX_RULES:
+                            raise SchemaError(_TOO_MANY)
                     node = node.setdefault(ch, {})
                 node[None] = True
 
@@ -185,7 +287,8 @@ class _Converter:
             options += [f"{literal(c)} {rule(node[c], depth + 1)}" for c in children if depth < MAX_KEY]
             if depth < MAX_KEY:
                 excluded = "".join(f"\\U{ord(c):08X}" for c in children)
-                options.append(f'[^"\\\\\\x7F\\x00-\\x1F{excluded}] keychar{{0,{MAX_KEY - depth - 1}}} "\\""')
+                rest = self._rule("key-rest", f"keychar{{0,{MAX_KEY - depth - 1}}}")  # one per length
+                options.append(f'[^"\\\\\\x7F\\x00-\\x1F{excluded}] {rest} "\\""')
             return self._rule(_hint(where, "key"), " | ".join(options))
 
         return self._rule(_hint(where, "extra-key"), f'"\\"" {rule(trie, 0)} ws')
@@ -203,9 +306,18 @@ class _Converter:
                           "(tell them apart by type or by a required 'const' property, or use 'anyOf')")
 
     def _kinds(self, schema: object, depth: int) -> frozenset[str] | None:
-        """The JSON kinds a schema allows (integer and fraction for numbers); None: any, or unknown."""
+        """The JSON kinds a schema allows (integer and fraction for numbers); None: any, or unknown.
+        Once per schema object, as visit: $refs to a shared anyOf would otherwise multiply."""
         if depth > 20 or not isinstance(schema, dict) or not schema:
             return None
+        self.check()
+        key = id(schema)
+        if key not in self._kinds_of:
+            self._kinds_of[key] = None  # a schema within itself: unknown
+            self._kinds_of[key] = self._kinds_now(schema, depth)
+        return self._kinds_of[key]
+
+    def _kinds_now(self, schema: dict, depth: int) -> frozenset[str] | None:
         if "$ref" in schema:
             return self._kinds(self._resolve(schema["$ref"], "#"), depth + 1)
         if "const" in schema:
@@ -219,7 +331,7 @@ class _Converter:
         kind = schema.get("type")
         if isinstance(kind, str):
             kind = [kind]
-        if isinstance(kind, list) and kind and all(k in _KINDS for k in kind):
+        if isinstance(kind, list) and kind and all(isinstance(k, str) and k in _KINDS for k in kind):
             return frozenset().union(*(_KINDS[k] for k in kind))
         if "properties" in schema or "required" in schema or "additionalProperties" in schema:
             return frozenset({"object"})
@@ -249,40 +361,56 @@ class _Converter:
     def _ref(self, ref: object, where: str) -> str:
         target = self._resolve(ref, where)
         assert isinstance(ref, str)  # _resolve refuses anything else
+        if self._open.get(ref) == self._brackets:
+            # Reached again with no bracket opened since: its rule would begin with itself, which
+            # llama.cpp refuses (left recursion), and which no finite value matches.
+            raise SchemaError(f"{where}: $ref {ref!r} refers back to itself before any value is written")
         if ref not in self._refs:
-            # Name the rule before visiting its target: a schema may refer to itself.
-            name = self._rule(ref.rsplit("/", 1)[-1] or "root-ref", "")
-            self._refs[ref] = name
-            self.rules[name] = self.visit(target, ref)
+            # Name the rule before compiling its target: a schema may refer to itself.
+            name = self._refs[ref] = self._name(ref.rsplit("/", 1)[-1] if "/" in ref else "root-ref")
+            self._open[ref] = self._brackets
+            try:
+                self.write(name, self.visit(target, ref))
+            finally:
+                del self._open[ref]
         return self._refs[ref]
 
     def _merge_all_of(self, schema: dict, where: str) -> dict:
         parts = schema["allOf"]
         if not isinstance(parts, list) or not parts:
             raise SchemaError(f"{where}: 'allOf' must be a non-empty array")
-        merged: dict = {k: v for k, v in schema.items() if k != "allOf"}
         # Merging is only faithful for plain property lists: additionalProperties in any
         # part would judge the other parts' keys as extra, which a merge cannot express.
-        if merged.get("additionalProperties", True) is not True:
+        if schema.get("additionalProperties", True) is not True:
             raise SchemaError(f"{where}: 'allOf' together with 'additionalProperties' is not supported")
-        for i, part in enumerate(parts):
-            if isinstance(part, dict) and "$ref" in part:
-                part = self._resolve(part["$ref"], f"{where}/allOf/{i}")
-            if not isinstance(part, dict) or not set(part) <= {"type", "properties", "required", "title",
-                                                                "description"}:
-                raise SchemaError(f"{where}/allOf/{i}: 'allOf' is supported only for merging object properties")
-            if not isinstance(part.get("properties", {}), dict) or not isinstance(part.get("required", []), list):
-                raise SchemaError(f"{where}/allOf/{i}: 'properties' must be an object and 'required' an array")
-            merged.setdefault("properties", {}).update(part.get("properties", {}))
-            merged["required"] = list(dict.fromkeys([*merged.get("required", []), *part.get("required", [])]))
-            merged.setdefault("type", "object")
-        return merged
+        properties: dict = {}  # new ones: the document's own are not to change
+        required: dict[str, None] = {}
+        merged: set[int] = set()
+        for part, at in [(schema, where), *((p, f"{where}/allOf/{i}") for i, p in enumerate(parts))]:
+            self.check()
+            if part is not schema:
+                if isinstance(part, dict) and "$ref" in part:
+                    part = self._resolve(part["$ref"], at)
+                if not isinstance(part, dict) or not set(part) <= {"type", "properties", "required", "title",
+                                                                    "description"}:
+                    raise SchemaError(f"{at}: 'allOf' is supported only for merging object properties")
+            if id(part) in merged:
+                continue  # the same part again (a $ref) adds nothing
+            merged.add(id(part))
+            names = part.get("required", [])
+            if (not isinstance(part.get("properties", {}), dict) or not isinstance(names, list)
+                    or not all(isinstance(r, str) for r in names)):
+                raise SchemaError(f"{at}: 'properties' must be an object and 'required' an array of strings")
+            properties.update(part.get("properties", {}))
+            required.update(dict.fromkeys(names))
+        rest = {k: v for k, v in schema.items() if k != "allOf"}
+        return {**rest, "type": rest.get("type", "object"), "properties": properties, "required": [*required]}
 
     def _resolve(self, ref: object, where: str) -> object:
-        if not isinstance(ref, str) or not ref.startswith("#"):
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise SchemaError(f"{where}: only local $ref ('#/$defs/...') are supported, got {ref!r}")
         target: object = self.document
-        for part in filter(None, ref[1:].split("/")):
+        for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
                 raise SchemaError(f"{where}: $ref {ref!r} points nowhere")
@@ -319,11 +447,15 @@ class _Converter:
                                   "minLength or maxLength inside that range is not supported")
             return f'"\\"" {fmt} "\\"" ws'
 
-        if low == 0 and high is None:
-            return "string"
         if high is not None and high < low:
             raise SchemaError(f"{where}: maxLength is less than minLength")
-        return f'"\\"" char{{{low},{"" if high is None else high}}} "\\"" ws'
+        if low > MAX_COUNT:
+            raise SchemaError(f"{where}: 'minLength' above {MAX_COUNT} is not supported")
+        high = max(low, MAX_STRING) if high is None else min(high, MAX_COUNT)
+        if (low, high) == (0, MAX_STRING):
+            return "string"
+        # A rule, so that strings of one length share one (llama.cpp writes a rule per character).
+        return self._rule(_hint(where, "string"), f'"\\"" char{{{low},{high}}} "\\"" ws')
 
     def _integer(self, schema: dict, where: str) -> str:
         low, high = _int_bounds(schema, where)
@@ -352,14 +484,18 @@ class _Converter:
             if (schema.get("items", False) is not False or low not in (0, len(prefix))
                     or high not in (None, len(prefix))):
                 raise SchemaError(f"{where}: 'prefixItems' is supported only as a fixed-length tuple (items: false)")
-            parts = [self.visit(s, f"{where}/prefixItems/{i}") for i, s in enumerate(prefix)]
+            with self._bracketed():
+                parts = [self.visit(s, f"{where}/prefixItems/{i}") for i, s in enumerate(prefix)]
             body = '"[" ws ' + ' "," ws '.join(parts) + ' "]" ws'
             return self._rule(_hint(where, 'tuple'), body)
-        item = self.visit(schema.get("items", True), f"{where}/items")
+        with self._bracketed():
+            item = self._symbol(self.visit(schema.get("items", True), f"{where}/items"), f"{where}/items")
         if high == 0:
             return '"[" ws "]" ws'
-        more = f'("," ws {item}){{{max(low - 1, 0)},{"" if high is None else high - 1}}}'
-        inner = f"{item} {more}"
+        if low > MAX_COUNT:
+            raise SchemaError(f"{where}: 'minItems' above {MAX_COUNT} is not supported")
+        more = self._rule(_hint(where, "more"), f'"," ws {item}')
+        inner = f'{item} {more}{{{max(low - 1, 0)},{"" if high is None else min(high, MAX_COUNT) - 1}}}'
         body = f'"[" ws {inner if low > 0 else "(" + inner + ")?"} "]" ws'
         return self._rule(_hint(where, 'array'), body)
 
@@ -370,7 +506,7 @@ class _Converter:
         required = schema.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise SchemaError(f"{where}: 'required' must be an array of strings")
-        twice = next((r for i, r in enumerate(required) if r in required[:i]), None)
+        twice = next((name for name, n in Counter(required).items() if n > 1), None)
         if twice is not None:  # JSON Schema wants them unique; the grammar would write the key twice
             raise SchemaError(f"{where}: 'required' lists {twice!r} twice")
         missing = [r for r in required if r not in properties]
@@ -381,27 +517,56 @@ class _Converter:
             return "object"
 
         def pair(key: str, value_schema: object) -> str:
-            value = self.visit(value_schema, f"{where}/properties/{key}")
+            value = self._symbol(self.visit(value_schema, f"{where}/properties/{key}"), f"{where}/properties/{key}")
             return f"{_json_literal(key)} \":\" ws {value}"
 
-        required_pairs = [pair(k, properties.get(k, extra_schema)) for k in required]
-        optional_pairs = [pair(k, v) for k, v in properties.items() if k not in required]
-        if extra_schema not in (None, False):
-            value = self.visit(extra_schema, f"{where}/additionalProperties")
-            key = self._key_except({*properties, *required}, where) if properties or required else "key"
-            optional_pairs.append(f'({key} ":" ws {value} ("," ws {key} ":" ws {value})*)')
+        with self._bracketed():
+            required_pairs = [pair(k, properties.get(k, extra_schema)) for k in required]
+            optional = set(properties) - set(required)
+            optional_pairs = [pair(k, v) for k, v in properties.items() if k in optional]
+            if extra_schema not in (None, False):
+                value = self._symbol(self.visit(extra_schema, f"{where}/additionalProperties"),
+                                     f"{where}/additionalProperties")
+                key = self._key_except({*properties, *required}, where) if properties or required else "key"
+                optional_pairs.append(f'({key} ":" ws {value} ("," ws {key} ":" ws {value})*)')
 
         if required_pairs:
             body = ' "," ws '.join(required_pairs) + "".join(f' ("," ws {p})?' for p in optional_pairs)
         elif optional_pairs:
-            # No required key: any subset of the optional ones, in order, comma-separated.
-            tails = []
-            for i in range(len(optional_pairs)):
-                tails.append(optional_pairs[i] + "".join(f' ("," ws {p})?' for p in optional_pairs[i + 1:]))
-            body = "(" + " | ".join(tails) + ")?"
+            body = f"({self._some_in_order(optional_pairs, where)})?"
         else:
             body = ""
         return self._rule(_hint(where, 'object'), f'"{{" ws {body} "}}" ws'.replace("  ", " "))
+
+    def _some_in_order(self, pairs: list[str], where: str) -> str:
+        """One or more of `pairs`, in their order, comma-separated: linear in the pairs.
+
+        A rule per pair is "one of the pairs from this one on": this pair, then maybe a comma and
+        one of the later ones, or else one of the later ones. Writing each tail out whole instead
+        would be quadratic. Chains of such rules are BLOCK pairs long, with one more chain across
+        the blocks: llama.cpp follows a chain by recursion, and 100,000 links overflow its stack."""
+        later_blocks = ""  # a rule: one of the pairs of the blocks after this one
+        for start in reversed(range(0, len(pairs), BLOCK)):
+            later = ""  # a rule: one of the pairs after this one in its block
+            for pair in reversed(pairs[start:start + BLOCK]):
+                tail = f"({later} | {later_blocks})" if later and later_blocks else later or later_blocks
+                this = f'{pair} ("," ws {tail})?' if tail else pair
+                later = self._rule(_hint(where, "pairs"), f"{this} | {later}" if later else this)
+            later_blocks = self._rule(_hint(where, "blocks"), f"{later} | {later_blocks}") if later_blocks else later
+        return later_blocks
+
+
+def _choice(expressions: Iterable[str]) -> str:
+    """`(a | b | ...)` of the distinct expressions; refused as soon as it outgrows a grammar."""
+    unique: dict[str, None] = {}
+    size = 0
+    for expression in expressions:
+        if expression not in unique:
+            unique[expression] = None
+            size += len(expression) + 3
+            if size > MAX_GRAMMAR_BYTES:
+                raise SchemaError(_TOO_LARGE)
+    return "(" + " | ".join(unique) + ")"
 
 
 def _kind_of(value: object) -> str:
@@ -443,7 +608,7 @@ def _values(schema: dict, where: str) -> list:
 
 def _hint(where: str, kind: str) -> str:
     """A readable rule name from the schema's location: properties/age + int -> age-int."""
-    last = where.rsplit("/", 1)[-1]
+    last = where.rsplit("/", 1)[-1][:MAX_NAME // 2]
     return f"{last if last != '#' else 'root'}-{kind}"
 
 
@@ -455,26 +620,37 @@ def _count(schema: dict, key: str, where: str) -> int | None:
     return value
 
 
+# Integer bounds: the least (minimums) or greatest (maximums) integer each allows. Exact for a
+# float or an int of any size (JSON integers have any length): ceil and floor return ints.
+_INT_ENDS: dict[str, Callable[[float], int]] = {
+    "minimum": math.ceil, "exclusiveMinimum": lambda v: math.floor(v) + 1,
+    "maximum": math.floor, "exclusiveMaximum": lambda v: math.ceil(v) - 1,
+}
+_BEYOND = f"leaves no integer of at most {MAX_INT_DIGITS} digits, the longest the grammar writes"
+
+
 def _int_bounds(schema: dict, where: str) -> tuple[int | None, int | None]:
-    def number(key: str) -> float | None:
+    """The least and greatest integer the schema allows; None: as far as MAX_INT_DIGITS digits go
+    (a bound beyond them is dropped, or refused by name when no integer is left)."""
+    ends: dict[str, int] = {}
+    for key, end in _INT_ENDS.items():
         value = schema.get(key)
         if value is None:
-            return None
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or (isinstance(value, float) and not math.isfinite(value))):
             raise SchemaError(f"{where}: '{key}' must be a finite number")
-        return value
-
-    low, high = number("minimum"), number("maximum")
-    ex_low, ex_high = number("exclusiveMinimum"), number("exclusiveMaximum")
-    lo = None if low is None else math.ceil(low)
-    if ex_low is not None:
-        lo = math.floor(ex_low) + 1 if lo is None else max(lo, math.floor(ex_low) + 1)
-    hi = None if high is None else math.floor(high)
-    if ex_high is not None:
-        hi = math.ceil(ex_high) - 1 if hi is None else min(hi, math.ceil(ex_high) - 1)
-    if lo is not None and hi is not None and lo > hi:
+        ends[key] = end(value)
+    low = max(((ends[k], k) for k in ("minimum", "exclusiveMinimum") if k in ends), default=None)
+    high = min(((ends[k], k) for k in ("maximum", "exclusiveMaximum") if k in ends), default=None)
+    if low is not None and low[0] > _INT_MAX:
+        raise SchemaError(f"{where}: '{low[1]}' {_BEYOND}")
+    if high is not None and high[0] < -_INT_MAX:
+        raise SchemaError(f"{where}: '{high[1]}' {_BEYOND}")
+    if low is not None and high is not None and low[0] > high[0]:
         raise SchemaError(f"{where}: no integer lies between the minimum and the maximum")
-    return lo, hi
+    return (None if low is None or low[0] < -_INT_MAX else low[0],
+            None if high is None or high[0] > _INT_MAX else high[0])
 
 
 # --- integer ranges ------------------------------------------------------------------------

@@ -11,51 +11,16 @@ import ctypes
 import functools
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp.llama_cpp as C
 
 from edgellm.engine.errors import ModelLoadError
+from edgellm.engine.llama_log import llama_errors, on_llama_log, reason
 
 log = logging.getLogger("edgellm.engine")
-_llama_log = logging.getLogger("edgellm.llama")
-
-# ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
-_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
 _init_lock = threading.Lock()
 _initialized = False
-
-
-_errors = threading.local()  # llama.cpp's error lines during a load on this thread: the reason it failed
-
-
-@C.llama_log_callback
-def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    # llama.cpp is chatty while loading: its info lines are our debug lines.
-    py_level = _LEVELS.get(level, logging.DEBUG)
-    line = text.decode("utf-8", "replace").rstrip("\n")
-    if py_level == logging.ERROR and hasattr(_errors, "lines"):
-        _errors.lines.append(line)
-    if _llama_log.isEnabledFor(py_level):
-        _llama_log.log(py_level, "%s", line)
-
-
-@contextmanager
-def llama_errors() -> Iterator[list[str]]:
-    """The error lines llama.cpp logs on this thread meanwhile: the reason a load or a context
-    creation failed, which its API reports only as NULL."""
-    _errors.lines = []
-    try:
-        yield _errors.lines
-    finally:
-        del _errors.lines
-
-
-def reason(lines: list[str], default: str) -> str:
-    """The first error line without llama.cpp's function-name prefix."""
-    return lines[0].split(": ", 1)[-1] if lines else default
 
 
 def init_llama() -> None:
@@ -63,7 +28,7 @@ def init_llama() -> None:
     global _initialized
     with _init_lock:
         if not _initialized:
-            C.llama_log_set(_on_llama_log, None)
+            C.llama_log_set(on_llama_log, None)
             C.llama_backend_init()
             _initialized = True
 

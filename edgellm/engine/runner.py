@@ -37,7 +37,8 @@ from edgellm.engine.errors import (
     ShuttingDown,
     StartTimeout,
 )
-from edgellm.engine.model import Model, llama_errors, reason
+from edgellm.engine.llama_log import llama_errors, reason
+from edgellm.engine.model import Model
 from edgellm.engine.prompt_cache import CacheView, Layout, PromptCache
 from edgellm.engine.scheduler import Job, Prepared, Scheduler, put
 from edgellm.engine.stream import Outbox, Stream

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import to_gbnf
+from edgellm.engine.llama_log import llama_errors, reason
 from edgellm.engine.model import Model
 
 
@@ -55,7 +56,7 @@ class Sampler:
     """
 
     def __init__(self, model: Model, params: SamplingParams, *, check: Callable[[], None] | None = None) -> None:
-        """`check`: called while the grammar compiles; it raises to stop (time up, client gone)."""
+        """`check`: called while a JSON schema compiles, to give up by raising (see grammar.to_gbnf)."""
         self.ptr = None
         self.n_vocab = model.n_vocab
         self._row = ctypes.c_float * model.n_vocab  # one row of logits, read in place
@@ -179,12 +180,11 @@ class Sampler:
 def _grammar(model: Model, schema: dict[str, object], check: Callable[[], None] | None) -> C.llama_sampler_p:
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""
     try:
-        gbnf = to_gbnf(schema or {"type": "object"})
-        if check is not None:
-            check()
+        gbnf = to_gbnf(schema or {"type": "object"}, check).encode()
     except (RecursionError, TypeError, ValueError) as e:  # a schema shape the checks did not foresee
-        raise SchemaError(f"unsupported JSON schema: {e!r}") from None
-    sampler = C.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
+        raise SchemaError(f"unsupported JSON schema: {e!r}"[:200]) from None
+    with llama_errors() as errors:
+        sampler = C.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
     if not sampler:
-        raise SchemaError("llama.cpp could not parse the grammar made from this JSON schema")
+        raise SchemaError(f"llama.cpp refused the grammar made from this JSON schema: {reason(errors, 'unknown')}")
     return sampler
