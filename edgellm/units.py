@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 MiB = 1 << 20
@@ -17,13 +18,18 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not match or match[2].lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size such as 512MiB or 2GB, got {text!r}")
-    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    size = float(match[1]) * _SIZE_UNITS[match[2].lower()]
+    if size > 1 << 60:  # more than any disk or RAM (and float('9' * 400) is inf)
+        raise ValueError(f"{text!r} is larger than any size this could mean")
+    return int(size)
 
 
 def parse_duration(text: str | int | float) -> float | None:
     """Ollama's keep_alive: '5m', '1h', '30s', or seconds; 0 is now; negative is forever (None)."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        seconds = float(text)
+    if isinstance(text, int) and not isinstance(text, bool):
+        seconds = float(text) if abs(text) < 1 << 64 else math.inf if text > 0 else -math.inf  # 400 digits
+    elif isinstance(text, float):
+        seconds = text
     else:
         match = re.fullmatch(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
         if not match:

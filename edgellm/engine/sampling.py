@@ -43,6 +43,10 @@ class SamplingParams:
 # The last tokens of a JSON reply's max_tokens, in which closing tokens are favoured, and by how
 # much per token closer to the end (logits: 1.5 per token, 18 for the last one).
 CLOSING_WINDOW = 12
+# A temperature this small is greedy decoding in all but arithmetic: logits divided by it overflow
+# to infinities, the distribution becomes NaN, and with a grammar llama.cpp then picks a token the
+# grammar forbids and aborts the process. So below it, the sampler is greedy.
+GREEDY_BELOW = 1e-5
 CLOSING_BOOST = 1.5
 
 
@@ -78,7 +82,7 @@ class Sampler:
         if params.ignore_eos and params.json_schema is None:
             bias.update((token, -math.inf) for token in model.eog_tokens)
         penalties = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-        if params.temperature <= 0 and params.json_schema is None and not penalties:
+        if params.temperature < GREEDY_BELOW and params.json_schema is None and not penalties:
             self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
             self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
             self._biased = frozenset(bias)
@@ -158,7 +162,7 @@ class Sampler:
                 model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
         if p.json_schema is not None:
             self._add(_grammar(model, p.json_schema, check))
-        if p.temperature <= 0:
+        if p.temperature < GREEDY_BELOW:
             self._add(C.llama_sampler_init_greedy())
             return
         if p.top_k > 0:

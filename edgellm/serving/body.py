@@ -43,7 +43,8 @@ async def read_json(request: Request) -> dict[str, object]:
         raise EdgeError(f"the request body did not arrive within {seconds:g} s", status=408,
                         code="request_timeout") from None
     try:
-        data = json.loads(body, parse_constant=_no_constants)
+        # Strict UTF-8 (as RFC 8259 asks): json.loads of bytes would let surrogates encoded as UTF-8 through.
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
         if b"\\u" in body:  # an escaped lone surrogate is valid JSON but not text: it fails here
             json.dumps(data, ensure_ascii=False).encode()
     except RecursionError:
@@ -51,7 +52,10 @@ async def read_json(request: Request) -> dict[str, object]:
     except UnicodeEncodeError:
         raise InvalidRequest("the request body contains a lone UTF-16 surrogate escape, which is not text",
                              code="invalid_json") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"the request body is not UTF-8 text: {e.reason} at byte {e.start}",
+                             code="invalid_json") from None
+    except ValueError as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
