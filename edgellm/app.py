@@ -11,6 +11,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from edgellm import __version__
 from edgellm.config import Config, is_loopback
 from edgellm.engine.pool import Pool
 from edgellm.engine.prompt_cache import PromptCache
@@ -19,7 +20,7 @@ from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.serving import admin, bundles, hardware, health, metrics, openai
+from edgellm.serving import admin, bundles, hardware, health, metrics, openai, openapi
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
@@ -88,7 +89,8 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         await pool.close()
 
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes],
+        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes,
+                *openapi.routes(__version__)],
         middleware=[Middleware(ServedBy),
                     Middleware(OriginPolicy, names=BoxNames(config.server.allowed_hosts, config.discovery.name),
                                cors_origins=config.server.cors_origins),
