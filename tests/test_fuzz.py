@@ -40,7 +40,7 @@ VALID_EXAMPLES, MALFORMED_EXAMPLES, OTHER_EXAMPLES = 150, 25, 250
 SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
 # Found by the fuzz, in files this branch does not own. Each has a test below marked xfail; once
-# fixed, drop the mark and give the property tests these inputs back (NOT_YET).
+# fixed, drop the mark and give the property tests these inputs back (NOT_YET_*, SAFE_TEMPERATURE).
 SURROGATE_BYTES = ("json.loads reads a surrogate written as UTF-8 bytes (b'\\xed\\xa0\\x80'), not only as an "
                    "escape, and serving/body.py checks escapes only: the tokenizer (or rendering the error) then "
                    "raises UnicodeEncodeError, a 500")
@@ -50,9 +50,10 @@ TINY_TEMPERATURE = ("a temperature such as 1e-45 with min_p 0 and a JSON grammar
                     "the dist sampler picks a token the grammar forbids, and llama.cpp's grammar accept throws "
                     "std::runtime_error ('Unexpected empty grammar stack after accepting piece') through the C API: "
                     "std::terminate ends the whole server (engine/sampling.py)")
-NOT_YET = {"bad_utf8": fuzzing.ENCODED_SURROGATES, "huge": (10**400,)}
-# Temperatures the property tests leave out until TINY_TEMPERATURE is fixed: one would end the server.
-SAFE_TEMPERATURE = st.just(0) | st.floats(1e-3, 2)
+# What the property tests leave out until those are fixed: set to () (or the whole range) then.
+NOT_YET_BAD_UTF8 = fuzzing.ENCODED_SURROGATES  # SURROGATE_BYTES
+NOT_YET_HUGE = (10**400,)  # HUGE_KEEP_ALIVE
+SAFE_TEMPERATURE = st.just(0) | st.floats(1e-3, 2)  # TINY_TEMPERATURE: one would end the shared server
 
 
 @dataclass
@@ -158,8 +159,9 @@ def test_the_document_needs_the_api_key_like_v1_models(server_factory):
 def test_json_route(targets, route, kind):
     target = targets[route]
     json_route = fuzzing.JsonRoute(*ROUTES[route], target.schemas, max_body=MAX_BODY,
-                                   bad_utf8=tuple(b for b in fuzzing.BAD_UTF8 if b not in NOT_YET["bad_utf8"]),
-                                   huge=tuple(n for n in fuzzing.HUGE if n not in NOT_YET["huge"]))
+                                   bad_utf8=tuple(b for b in fuzzing.BAD_UTF8 + fuzzing.ENCODED_SURROGATES
+                                                  if b not in NOT_YET_BAD_UTF8),
+                                   huge=tuple(n for n in fuzzing.HUGE if n not in NOT_YET_HUGE))
     fuzz(target, json_route.cases(kind), VALID_EXAMPLES if kind == "valid" else MALFORMED_EXAMPLES)
 
 
@@ -180,8 +182,6 @@ def found(route: str, body: bytes, reason: str):
     found("completions", b'{"prompt": "\xed\xa0\x80", "max_tokens": 2}', SURROGATE_BYTES),
     found("chat", b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}], "max_tokens": 2}', SURROGATE_BYTES),
     found("completions", b'{"prompt": "x", "model": "\xed\xa0\x80"}', SURROGATE_BYTES),
-    found("chat", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "response_format": '
-                  b'{"type": "json_schema", "json_schema": {"schema": {"enum": ["\xed\xa0\x80"]}}}}', SURROGATE_BYTES),
     found("completions", b'{"prompt": "x", "max_tokens": 2, "keep_alive": 1' + b"0" * 400 + b"}", HUGE_KEEP_ALIVE),
     found("embeddings", b'{"input": "x", "keep_alive": 1' + b"0" * 400 + b"}", HUGE_KEEP_ALIVE),
 ])

@@ -15,8 +15,9 @@ from edgellm.protocol.openai import _KNOBS, ROLES
 
 Schema = dict[str, Any]
 
-# A keep_alive string, as units.parse_duration reads it.
+# A keep_alive string, as units.parse_duration reads it; a query flag, as serving/bundles.py reads it.
 DURATION_PATTERN = r"^\s*-?[0-9]+(\.[0-9]+)?\s*[smhd]?\s*$"
+FLAG_PATTERN = "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"
 
 
 def ref(name: str) -> Schema:
@@ -80,8 +81,9 @@ _RESPONSE_FORMAT: Schema = {"oneOf": [
         "type": {"const": "json_schema"},
         "json_schema": {"type": "object", "properties": {
             "name": {"description": "ignored"},
-            "schema": or_null({**_OBJECT, "description": "a JSON Schema the reply follows; keywords the "
-                                                         "grammar cannot enforce are refused (400)"}),
+            "schema": or_null({**_OBJECT, "description": "a JSON Schema the reply follows, nested at most 100 "
+                                                         "deep; keywords the grammar cannot enforce, and "
+                                                         "grammars past its bounds, are refused (400)"}),
             "strict": {"description": "ignored: the schema is always enforced"},
         }},
     }},
@@ -209,7 +211,8 @@ _ERRORS = {
     "413": _error("a body over [server] max_body_bytes"),
     "415": _error("a body not sent as application/json"),
     "429": _error("queue_full: `Retry-After` says when to try again"),
-    "503": _error("model_not_ready, runner_failed, shutting_down: `Retry-After` when retrying helps"),
+    "503": _error("model_not_ready, model_failed, runner_failed, shutting_down: `Retry-After` when retrying "
+                  "helps"),
     "default": _error("any other error (408, 414, 431 from the connection limits; 5xx)"),
 }
 _ADMIN_ERRORS = {key: _ERRORS[key] for key in ("401", "404", "default")} | {
@@ -217,8 +220,9 @@ _ADMIN_ERRORS = {key: _ERRORS[key] for key in ("401", "404", "default")} | {
     "409": _error("model_busy, no_room"),
     "503": _ERRORS["503"],
 }
-_API_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {"apiKeyHeader": []}]
 _ADMIN_KEY: list[dict[str, list[str]]] = [{"adminKey": []}, {"adminKeyHeader": []}]
+# An admin key opens the API too (and may keep a model loaded beyond [models] max_keep_alive).
+_API_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {"apiKeyHeader": []}, *_ADMIN_KEY]
 _MODEL_ID = [{"name": "model_id", "in": "path", "required": True, "schema": _STR,
               "description": "a model's id or alias; may contain '/'"}]
 _EVENTS = {"text/event-stream": {"schema": _STR}}
@@ -297,10 +301,14 @@ def document(version: str) -> dict[str, Any]:
                                       {"200": _json(ref("Hardware"), "as `edgellm doctor --json`")}, model=False),
             "/admin/bundles": {"post": {
                 "operationId": "adminUploadBundle", "summary": "Import a signed bundle", "security": _ADMIN_KEY,
+                "parameters": [{"name": "allow_downgrade", "in": "query", "required": False,
+                                "schema": {"type": "string", "pattern": FLAG_PATTERN},
+                                "description": "true: the bundle may replace models installed from newer ones"}],
                 "requestBody": {"required": True, "content": {"application/x-tar": {
                     "schema": {"type": "string", "contentMediaType": "application/x-tar"}}}},
                 "responses": {"200": {"description": "server-sent events: `progress` {file, done, total}, then "
-                                                     "`done` {models: [{id, status}]} or `error` (an Error)",
+                                                     "`done` {models: [{id, status}], warnings: [...]} or `error` "
+                                                     "(an Error)",
                                       "content": _EVENTS}, **_ADMIN_ERRORS}}},
         },
         "components": {

@@ -51,9 +51,16 @@ class Target:
         self.models = [m["id"] for m in self.get("/v1/models")["data"]]
 
     def alive(self) -> bool:
+        """Whether the server still answers /health (on a new connection), within 10 s."""
+        def answers() -> bool:
+            try:
+                return httpx.get(self.client.base_url.join("/health"), timeout=5).status_code < 500
+            except httpx.HTTPError:
+                return False
+
         try:
-            return self.client.get("/health", timeout=5).status_code < 500
-        except httpx.HTTPError:
+            return loopback.wait_for(answers, 10, "/health", interval=0.5)
+        except TimeoutError:
             return False
 
     def rebind(self, url: str) -> None:
