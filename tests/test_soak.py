@@ -13,14 +13,6 @@ from conftest import ROOT
 
 SECONDS = 25
 RSS_BOUND_MIB = 32  # the tool's default is 64 over 600 s; a healthy short run grows a few MiB
-# Found by the soak, in files this branch does not own; once fixed, drop the mark.
-MALLOC = ("RSS grows ~15-35 MiB per bundle install + first load + uninstall while other models serve "
-          "(about 90 MiB in 120 s with an upload every 10 s). glibc's dynamic mmap threshold: freeing the "
-          "unloaded model's big buffers raises it, later ones come from the heap and are not returned. "
-          "With MALLOC_MMAP_THRESHOLD_=131072 in the server's environment the growth is ~1.5 MiB: e.g. "
-          "mallopt(M_MMAP_THRESHOLD) at start, or Environment= in systemd/edgellm.service")
-
-
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory):
     out = tmp_path_factory.mktemp("soak") / "summary.json"
@@ -58,7 +50,8 @@ def test_the_exit_status_says_whether_the_bounds_held(soak):
         assert f"{when}: RSS" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=MALLOC)
 def test_memory_comes_back_after_the_warm_up(soak):
+    # Bundle installs, first loads and uninstalls under load grew RSS 15-35 MiB each until the server
+    # fixed glibc's mmap threshold (cli.py): freed model buffers stayed in the heap.
     _, summary = soak
     assert summary["rss_growth_mib"] < RSS_BOUND_MIB, summary["timeline"]
