@@ -118,3 +118,17 @@ def test_the_bounds_are_the_documented_ones():
     for value in (limits.MAX_TOKENS, limits.MAX_STOPS, limits.MAX_STOP_LENGTH, limits.MAX_LOGIT_BIAS,
                   limits.MAX_EMBEDDING_INPUTS, limits.INT32_MAX):
         assert f"{value:,}".replace(",", " ") in doc or str(value) in doc, value
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "Hi", "name": 7}]}, "messages[0].name"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": ["x"], "schema": {}}}},
+     "response_format.json_schema.name"),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"strict": "yes", "schema": {}}}},
+     "response_format.json_schema.strict"),
+])
+def test_fields_edgellm_does_not_use_are_still_checked(body, param):
+    # Found by the fuzz against /openapi.json: these were accepted whatever their type.
+    with pytest.raises(InvalidRequest) as refused:
+        proto.parse_chat(body)
+    assert refused.value.param == param

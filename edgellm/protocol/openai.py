@@ -216,6 +216,8 @@ def _response_format(body: dict) -> dict | None:
         spec = _get(fmt, "json_schema", "object", param="response_format.json_schema")
         if spec is None:
             raise _invalid("response_format json_schema needs a 'json_schema' object", "response_format.json_schema")
+        _get(spec, "name", "string", param="response_format.json_schema.name")  # checked, not used
+        _get(spec, "strict", "boolean", param="response_format.json_schema.strict")  # always strict here
         schema = _get(spec, "schema", "object", {}, param="response_format.json_schema.schema")
         return schema or {}
     raise _invalid(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
@@ -259,8 +261,9 @@ def parse_chat(body: dict) -> ChatRequest:
         if message.get("tool_calls"):
             raise Unsupported("tool calls are not supported yet", param=f"{where}.tool_calls")
         entry = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
-        if isinstance(message.get("name"), str):
-            entry["name"] = message["name"]
+        name = _get(message, "name", "string", param=f"{where}.name")
+        if name is not None:
+            entry["name"] = name
         parsed.append(entry)
     kwargs = _get(body, "chat_template_kwargs", "object", {})
     return ChatRequest(messages=parsed, options=_options(body, chat=True), chat_template_kwargs=kwargs)

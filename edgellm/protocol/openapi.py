@@ -80,11 +80,11 @@ _RESPONSE_FORMAT: Schema = {"oneOf": [
     {"type": "object", "required": ["type", "json_schema"], "properties": {
         "type": {"const": "json_schema"},
         "json_schema": {"type": "object", "properties": {
-            "name": {"description": "ignored"},
+            "name": {**_STR, "description": "checked, not used"},
             "schema": or_null({**_OBJECT, "description": "a JSON Schema the reply follows, nested at most 100 "
                                                          "deep; keywords the grammar cannot enforce, and "
                                                          "grammars past its bounds, are refused (400)"}),
-            "strict": {"description": "ignored: the schema is always enforced"},
+            "strict": {"type": "boolean", "description": "the schema is always enforced, whatever this says"},
         }},
     }},
 ]}
@@ -92,7 +92,7 @@ _RESPONSE_FORMAT: Schema = {"oneOf": [
 _MESSAGE: Schema = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": list(ROLES)},
     "content": or_null({"anyOf": [_STR, {"type": "array", "items": ref("TextPart")}]}),
-    "name": {"description": "passed to the chat template when a string; any other value is ignored"},
+    "name": {**_STR, "description": "passed to the chat template"},
 }}
 
 _TEXT_PART: Schema = {"type": "object", "required": ["type", "text"],
