@@ -113,11 +113,11 @@ class ChatTemplate:
         """
         max_chars = n_ctx * CHARS_PER_TOKEN if n_ctx else None
         text = self.render(messages, kwargs=kwargs, deadline=deadline, max_chars=max_chars)
-        tainted = [s for s in _client_strings([messages, kwargs or {}]) if model.spells_control(s)]
+        tainted = {s: token for s in _client_strings([messages, kwargs or {}]) if (token := model.control_in(s))}
         if not tainted:
             return model.tokenize(text)
         nonce = secrets.token_hex(8)
-        marks = {s: f"\ue000{nonce}:{i}\ue001" for i, s in enumerate(dict.fromkeys(tainted))}
+        marks = {s: f"\ue000{nonce}:{i}\ue001" for i, s in enumerate(tainted)}
         marked = self.render(_replace_strings(messages, marks), kwargs=_replace_strings(kwargs or {}, marks),
                              deadline=deadline, max_chars=max_chars)
         by_mark = {mark: s for s, mark in marks.items()}
@@ -132,14 +132,13 @@ class ChatTemplate:
             at += len(part)
         if "".join(p for p, _ in pieces) != text:
             raise TemplateError("a message holds text that is a control token of this model "
-                                f"({_first_control(model, tainted[0])!r}) and the chat template transforms "
+                                f"({next(iter(tainted.values()))!r}) and the chat template transforms "
                                 "it, so it cannot be kept as plain text; remove it from the message")
         tokens: list[int] = []
         for piece, special in pieces:
             if piece:
                 tokens += model.tokenize(piece, add_special=not tokens, parse_special=special)
         return tokens
-
 
     @classmethod
     def for_model(cls, model: Model, override: str = "") -> ChatTemplate:
@@ -183,10 +182,6 @@ def _replace_strings(value: Any, marks: dict[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: v if k == "role" else _replace_strings(v, marks) for k, v in value.items()}
     return marks.get(value, value) if isinstance(value, str) else value
-
-
-def _first_control(model: Model, text: str) -> str:
-    return next(model.token_text(t) for t in model.tokenize(text, add_special=False) if t in model.control_tokens)
 
 
 class _Generation(jinja2.ext.Extension):

@@ -155,11 +155,12 @@ class Model:
         """The first characters of the control tokens' texts: text without any spells none."""
         return frozenset(text[0] for text in map(self.token_text, self.control_tokens) if text)
 
-    def spells_control(self, text: str) -> bool:
-        """True when tokenizing `text` with special parsing would give a control token."""
+    def control_in(self, text: str) -> str | None:
+        """The first control token that tokenizing `text` with special parsing would give, or None."""
         if not any(c in text for c in self.control_initials):
-            return False
-        return not self.control_tokens.isdisjoint(self.tokenize(text, add_special=False))
+            return None
+        found = (t for t in self.tokenize(text, add_special=False) if t in self.control_tokens)
+        return next((self.token_text(t) for t in found), None)
 
     @functools.cached_property
     def eog_tokens(self) -> tuple[int, ...]:

@@ -43,23 +43,23 @@ class APIKeyAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        presented = _presented_key(scope)
+        digest = _digest(presented) if presented is not None else None
         if scope["path"] in PUBLIC_PATHS:
-            scope.setdefault("state", {})["authorized"] = not self._digests or _valid(scope, self._digests)
+            scope.setdefault("state", {})["authorized"] = not self._digests or _valid(digest, self._digests)
             await self.app(scope, receive, send)
             return
         admin = scope["path"].startswith("/admin/") or scope["path"] == "/admin"
-        if not admin and self._admin_digests and _valid(scope, self._admin_digests):
-            # An admin key opens the API too, with the operator's say: a keep_alive beyond the bounds.
-            scope.setdefault("state", {}).update(admin=True, api_key_id=_key_id(scope))
-            await self.app(scope, receive, send)
-            return
         digests = self._admin_digests if admin else self._digests
-        if not digests and (not admin or (self._admin_open and _from_this_machine(scope))):
+        # An admin key opens the API too, with the operator's say: a keep_alive beyond the bounds.
+        as_admin = not admin and _valid(digest, self._admin_digests)
+        if as_admin or _valid(digest, digests):
+            # Whose request it is, for what must not cross between keys (cached prompts): a digest, not the key.
+            assert digest is not None
+            scope.setdefault("state", {}).update(api_key_id=digest.hex()[:16], admin=as_admin)
             await self.app(scope, receive, send)
             return
-        if _valid(scope, digests):
-            # Whose request it is, for what must not cross between keys (cached prompts): a digest, not the key.
-            scope.setdefault("state", {})["api_key_id"] = _key_id(scope)
+        if not digests and (not admin or (self._admin_open and _from_this_machine(scope))):
             await self.app(scope, receive, send)
             return
         if admin and not digests:
@@ -68,7 +68,6 @@ class APIKeyAuth:
             await send_error(send, EdgeError(f"the admin API without admin keys {why}: set [server] admin_keys or "
                                              "admin_key_file", status=403, code="admin_disabled"))
             return
-        presented = _presented_key(scope)
         kind = "admin key" if admin else "API key"
         message = (f"missing {kind}: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'" if presented is None
                    else f"invalid {kind}")
@@ -80,16 +79,9 @@ def _from_this_machine(scope: Scope) -> bool:
     return b"origin" not in headers and is_loopback(host_name(headers.get(b"host", b"").decode("latin-1")))
 
 
-def _key_id(scope: Scope) -> str:
-    return _digest(_presented_key(scope) or "").hex()[:16]
-
-
-def _valid(scope: Scope, digests: list[bytes]) -> bool:
-    presented = _presented_key(scope)
-    if presented is None:
-        return False
-    digest = _digest(presented)
-    return any(hmac.compare_digest(digest, d) for d in digests)
+def _valid(digest: bytes | None, digests: list[bytes]) -> bool:
+    """Whether the presented key's digest is one of these (compared in constant time)."""
+    return digest is not None and any(hmac.compare_digest(digest, d) for d in digests)
 
 
 def _presented_key(scope: Scope) -> str | None:
