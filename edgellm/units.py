@@ -1,9 +1,10 @@
-"""Sizes and durations as operators and clients write them ('512MiB', '5m'). A leaf."""
+"""Sizes, durations and times as operators, clients and bundles write them ('512MiB', '5m'). A leaf."""
 
 from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 
 MiB = 1 << 20
 
@@ -38,3 +39,10 @@ def parse_duration(text: str | int | float) -> float | None:
     if seconds != seconds:  # NaN
         raise ValueError(f"expected a duration such as 30s, 5m or 1h (negative: forever), got {text!r}")
     return None if seconds < 0 or seconds > MAX_SECONDS else seconds
+
+
+def timestamp(text: str) -> datetime:
+    """An ISO 8601 time, a bundle's `created`, as a UTC datetime to compare (one without a zone is
+    UTC); ValueError when it is not one."""
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

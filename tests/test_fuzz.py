@@ -30,12 +30,10 @@ from edgellm.units import parse_duration
 sys.path.insert(0, str(ROOT / "tools" / "fuzz"))
 import fuzzing  # noqa: E402
 
-CONFIG = "[engine]\nn_ctx = 256\nn_threads = 1\n[server]\nmax_body_bytes = 65536\n"
 MAX_BODY = 65536
+CONFIG = f"[engine]\nn_ctx = 256\nn_threads = 1\n[server]\nmax_body_bytes = {MAX_BODY}\n"
 DOCUMENT = document(__version__)
-ROUTES = {"chat": ("/v1/chat/completions", "ChatCompletionRequest"),
-          "completions": ("/v1/completions", "CompletionRequest"),
-          "embeddings": ("/v1/embeddings", "EmbeddingRequest")}
+ROUTES, PROBES = fuzzing.ROUTES, fuzzing.PROBES
 VALID_EXAMPLES, MALFORMED_EXAMPLES, OTHER_EXAMPLES = 150, 25, 250
 SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
@@ -67,9 +65,6 @@ class Target:
         assert r.status_code == 200, r.text
 
 
-PROBES = {"chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
-          "completions": ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
-          "embeddings": ("/v1/embeddings", {"input": "the cat"})}
 
 
 def schemas(model_id: str) -> fuzzing.Schemas:

@@ -19,6 +19,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+# The tools' own clients (httpx reads the proxy variables) talk to loopback directly, never via a proxy.
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
 
 def wait_for(predicate: Callable[[], T | None], seconds: float, what: str, interval: float = 0.05) -> T:

@@ -53,8 +53,8 @@ from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, T
 from edgellm.config import Config, EngineConfig
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
-from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe, timestamp
-from edgellm.units import MiB, parse_size
+from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe
+from edgellm.units import MiB, parse_size, timestamp
 
 DISK_MARGIN = 64 * MiB  # left free on the state dir's filesystem
 
@@ -145,7 +145,8 @@ def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine:
             try:
                 for sha in {f.sha256 for e in new for f in e.files}:
                     registry.place(staged[sha], sha)
-                registry.write([e for e in entries if e.id not in {n.id for n in new}] + new)
+                replaced = {e.id for e in new}
+                registry.write([e for e in entries if e.id not in replaced] + new)
             finally:
                 registry.recover()  # blobs placed for nothing (a failed write), or of replaced models
     return [Outcome(m.id, "unchanged" if m.id in now else "replaced" if m.id in installed else "installed")

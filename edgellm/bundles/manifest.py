@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from edgellm.errors import InvalidRequest
 from edgellm.modelfile import defaults as sampling_defaults
-from edgellm.store.registry import timestamp
+from edgellm.units import timestamp
 
 FORMAT = "edgellm-bundle"
 VERSION = 1

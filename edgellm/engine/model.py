@@ -157,7 +157,7 @@ class Model:
 
     def control_in(self, text: str) -> str | None:
         """The first control token that tokenizing `text` with special parsing would give, or None."""
-        if not any(c in text for c in self.control_initials):
+        if self.control_initials.isdisjoint(text):
             return None
         found = (t for t in self.tokenize(text, add_special=False) if t in self.control_tokens)
         return next((self.token_text(t) for t in found), None)

@@ -41,13 +41,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 from edgellm.errors import EdgeError
 from edgellm.files import fsync_dir, write_atomic
 from edgellm.modelfile import defaults, gguf, memory
+from edgellm.units import timestamp
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 BUFFERS = 4  # chunks in flight while copying: one being read, one hashed, one written, one spare
@@ -160,11 +160,13 @@ def describe(parts: list[Path], *, model_id: str, source: str, files: list[Model
     )
 
 
-def timestamp(text: str) -> datetime:
-    """An ISO 8601 time, a bundle's `created`, as a UTC datetime to compare (one without a zone is
-    UTC); ValueError when it is not one."""
-    value = datetime.fromisoformat(text)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+def _check_describable(headers: list[gguf.GGUFFile]) -> None:
+    """A StoreError when the headers lack or mangle what the server reads to serve the model (an
+    f32 NaN where a size belongs): such a file would be installed but never served."""
+    try:
+        memory.estimate(headers, n_ctx=512, parallel=1, n_ubatch=512)
+    except EdgeError as e:
+        raise StoreError(e.message, status=400, code="invalid_model_file") from None
 
 
 def model_id_for(path: Path) -> str:
@@ -419,11 +421,9 @@ class Registry:
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
             raise StoreError(f"missing model file(s): {', '.join(missing)}", status=400)
-        headers = [gguf.read(part) for part in parts]  # refuse what is not a readable GGUF before copying a byte
-        try:  # and a header the server could not describe (an f32 NaN where a size belongs): it would never serve
-            memory.estimate(headers, n_ctx=512, parallel=1, n_ubatch=512)
-        except EdgeError as e:
-            raise StoreError(e.message, status=400) from None
+        # Refuse what is not a readable GGUF, or one the server could not describe, before copying a byte.
+        headers = [gguf.read(part) for part in parts]
+        _check_describable(headers)
         if alias is not None and not NAME_RE.fullmatch(alias):
             raise StoreError(f"alias {alias!r} may hold only letters, digits and . _ : - (up to 128)", status=400)
         with self.locked():
@@ -431,7 +431,7 @@ class Registry:
             files = [self._install(part, progress) for part in parts]
             entries = self.entries()
             entry = describe([self.blob(f.sha256) for f in files], model_id=model_id_for(parts[0]),
-                             source=source or f"file:{parts[0].resolve()}", files=files)
+                             source=source or f"file:{parts[0].resolve()}", files=files, headers=headers)
             existing = next((e for e in entries if e.sha256 == entry.sha256), None)
             taken = {n for e in entries for n in e.names() if e is not existing}
             if alias is not None and alias in taken:

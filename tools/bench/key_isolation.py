@@ -15,13 +15,11 @@ time, alternating over --rounds; TTFT medians in ms. Run on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
 from pathlib import Path
 
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,25 +31,16 @@ KEYS = ("bench-key-a-0123456789abcdef", "bench-key-b-0123456789abcdef")
 STEPS = ("A first", "A again", "B first", "B again")
 
 
-def one(url: str, key: str, prompt: str, args: argparse.Namespace, ban: dict) -> dict:
-    async def go() -> dict:
-        async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {key}"},
-                                     limits=httpx.Limits(max_keepalive_connections=0)) as http:
-            return await prefix.complete(http, url, prompt, args, ban)
-
-    return asyncio.run(go())
-
-
 def run_round(shared: bool, model: Path, args: argparse.Namespace, out: Path, rnd: int, work: prefix.Workload,
               ban: dict) -> dict:
     name = "shared" if shared else "per-key"
     log = out / f"edgellm-{name}-{rnd}.log"
-    lines = [f"prompt_cache_shared = {'true' if shared else 'false'}", "[server]", f"api_keys = {json.dumps(KEYS)}"]
     server = run.start("edgellm", model, args.port, args, Path(), log, state_dir=out / f"state-{name}-{rnd}",
-                       engine_lines=lines)
+                       engine_lines=[f"prompt_cache_shared = {'true' if shared else 'false'}"],
+                       extra_toml=f"[server]\napi_keys = {json.dumps(KEYS)}\n")
     try:
         keys = [KEYS[0], KEYS[0], KEYS[1], KEYS[1]]
-        return {step: one(server.url, key, work.hub(i), args, ban)
+        return {step: prefix.one(server, work.hub(i), args, ban, {"Authorization": f"Bearer {key}"})
                 for i, (step, key) in enumerate(zip(STEPS, keys, strict=True))}
     finally:
         server.stop()

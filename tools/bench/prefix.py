@@ -185,9 +185,9 @@ class Workload:
 
 # --- requests ------------------------------------------------------------------------------------
 
-def client() -> httpx.AsyncClient:
+def client(headers: dict[str, str] | None = None) -> httpx.AsyncClient:
     # A fresh connection per request, as in run.py (llama-server closes kept-alive connections).
-    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+    return httpx.AsyncClient(timeout=600, headers=headers, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 async def complete(http: httpx.AsyncClient, url: str, prompt: str, args: argparse.Namespace, ban: dict) -> dict:
@@ -216,9 +216,10 @@ async def complete(http: httpx.AsyncClient, url: str, prompt: str, args: argpars
             **({"cache_n": timings.get("cache_n"), "prompt_n": timings.get("prompt_n")} if timings else {})}
 
 
-def one(server: Server, prompt: str, args: argparse.Namespace, ban: dict) -> dict:
+def one(server: Server, prompt: str, args: argparse.Namespace, ban: dict,
+        headers: dict[str, str] | None = None) -> dict:
     async def go() -> dict:
-        async with client() as http:
+        async with client(headers) as http:
             return await complete(http, server.url, prompt, args, ban)
 
     return asyncio.run(go())

@@ -129,16 +129,18 @@ class Server:
 
 
 def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path, *,
-          state_dir: Path | None = None, engine_lines: Sequence[str] = (), extra_args: Sequence[str] = ()) -> Server:
+          state_dir: Path | None = None, engine_lines: Sequence[str] = (), extra_args: Sequence[str] = (),
+          extra_toml: str = "") -> Server:
     """Start one server with the shared settings and wait until it is ready.
 
-    edgellm: `engine_lines` are more TOML lines for its [engine] section, `state_dir` its state
-    dir (default: state/ beside the log). llama-server: `extra_args` are more flags.
+    edgellm: `engine_lines` are more TOML lines for its [engine] section, `extra_toml` more
+    sections, `state_dir` its state dir (default: state/ beside the log). llama-server:
+    `extra_args` are more flags.
     """
     if name == "edgellm":
         config = log.with_suffix(".toml")
         config.write_text(f"[engine]\nn_ctx = {args.ctx}\nn_threads = {args.threads}\nparallel = {args.slots}\n"
-                          f"max_queue = 64\n" + "".join(f"{line}\n" for line in engine_lines))
+                          f"max_queue = 64\n" + "".join(f"{line}\n" for line in engine_lines) + extra_toml)
         cmd = [sys.executable, "-m", "edgellm", "serve", "--model", str(model), "--port", str(port),
                "--config", str(config), "--state-dir", str(state_dir or log.parent / "state")]
     else:

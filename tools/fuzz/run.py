@@ -32,9 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import fuzzing  # noqa: E402
 import loopback  # noqa: E402
 
-ROUTES = {"chat": ("/v1/chat/completions", "ChatCompletionRequest"),
-          "completions": ("/v1/completions", "CompletionRequest"),
-          "embeddings": ("/v1/embeddings", "EmbeddingRequest")}
+ROUTES = fuzzing.ROUTES
 CONFIG = "[engine]\nn_ctx = {n_ctx}\nn_threads = {threads}\n[server]\nmax_body_bytes = {max_body}\n"
 
 
@@ -125,8 +123,7 @@ def after_check(target: Target, embedding: bool) -> list[str]:
     health = target.client.get("/health", headers=target.headers("/health"))
     if health.status_code != 200:
         problems.append(f"/health answers {health.status_code} after the fuzz: {health.text[:300]}")
-    path, body = (("/v1/embeddings", {"input": "the cat"}) if embedding else
-                  ("/v1/completions", {"prompt": "Hello", "max_tokens": 4}))
+    path, body = fuzzing.PROBES["embeddings" if embedding else "completions"]
     reply = target.client.post(path, json=body, headers=target.headers(path))
     if reply.status_code != 200:
         problems.append(f"a normal {path} answers {reply.status_code} after the fuzz: {reply.text[:300]}")
@@ -197,17 +194,18 @@ def fuzz_all(args: argparse.Namespace, chat: Target, embed: Target) -> int:
     done: dict[str, int] = {}
     plans: dict[str, tuple[Target, fuzzing.Schemas, st.SearchStrategy]] = {}
     wanted = args.routes.split(",")
+    built = {"chat": chat.schemas(args.max_tokens), "embed": embed.schemas(args.max_tokens)}  # once each
     for route in wanted:
         if route in ROUTES:
             target = embed if route == "embeddings" else chat
-            schemas = target.schemas(args.max_tokens)
+            schemas = built["embed" if route == "embeddings" else "chat"]
             json_route = fuzzing.JsonRoute(*ROUTES[route], schemas, max_body=args.max_body, max_tokens=args.max_tokens)
             for kind in ("valid", *fuzzing.MALFORMED):
                 plans[f"{route}/{kind}"] = (target, schemas, json_route.cases(kind))
     if "other" in wanted:
-        plans["other"] = (chat, chat.schemas(args.max_tokens), fuzzing.other_cases(chat.models))
+        plans["other"] = (chat, built["chat"], fuzzing.other_cases(chat.models))
     if "bundles" in wanted:
-        plans["bundles"] = (chat, chat.schemas(args.max_tokens), fuzzing.bundle_cases())
+        plans["bundles"] = (chat, built["chat"], fuzzing.bundle_cases())
     round_no = 0
     while time.monotonic() - start < args.seconds:
         todo = [n for n in plans if n not in findings and done.get(n, 0) < args.examples]

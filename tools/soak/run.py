@@ -229,8 +229,9 @@ class Soak:
 
     async def _admin(self, client: httpx.AsyncClient, method: str, path: str, ok: tuple[int, ...]) -> bool:
         try:
-            response = await client.request(method, path)
-        except httpx.HTTPError as e:
+            async with asyncio.timeout(REQUEST_TIMEOUT):  # in all: httpx's timeout is per read
+                response = await client.request(method, path)
+        except (httpx.HTTPError, TimeoutError) as e:
             self.tally.error(f"admin:connection:{type(e).__name__}", f"{method} {path}: {e}")
             return False
         action = path.rsplit("/", 1)[-1] if method == "POST" else method.lower()
@@ -265,13 +266,14 @@ class Soak:
                 if not await self._upload(client):
                     continue
                 try:
-                    response = await client.post("/v1/completions", json={"model": BUNDLE_MODEL, "prompt": "Hello",
-                                                                           "max_tokens": 8})
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        response = await client.post("/v1/completions", json={"model": BUNDLE_MODEL,
+                                                                               "prompt": "Hello", "max_tokens": 8})
                     if response.status_code == 200:
                         self.tally.ok("bundle:used")
                     else:
                         status_outcome(self.tally, "bundle:use", response.status_code, response.content)
-                except httpx.HTTPError as e:
+                except (httpx.HTTPError, TimeoutError) as e:
                     self.tally.error(f"bundle:connection:{type(e).__name__}", str(e))
                 await self._admin(client, "DELETE", f"/admin/models/{BUNDLE_MODEL}", (200,))
 
@@ -285,8 +287,9 @@ class Soak:
 
         last: tuple[str, str] = ("", "")
         try:
-            async with client.stream("POST", "/admin/bundles", content=chunks(),
-                                     headers={"content-type": "application/x-tar"}) as response:
+            async with asyncio.timeout(REQUEST_TIMEOUT), \
+                    client.stream("POST", "/admin/bundles", content=chunks(),
+                                  headers={"content-type": "application/x-tar"}) as response:
                 if response.status_code != 200:
                     self.tally.error(f"bundle:upload:{response.status_code}", (await response.aread()).decode())
                     return False
@@ -296,7 +299,7 @@ class Soak:
                         name = line[7:]
                     elif line.startswith("data: "):
                         last = (name, line[6:])
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, TimeoutError) as e:
             self.tally.error(f"bundle:connection:{type(e).__name__}", str(e))
             return False
         if last[0] == "done" and json.loads(last[1])["models"][0]["id"] == BUNDLE_MODEL:
