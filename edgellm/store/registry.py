@@ -321,11 +321,14 @@ class Registry:
 
     # --- changing (under the lock) ------------------------------------------------------------
 
+    def _make_folders(self) -> None:
+        for d in (self.root, self.blobs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
     @contextlib.contextmanager
     def locked(self, *, wait: bool = True) -> Iterator[bool]:
         """Hold the store's lock (yields False when wait=False and another process holds it)."""
-        for d in (self.root, self.blobs, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        self._make_folders()
         with open(self.root / ".lock", "a+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -351,8 +354,7 @@ class Registry:
         """A directory of this process's own in tmp/ to verify an import's files in before it
         commits, without the store's lock. It is deleted at the end; while it is in use, a lock
         of its own (a file beside it, made first and deleted last) keeps recover() away from it."""
-        for d in (self.root, self.blobs, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        self._make_folders()
         while True:
             name = f"{STAGING}{os.getpid()}-{secrets.token_hex(4)}"
             lock_path = self.tmp / f"{name}.lock"
