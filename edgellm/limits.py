@@ -16,6 +16,7 @@ MAX_STOPS = 16  # stop strings per request
 MAX_STOP_LENGTH = 1024  # characters of one stop string
 MAX_LOGIT_BIAS = 4096  # logit_bias entries per request
 MAX_EMBEDDING_INPUTS = 2048  # inputs of one embeddings request, as OpenAI's API allows
+MAX_TOOLS = 128  # tools of one chat request, as OpenAI's API allows
 
 
 @dataclass(frozen=True)

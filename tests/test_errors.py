@@ -69,7 +69,7 @@ class TestInvalidRequests:
         ("stop", ["a"] * 17, "stop"),
         ("n", 2, "n"),
         ("logprobs", True, "logprobs"),
-        ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+        ("tools", [{"type": "function", "function": {"name": "a b"}}], "tools[0].function.name"),
         ("logit_bias", {"x": 1}, "logit_bias"),
         ("logit_bias", {"5": 500}, "logit_bias"),
         ("logit_bias", {"999999": 1}, "logit_bias"),

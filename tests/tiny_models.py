@@ -67,14 +67,16 @@ def write_model(
     sampling: dict[str, int | float] | None = None,
     embedding_length: float | None = None,
     name: str = "tiny-test",
+    special: tuple[str, ...] = (),
 ) -> Path:
     """Write a tiny llama model; `script` maps a piece to the piece greedy decoding picks next.
 
     With split_max_tensors, it is written as split files (NAME-00001-of-0000N.gguf)
     and the first part's path is returned. `sampling`: recommended sampling settings
     (general.sampling.temp, top_k, ...). `name`: general.name, which llama.cpp logs whole.
-    `embedding_length`: an f32 written where the header's integer belongs (a broken file: NaN, say)."""
-    extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
+    `embedding_length`: an f32 written where the header's integer belongs (a broken file: NaN, say).
+    `special`: more control tokens (a model family's markers: `[TOOL_CALLS]`, `<|python_tag|>`)."""
+    extra = (["<|im_start|>", "<|im_end|>"] if chat_template else []) + list(special)
     tokens = vocabulary(extra)
     index = {t: i for i, t in enumerate(tokens)}
     n_vocab = len(tokens)

@@ -46,6 +46,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from edgellm.engine.deadline import Abandoned, Deadline, TooComplex
 from edgellm.engine.errors import TemplateError
 from edgellm.engine.model import Model
+from edgellm.engine.tools import GENERIC, Syntax, rendering, syntax_for
 
 log = logging.getLogger("edgellm.engine")
 
@@ -94,17 +95,26 @@ class ChatTemplate:
     """How one model's messages become its prompt."""
 
     name: str
+    source: str | None = None  # a Jinja template's text
+    tool_syntax: Syntax = GENERIC  # how this model writes tool calls (tools.py)
+    tool_markers: frozenset[int] = frozenset()  # the control tokens of that syntax
+
+    @property
+    def tool_rendering(self) -> str:
+        """Where the template puts tools: "tools", "system" or "text" (tools.rendering)."""
+        return rendering(self.source)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None, kwargs: dict[str, Any] | None = None,
                deadline: Deadline | None = None, max_chars: int | None = None) -> str:
         raise NotImplementedError
 
-    def tokens(self, model: Model, messages: list[dict[str, Any]], *, kwargs: dict[str, Any] | None = None,
-               deadline: Deadline | None = None, n_ctx: int | None = None) -> list[int]:
+    def tokens(self, model: Model, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+               kwargs: dict[str, Any] | None = None, deadline: Deadline | None = None,
+               n_ctx: int | None = None) -> list[int]:
         """The prompt's tokens, where only the template's own text may be control tokens.
 
-        Text from the request (message content and names, chat_template_kwargs) is tokenized
+        Text from the request (messages, tools, chat_template_kwargs) is tokenized
         with special-token parsing off. When none of it spells a control token (nearly always)
         that is the same as tokenizing the whole prompt at once, and that is what is done. Else
         the messages are rendered a second time with a placeholder for each such text, which
@@ -112,14 +122,15 @@ class ChatTemplate:
         it) cannot be split so, and the request is refused rather than let through.
         """
         max_chars = n_ctx * CHARS_PER_TOKEN if n_ctx else None
-        text = self.render(messages, kwargs=kwargs, deadline=deadline, max_chars=max_chars)
-        tainted = {s: token for s in _client_strings([messages, kwargs or {}]) if (token := model.control_in(s))}
+        text = self.render(messages, tools=tools, kwargs=kwargs, deadline=deadline, max_chars=max_chars)
+        tainted = {s: token for s in _client_strings([messages, tools or [], kwargs or {}])
+                   if (token := model.control_in(s))}
         if not tainted:
             return model.tokenize(text)
         nonce = secrets.token_hex(8)
         marks = {s: f"\ue000{nonce}:{i}\ue001" for i, s in enumerate(tainted)}
-        marked = self.render(_replace_strings(messages, marks), kwargs=_replace_strings(kwargs or {}, marks),
-                             deadline=deadline, max_chars=max_chars)
+        marked = self.render(_replace_strings(messages, marks), tools=_replace_strings(tools, marks),
+                             kwargs=_replace_strings(kwargs or {}, marks), deadline=deadline, max_chars=max_chars)
         by_mark = {mark: s for s, mark in marks.items()}
         parts = re.split(f"(\ue000{nonce}:\\d+\ue001)", marked)
         pieces: list[tuple[str, bool]] = []  # (text, may hold control tokens)
@@ -142,7 +153,19 @@ class ChatTemplate:
 
     @classmethod
     def for_model(cls, model: Model, override: str = "") -> ChatTemplate:
-        """`override` (a built-in name or Jinja source) when set, else the model's own, else a built-in."""
+        """`override` (a built-in name or Jinja source) when set, else the model's own, else a built-in;
+        with the syntax the model writes tool calls in."""
+        template = cls._chosen(model, override)
+        syntax = template.tool_syntax = syntax_for(template.source, model.has_token)
+        template.tool_markers = frozenset(t for t in model.control_tokens if model.token_text(t)
+                                          and model.token_text(t) in syntax.markers)
+        log.info("tool calls: %s syntax; tools %s", syntax.family, {
+            "tools": "rendered by the template", "system": "in the system message's 'tools'",
+            "text": "described in a system message (the template has no place for them)"}[template.tool_rendering])
+        return template
+
+    @classmethod
+    def _chosen(cls, model: Model, override: str) -> ChatTemplate:
         bos, eos = model.bos_text, model.token_text(model.eos)
         if override:
             name = _ALIASES.get(override, override)
@@ -346,6 +369,7 @@ class JinjaTemplate(ChatTemplate):
 
     def __init__(self, source: str, name: str, *, bos_token: str = "", eos_token: str = "") -> None:
         self.name = name
+        self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
         try:

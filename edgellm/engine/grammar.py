@@ -119,6 +119,33 @@ def _json_literal(value: object) -> str:
     return literal(json.dumps(value, ensure_ascii=False, separators=(",", ":"))) + " ws"
 
 
+def gemma_text(value: object) -> str:
+    """A value as FunctionGemma writes it: strings between <escape> marks, keys bare and sorted,
+    no spaces, null as None (its chat template's format_argument)."""
+    if isinstance(value, str):
+        return f"<escape>{value}<escape>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{gemma_text(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(gemma_text, value)) + "]"
+    return json.dumps(value)
+
+
+# FunctionGemma's way of writing values: where it differs from JSON's. Its strings cannot hold
+# "<", which would begin the <escape> that ends them.
+_GEMMA = {
+    "ws": '""',
+    "char": r'[^<\x00-\x1F]',
+    "string": '"<escape>" char{0,' + str(MAX_STRING) + '} "<escape>"',
+    "key": "[A-Za-z_] [A-Za-z0-9_]{0,63}",
+    "null": '"None"',
+}
+
+
 def to_gbnf(schema: dict, check: Callable[[], None] | None = None) -> str:
     """GBNF whose root accepts exactly the JSON documents `schema` allows (within the bounds above).
 
@@ -129,10 +156,37 @@ def to_gbnf(schema: dict, check: Callable[[], None] | None = None) -> str:
     return converter.grammar()
 
 
+class Grammar:
+    """Several schemas in one grammar, with rules of the caller's around them: a tool call is the
+    model's call syntax around one of the tools' argument schemas. No root is written; the caller
+    adds one (see tools.CallGrammar)."""
+
+    def __init__(self, check: Callable[[], None] | None = None, *, dialect: str = "json") -> None:
+        """`dialect`: "json", or "gemma" for FunctionGemma's way of writing arguments (gemma_text)."""
+        self._converter = _Converter({}, check or (lambda: None), gemma=dialect == "gemma")
+
+    def schema(self, schema: dict, hint: str) -> str:
+        """The name of a rule for the JSON values `schema` allows ($refs resolve within it)."""
+        converter = self._converter
+        converter.document = schema
+        return converter._rule(hint, converter.visit(schema, "#"))
+
+    def rule(self, hint: str, body: str) -> str:
+        """The name of a rule for `body`."""
+        return self._converter._rule(hint, body)
+
+    def text(self) -> str:
+        rules = self._converter
+        rules.grammar()  # adds the primitives used
+        return "\n".join(f"{name} ::= {body}" for name, body in rules.rules.items() if name != "root") + "\n"
+
+
 class _Converter:
-    def __init__(self, document: dict, check: Callable[[], None]) -> None:
+    def __init__(self, document: dict, check: Callable[[], None], *, gemma: bool = False) -> None:
         self.document = document
         self.check = check
+        self.gemma = gemma
+        self.quote = '"<escape>"' if gemma else '"\\""'  # what a string begins and ends with
         self.rules: dict[str, str] = {"root": ""}  # root first; a name is taken once it is in here
         self._named: dict[str, str] = {}  # rule body -> the rule that has it, so that equal rules are one
         self._suffix: dict[str, int] = {}  # name base -> the number its next rule tries first
@@ -141,8 +195,8 @@ class _Converter:
         self._count = 0  # llama.cpp's rules so far
         self._done: dict[int, str] = {}  # id of a schema object of the document -> its expression
         self._kinds_of: dict[int, frozenset[str] | None] = {}
-        self._refs: dict[str, str] = {}
-        self._open: dict[str, int] = {}  # $refs being compiled -> self._brackets when they were entered
+        self._refs: dict[tuple[int, str], str] = {}  # (document, $ref) -> its rule
+        self._open: dict[tuple[int, str], int] = {}  # $refs being compiled -> self._brackets when entered
         self._brackets = 0  # objects and arrays open around the schema being compiled
         self._depth = 0
 
@@ -189,7 +243,7 @@ class _Converter:
         """The rules written, and the primitives they refer to."""
         while missing := {name for name in self._used if name not in self.rules}:
             for name in missing:
-                self.write(name, _PRIMITIVES[name])
+                self.write(name, _GEMMA.get(name, _PRIMITIVES[name]) if self.gemma else _PRIMITIVES[name])
         return "\n".join(f"{name} ::= {body}" for name, body in self.rules.items()) + "\n"
 
     def visit(self, schema: object, where: str) -> str:
@@ -230,7 +284,7 @@ class _Converter:
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
         if "const" in schema or "enum" in schema:
-            return _choice(_json_literal(v) for v in _values(schema, where))
+            return _choice(self._literal(v) for v in _values(schema, where))
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
                 options = schema[keyword]
@@ -263,11 +317,17 @@ class _Converter:
         makes many rules itself, or it refuses the grammar (2000 rules at most per repetition)."""
         return expression if _NAME.fullmatch(expression) else self._rule(_hint(where, "value"), expression)
 
+    def _literal(self, value: object) -> str:
+        return literal(gemma_text(value)) if self.gemma else _json_literal(value)
+
     def _key_except(self, names: set[str], where: str) -> str:
         """A rule for an extra key of an object: any key (unescaped, MAX_KEY characters at most) but
         `names`, the keys the schema declares. Built from the trie of the names: at each prefix,
         the key may end (unless the prefix is a name), go on with a name's next character, or
         leave every name behind with any other character."""
+        if self.gemma:
+            raise SchemaError(f"{where}: extra keys ('additionalProperties') beside declared ones are not "
+                              "supported in FunctionGemma's calls")
         trie: dict = {}
         nodes = 0
         for name in names:
@@ -361,19 +421,20 @@ class _Converter:
     def _ref(self, ref: object, where: str) -> str:
         target = self._resolve(ref, where)
         assert isinstance(ref, str)  # _resolve refuses anything else
-        if self._open.get(ref) == self._brackets:
+        key = (id(self.document), ref)
+        if self._open.get(key) == self._brackets:
             # Reached again with no bracket opened since: its rule would begin with itself, which
             # llama.cpp refuses (left recursion), and which no finite value matches.
             raise SchemaError(f"{where}: $ref {ref!r} refers back to itself before any value is written")
-        if ref not in self._refs:
+        if key not in self._refs:
             # Name the rule before compiling its target: a schema may refer to itself.
-            name = self._refs[ref] = self._name(ref.rsplit("/", 1)[-1] if "/" in ref else "root-ref")
-            self._open[ref] = self._brackets
+            name = self._refs[key] = self._name(ref.rsplit("/", 1)[-1] if "/" in ref else "root-ref")
+            self._open[key] = self._brackets
             try:
                 self.write(name, self.visit(target, ref))
             finally:
-                del self._open[ref]
-        return self._refs[ref]
+                del self._open[key]
+        return self._refs[key]
 
     def _merge_all_of(self, schema: dict, where: str) -> dict:
         parts = schema["allOf"]
@@ -445,7 +506,7 @@ class _Converter:
             if low > shortest or (high is not None and high < longest):
                 raise SchemaError(f"{where}: format {fmt!r} writes {shortest} to {longest} characters; "
                                   "minLength or maxLength inside that range is not supported")
-            return f'"\\"" {fmt} "\\"" ws'
+            return f'{self.quote} {fmt} {self.quote} ws'
 
         if high is not None and high < low:
             raise SchemaError(f"{where}: maxLength is less than minLength")
@@ -455,7 +516,7 @@ class _Converter:
         if (low, high) == (0, MAX_STRING):
             return "string"
         # A rule, so that strings of one length share one (llama.cpp writes a rule per character).
-        return self._rule(_hint(where, "string"), f'"\\"" char{{{low},{high}}} "\\"" ws')
+        return self._rule(_hint(where, "string"), f'{self.quote} char{{{low},{high}}} {self.quote} ws')
 
     def _integer(self, schema: dict, where: str) -> str:
         low, high = _int_bounds(schema, where)
@@ -518,7 +579,11 @@ class _Converter:
 
         def pair(key: str, value_schema: object) -> str:
             value = self._symbol(self.visit(value_schema, f"{where}/properties/{key}"), f"{where}/properties/{key}")
-            return f"{_json_literal(key)} \":\" ws {value}"
+            if self.gemma and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+                raise SchemaError(f"{where}: FunctionGemma's calls name arguments with letters, digits and '_' "
+                                  f"only, not {key[:40]!r}")
+            name = literal(key) if self.gemma else _json_literal(key)
+            return f"{name} \":\" ws {value}"
 
         with self._bracketed():
             required_pairs = [pair(k, properties.get(k, extra_schema)) for k in required]

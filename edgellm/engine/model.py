@@ -54,7 +54,7 @@ class Model:
         init_llama()
         parts = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
         self.path = parts[0]
-        self._pieces: dict[int, bytes] = {}  # token -> bytes, filled as tokens are generated
+        self._pieces: dict[int, bytes] = {}  # token (~token: special) -> bytes, filled as tokens are generated
         params = C.llama_model_default_params()
         # A NULL-terminated list of the devices llama.cpp may use: exactly the chosen one.
         devices = (ctypes.c_void_p * 2)(_device(device) if device else None, None)
@@ -118,16 +118,18 @@ class Model:
             n = C.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token contributes to the output (control tokens give none)."""
-        piece = self._pieces.get(token)
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a generated token contributes to the output (control tokens none, unless
+        `special`: the markers of a tool call's syntax are part of what a reply says)."""
+        key = ~token if special else token
+        piece = self._pieces.get(key)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            n = C.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
+                n = C.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            piece = self._pieces[key] = buf.raw[:n]
         return piece
 
     def token_text(self, token: int) -> str:

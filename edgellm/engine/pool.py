@@ -532,6 +532,7 @@ class Pool:
             "backend": loaded.backend if loaded else None,
             "gpu_layers": loaded.gpu_layers if loaded else None,
             "chat_template_in_use": loaded.chat_template.name if loaded and loaded.chat_template else None,
+            "tool_call_format": loaded.chat_template.tool_syntax.family if loaded and loaded.chat_template else None,
             "estimate_bytes": state.known.estimate.total,
             "kv_cache": {"type_k": self._engine.cache_type_k, "type_v": self._engine.cache_type_v,
                          "estimate_bytes": state.known.estimate.kv_cache},

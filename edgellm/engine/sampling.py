@@ -20,6 +20,7 @@ from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import to_gbnf
 from edgellm.engine.llama_log import llama_errors, reason
 from edgellm.engine.model import Model
+from edgellm.engine.tools import CallGrammar, begun
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,12 @@ class Sampler:
     262k-token vocabulary. Everything else runs a llama_sampler chain.
     """
 
-    def __init__(self, model: Model, params: SamplingParams, *, check: Callable[[], None] | None = None) -> None:
-        """`check`: called while a JSON schema compiles, to give up by raising (see grammar.to_gbnf)."""
+    def __init__(self, model: Model, params: SamplingParams, *, check: Callable[[], None] | None = None,
+                 calls: CallGrammar | None = None, visible: frozenset[int] = frozenset()) -> None:
+        """`check`: called while a JSON schema compiles, to give up by raising (see grammar.to_gbnf).
+        `calls`: the grammar of the reply's tool calls; `visible`: the control tokens of their syntax."""
         self.ptr = None
+        self._calls: _Calls | None = None
         self.n_vocab = model.n_vocab
         self._row = ctypes.c_float * model.n_vocab  # one row of logits, read in place
         # JSON output: near the end of max_tokens, tokens that close the JSON are favoured and commas
@@ -79,10 +83,10 @@ class Sampler:
         # With a grammar, the end of the document must stay possible: once the JSON is
         # complete the grammar allows only end tokens, and forbidding those too makes
         # llama.cpp abort the process.
-        if params.ignore_eos and params.json_schema is None:
+        if params.ignore_eos and params.json_schema is None and calls is None:
             bias.update((token, -math.inf) for token in model.eog_tokens)
         penalties = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-        if params.temperature < GREEDY_BELOW and params.json_schema is None and not penalties:
+        if params.temperature < GREEDY_BELOW and params.json_schema is None and calls is None and not penalties:
             self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
             self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
             self._biased = frozenset(bias)
@@ -90,6 +94,8 @@ class Sampler:
         self.ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         try:
             self._build(model, params, bias, check)
+            if calls is not None:
+                self._calls = _Calls(self.ptr, model, calls, visible)
         except BaseException:
             self.close()
             raise
@@ -97,6 +103,8 @@ class Sampler:
     def sample(self, ctx: C.llama_context_p, index: int, remaining: int | None = None) -> int:
         """The next token from the logits of batch position `index` (the chain accepts it).
         `remaining`: the tokens the reply may still have, this one included."""
+        if self._calls is not None:
+            return self._calls.sample(ctx, index)
         if self.ptr is not None:
             if self._enders is None:
                 return C.llama_sampler_sample(self.ptr, ctx, index)
@@ -176,10 +184,117 @@ class Sampler:
         self._add(C.llama_sampler_init_dist(seed))
 
     def close(self) -> None:
+        if self._calls is not None:
+            self._calls.close()
         if self.ptr:
             C.llama_sampler_free(self.ptr)
             self.ptr = None
 
+
+_CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+class _Calls:
+    """Sampling under a tool-call grammar.
+
+    The grammar checks the token the sampler chain picked freely, and only when it refuses
+    that token is the whole vocabulary filtered by it and the chain run again (as llama.cpp's
+    own server samples): a token the model wanted anyway costs one check, not a pass over
+    every candidate.
+
+    When the model may write text first (tool_choice auto), the grammar starts with the first
+    trigger the text contains. A token that completes a trigger but goes on with something
+    the grammar refuses is replaced by what the grammar allows after the part of the trigger
+    already written, so the first trigger in the text is always where the grammar began
+    (which is how calls.py finds the calls).
+    """
+
+    def __init__(self, chain: C.llama_sampler_p, model: Model, grammar: CallGrammar,
+                 visible: frozenset[int]) -> None:
+        self._chain = chain
+        self._vocab = model.vocab
+        self._model = model
+        self._spec = grammar
+        self._visible = visible
+        self._triggers = grammar.triggers
+        self._tail = ""  # the end of the text that begins a trigger (bytes as Latin-1: triggers are ASCII)
+        self._candidates: np.ndarray | None = None
+        # Built here, in the worker thread that prepares the request: a grammar llama.cpp refuses is
+        # a 400 now, and the usual start (a trigger at a token's start) costs the runner nothing.
+        self._ready: C.llama_sampler_p | None = None
+        self._grammar: C.llama_sampler_p | None = None
+        self._ready = self._start(0, 0)
+        if grammar.forced:
+            self._grammar, self._ready = self._ready, None
+
+    def sample(self, ctx: C.llama_context_p, index: int) -> int:
+        token = C.llama_sampler_sample(self._chain, ctx, index)
+        if self._grammar is not None:
+            if self._allows(self._grammar, token):
+                C.llama_sampler_accept(self._grammar, token)
+                return token
+            return self._resample(ctx, index)
+        text = self._tail + self._model.piece(token, special=token in self._visible).decode("latin-1")
+        found = [(i, n) for n, t in enumerate(self._triggers) if (i := text.find(t)) >= 0]
+        if not found:
+            self._tail = text[len(text) - begun(text, self._triggers):]
+            return token
+        start, trigger = min(found)
+        if start <= len(self._tail):  # the token goes on from the text so far: does the grammar?
+            grammar = self._start(trigger, len(self._tail) - start)
+            if self._allows(grammar, token):
+                C.llama_sampler_accept(grammar, token)
+                self._grammar = grammar
+                return token
+            C.llama_sampler_free(grammar)
+        # The trigger the text so far begins (else the one the token wrote), from where it stands.
+        partial = next((n for n, t in enumerate(self._triggers) if self._tail and t.startswith(self._tail)), trigger)
+        self._grammar = self._start(partial, len(self._tail))
+        return self._resample(ctx, index)
+
+    def _start(self, trigger: int, written: int) -> C.llama_sampler_p:
+        if (trigger, written) == (0, 0) and self._ready is not None:
+            grammar, self._ready = self._ready, None
+            return grammar
+        with llama_errors() as errors:
+            grammar = C.llama_sampler_init_grammar(self._vocab, self._spec.source(trigger, written), b"root")
+        if not grammar:
+            raise SchemaError(f"llama.cpp refused the tool-call grammar: {reason(errors, 'unknown')}",
+                              param="tools")
+        return grammar
+
+    @staticmethod
+    def _allows(grammar: C.llama_sampler_p, token: int) -> bool:
+        one = (C.llama_token_data * 1)(C.llama_token_data(token, 0.0, 0.0))
+        array = C.llama_token_data_array(one, 1, -1, False)
+        C.llama_sampler_apply(grammar, ctypes.byref(array))
+        return one[0].logit != -math.inf
+
+    def _resample(self, ctx: C.llama_context_p, index: int) -> int:
+        """The chain's pick among the tokens the grammar allows."""
+        n_vocab = self._model.n_vocab
+        if self._candidates is None:
+            self._candidates = np.zeros(n_vocab, dtype=_CANDIDATE)
+        candidates = self._candidates
+        candidates["id"] = np.arange(n_vocab, dtype=np.int32)
+        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+        assert address is not None
+        row = (ctypes.c_float * n_vocab).from_address(address)
+        candidates["logit"] = np.frombuffer(row, dtype=np.float32)  # type: ignore[call-overload]
+        candidates["p"] = 0.0
+        data = candidates.ctypes.data_as(C.llama_token_data_p)
+        array = C.llama_token_data_array(data, n_vocab, -1, False)
+        C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        C.llama_sampler_apply(self._chain, ctypes.byref(array))
+        token = int(data[array.selected].id)
+        C.llama_sampler_accept(self._grammar, token)
+        return token
+
+    def close(self) -> None:
+        for grammar in (self._grammar, self._ready):
+            if grammar is not None:
+                C.llama_sampler_free(grammar)
+        self._grammar = self._ready = None
 
 def _grammar(model: Model, schema: dict[str, object], check: Callable[[], None] | None) -> C.llama_sampler_p:
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""

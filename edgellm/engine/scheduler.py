@@ -59,6 +59,8 @@ class Prepared:
     snapshot: tuple[list[int], ctypes.Array[ctypes.c_uint8]] | None = None
     # Whose cached cells it may reuse: an API key's id ("" when every client may share them).
     partition: str = ""
+    # Control tokens whose text the reply shows: the markers of its tool calls' syntax.
+    visible: frozenset[int] = frozenset()
 
 
 @dataclass(eq=False)
@@ -428,7 +430,7 @@ class Scheduler:
         sequence.last_token_at = now
         sequence.generated += 1
         self.metrics.generated_tokens.inc()
-        text = sequence.text.feed(self.model.piece(token))
+        text = sequence.text.feed(self.model.piece(token, special=token in sequence.job.request.visible))
         if text:
             self.outbox.put(sequence.stream, Text(text))
         if sequence.text.stopped:

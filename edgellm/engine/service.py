@@ -19,10 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from edgellm.engine.calls import CallArguments, CallEvent, CallReader, CallStart
 from edgellm.engine.deadline import Deadline
 from edgellm.engine.errors import NotGenerative
 from edgellm.engine.pool import Lease, Pool
-from edgellm.engine.stream import Event, Finish, Stream, Text, Usage
+from edgellm.engine.stream import Finish, Stream, Text, Usage
+from edgellm.engine.tools import Tool, ToolUse, call_grammar, with_tools
 from edgellm.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgellm.engine")
 T = TypeVar("T")
 
-__all__ = ["Embeddings", "EmbedRequest", "Finish", "GenerateRequest", "Generation", "GenerationService",
-           "ModelInfo", "Text", "Usage"]
+__all__ = ["CallArguments", "CallEvent", "CallStart", "Embeddings", "EmbedRequest", "Finish", "GenerateRequest",
+           "Generation", "GenerationService", "ModelInfo", "Text", "Tool", "ToolUse", "Usage"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class GenerateRequest:
     chat_template_kwargs: dict[str, object] = field(default_factory=dict)  # more variables for the template
     partition: str = ""  # whose cached prompts it may reuse: the API key's id ("" for a box without keys)
     privileged: bool = False  # an admin key's: keep_alive is not bounded by [models] min/max_keep_alive
+    tools: ToolUse | None = None  # tools the reply may call (chat only)
 
     @property
     def param(self) -> str:
@@ -84,31 +87,33 @@ class Generation:
     """One generation on its way: iterate it for its events; close() when the response has ended
     (it cancels what is still running and ends the model's lease)."""
 
-    def __init__(self, stream: Stream, lease: Lease, prompt_tokens: int) -> None:
+    def __init__(self, stream: Stream, lease: Lease, prompt_tokens: int, reader: CallReader | None = None) -> None:
         self.model = lease.loaded.id
         self.prompt_tokens = prompt_tokens
         self._stream = stream
+        # Without tools the events come straight from the runner's stream: nothing per token here.
+        self._events: AsyncIterator[CallEvent] = stream if reader is None else _read(stream, reader)
         self._lease = lease
-        self._pending: asyncio.Future[Text | Finish] | None = None
+        self._pending: asyncio.Future[CallEvent] | None = None
 
-    def __aiter__(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> AsyncIterator[CallEvent]:
         if self._pending is None:
-            return self._stream  # the events come straight from the runner's stream: nothing per token here
+            return self._events
         return self._after_pending()
 
-    async def _after_pending(self) -> AsyncIterator[Event]:
+    async def _after_pending(self) -> AsyncIterator[CallEvent]:
         """The event first() was still waiting for, then the rest."""
         assert self._pending is not None
         pending, self._pending = self._pending, None
         yield await pending
-        async for event in self._stream:
+        async for event in self._events:
             yield event
 
-    async def first(self, timeout: float) -> Text | Finish | None:
+    async def first(self, timeout: float) -> CallEvent | None:
         """The next event, or None when none came within `timeout` seconds (it is not lost: the
         next call or iteration gets it)."""
         if self._pending is None:
-            self._pending = asyncio.ensure_future(anext(self._stream))
+            self._pending = asyncio.ensure_future(anext(self._events))
         done, _ = await asyncio.wait({self._pending}, timeout=timeout)
         if not done:
             return None
@@ -120,6 +125,12 @@ class Generation:
             self._pending.cancel()
         self._stream.cancel()  # a no-op once the generation has finished
         self._lease.release()
+
+
+async def _read(stream: Stream, reader: CallReader) -> AsyncIterator[CallEvent]:
+    async for event in stream:
+        for out in reader.feed(event):
+            yield out
 
 
 class GenerationService:
@@ -166,33 +177,40 @@ class GenerationService:
                                                                     ensure_ascii=False))
             deadline = Deadline()
             partition = "" if self._shared_prompt_cache else request.partition
-            prepared = await _in_thread(lambda: self._prepare(loaded, request, partition, deadline),
-                                        abandon=lambda p: p.sampler.close(), cancel=deadline.cancel)
+            prepared, reader = await _in_thread(lambda: self._prepare(loaded, request, partition, deadline),
+                                                abandon=lambda p: p[0].sampler.close(), cancel=deadline.cancel)
             try:
                 stream = loaded.runner.submit(prepared)
             except BaseException:
                 prepared.sampler.close()
                 raise
             stream.when_finished(prepared.sampler.close)  # the runner is done with it
-            return Generation(stream, lease, len(prepared.prompt))
+            return Generation(stream, lease, len(prepared.prompt), reader)
         except BaseException:
             lease.release()
             raise
 
     @staticmethod
-    def _prepare(loaded: Loaded, request: GenerateRequest, partition: str, deadline: Deadline) -> Prepared:
-        """Tokens and a sampler, in a worker thread (templates and long prompts take milliseconds;
-        a hostile template or schema is stopped by the deadline)."""
+    def _prepare(loaded: Loaded, request: GenerateRequest, partition: str,
+                 deadline: Deadline) -> tuple[Prepared, CallReader | None]:
+        """Tokens and a sampler (and what reads the tool calls back), in a worker thread (templates
+        and long prompts take milliseconds; a hostile template or schema is stopped by the deadline)."""
         # Here, with a model loaded: they import llama.cpp, which an idle server does without (pool.py).
         from edgellm.engine.sampling import Sampler, SamplingParams
         from edgellm.engine.scheduler import Prepared
 
         with loaded.held():
-            model, param, n_ctx = loaded.model, request.param, loaded.runner.n_ctx
+            model, param, n_ctx, template = loaded.model, request.param, loaded.runner.n_ctx, loaded.chat_template
+            use, calls = request.tools, None
             if request.messages is not None:
-                assert loaded.chat_template is not None
-                prompt = loaded.chat_template.tokens(model, request.messages, kwargs=request.chat_template_kwargs,
-                                                     deadline=deadline, n_ctx=n_ctx)
+                assert template is not None
+                messages, tools = request.messages, None
+                if use is not None:
+                    messages, tools = with_tools(template.tool_syntax, template.tool_rendering, use, messages)
+                if use is not None and use.callable:
+                    calls = call_grammar(template.tool_syntax, use, check=deadline.check)
+                prompt = template.tokens(model, messages, tools=tools, kwargs=request.chat_template_kwargs,
+                                         deadline=deadline, n_ctx=n_ctx)
             elif isinstance(request.prompt, str):
                 prompt = model.tokenize(request.prompt)  # a raw prompt is the client's whole prompt, markers too
             else:
@@ -209,8 +227,12 @@ class GenerationService:
             cache = loaded.runner.prompt_cache
             # find() may read the snapshot from disk: here, in a worker thread, not in the runner.
             snapshot = cache.partition(partition).find(prompt) if cache is not None else None
-            return Prepared(prompt, Sampler(model, sampling, check=deadline.check), request.max_tokens,
-                            request.stops, snapshot=snapshot, partition=partition)
+            visible = template.tool_markers if calls is not None and template is not None else frozenset()
+            sampler = Sampler(model, sampling, check=deadline.check, calls=calls, visible=visible)
+            prepared = Prepared(prompt, sampler, request.max_tokens, request.stops, snapshot=snapshot,
+                                partition=partition, visible=visible)
+            reader = CallReader(template.tool_syntax, calls) if calls is not None and template is not None else None
+            return prepared, reader
 
     # --- embeddings -----------------------------------------------------------------------------
 

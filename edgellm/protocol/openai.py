@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard
 
@@ -38,10 +40,26 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True)
+class FunctionTool:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # a JSON schema for the arguments object
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    tools: tuple[FunctionTool, ...]
+    choice: str  # "none", "auto", "required", or "function" (the one `name` says)
+    name: str | None
+    parallel: bool
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: list[dict]
     options: GenerationOptions
     chat_template_kwargs: dict[str, Any]  # more variables for the chat template (vLLM's and llama-server's field)
+    tools: ToolOptions | None = None  # None: the request offers no tools
 
 
 @dataclass(frozen=True)
@@ -106,7 +124,6 @@ def _options(body: dict, *, chat: bool) -> GenerationOptions:
     if chat:
         _refuse_unless(not _get(body, "logprobs", "boolean", False), "logprobs", "logprobs are not supported")
         _refuse_unless(_get(body, "top_logprobs", "integer") is None, "top_logprobs", "logprobs are not supported")
-        _refuse_unless(not _get(body, "tools", "array"), "tools", "tool calling is not supported yet")
     else:
         _refuse_unless(_get(body, "logprobs", "integer") is None, "logprobs", "logprobs are not supported")
         _refuse_unless(not _get(body, "echo", "boolean", False), "echo", "echo is not supported")
@@ -246,11 +263,101 @@ def _content(message: dict, where: str) -> str:
     return "".join(texts)
 
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tools(body: dict) -> ToolOptions | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls`: None when the request offers no tools."""
+    raw = _get(body, "tools", "array", [])
+    if len(raw) > limits.MAX_TOOLS:
+        raise _invalid(f"'tools' may hold at most {limits.MAX_TOOLS} tools, got {len(raw)}", "tools")
+    tools: list[FunctionTool] = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _invalid(f"'{where}' must be an object", where)
+        if _get(tool, "type", "string", "function", param=f"{where}.type") != "function":
+            raise _invalid(f"'{where}.type' must be 'function'", f"{where}.type")
+        function = _get(tool, "function", "object", param=f"{where}.function")
+        if function is None:
+            raise _invalid(f"'{where}.function' is required", f"{where}.function")
+        name = _get(function, "name", "string", param=f"{where}.function.name")
+        if name is None or not _TOOL_NAME.fullmatch(name):
+            raise _invalid(f"'{where}.function.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                           f"{where}.function.name")
+        if any(t.name == name for t in tools):
+            raise _invalid(f"'{where}.function.name': two tools are named {name!r}", f"{where}.function.name")
+        description = _get(function, "description", "string", "", param=f"{where}.function.description")
+        parameters = _get(function, "parameters", "object", None, param=f"{where}.function.parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        elif parameters.get("type", "object") != "object":
+            raise _invalid(f"'{where}.function.parameters' must be the JSON schema of an object (type 'object')",
+                           f"{where}.function.parameters")
+        _get(function, "strict", "boolean", param=f"{where}.function.strict")  # always strict here
+        tools.append(FunctionTool(name, description, parameters))
+    choice, named = _tool_choice(body, tools)
+    parallel = _get(body, "parallel_tool_calls", "boolean", True)
+    if not tools:
+        return None
+    return ToolOptions(tuple(tools), choice, named, parallel)
+
+
+def _tool_choice(body: dict, tools: list[FunctionTool]) -> tuple[str, str | None]:
+    raw = body.get("tool_choice")
+    if raw is None:
+        return "auto", None
+    if isinstance(raw, str):
+        if raw not in ("none", "auto", "required"):
+            raise _invalid(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {raw!r}",
+                           "tool_choice")
+        if raw == "required" and not tools:
+            raise _invalid("'tool_choice' is 'required' but the request has no 'tools'", "tool_choice")
+        return raw, None
+    if not isinstance(raw, dict) or raw.get("type") != "function":
+        raise _invalid("'tool_choice' must be 'none', 'auto', 'required' or "
+                       "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    function = _get(raw, "function", "object", {}, param="tool_choice.function")
+    name = _get(function, "name", "string", param="tool_choice.function.name")
+    if name is None or not any(t.name == name for t in tools):
+        raise _invalid(f"'tool_choice.function.name' {name!r} is not among the request's tools",
+                       "tool_choice.function.name")
+    return "function", name
+
+
+def _tool_calls(message: dict, where: str) -> list[dict]:
+    """An assistant message's calls, with the arguments as an object (what chat templates expect)."""
+    calls = _get(message, "tool_calls", "array", [], param=f"{where}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise _invalid(f"'{at}' must be an object", at)
+        function = _get(call, "function", "object", param=f"{at}.function")
+        if function is None:
+            raise _invalid(f"'{at}.function' is required", f"{at}.function")
+        name = _get(function, "name", "string", param=f"{at}.function.name")
+        if name is None:
+            raise _invalid(f"'{at}.function.name' is required", f"{at}.function.name")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise _invalid(f"'{at}.function.arguments' is not valid JSON", f"{at}.function.arguments") from None
+        if not isinstance(arguments, dict):
+            raise _invalid(f"'{at}.function.arguments' must be a JSON object", f"{at}.function.arguments")
+        call_id = _get(call, "id", "string", "", param=f"{at}.id")
+        out.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
+
+
 def parse_chat(body: dict) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty array of messages", "messages")
-    parsed = []
+    parsed: list[dict] = []
+    names: dict[str, str] = {}  # call id -> the tool it called, for results that do not say
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -258,15 +365,28 @@ def parse_chat(body: dict) -> ChatRequest:
         role = message.get("role")
         if role not in ROLES:
             raise _invalid(f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-        if message.get("tool_calls"):
-            raise Unsupported("tool calls are not supported yet", param=f"{where}.tool_calls")
-        entry = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                 "content": _content(message, where)}
         name = _get(message, "name", "string", param=f"{where}.name")
+        if role == "assistant" and message.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls(message, where)  # content stays "" if null: templates read it
+            names.update((c["id"], c["function"]["name"]) for c in entry["tool_calls"] if c["id"])
+        if role == "tool":
+            call_id = _get(message, "tool_call_id", "string", param=f"{where}.tool_call_id")
+            if call_id is None:
+                raise _invalid(f"'{where}.tool_call_id' is required in a tool message", f"{where}.tool_call_id")
+            entry["tool_call_id"] = call_id
+            name = name or names.get(call_id)
         if name is not None:
             entry["name"] = name
         parsed.append(entry)
     kwargs = _get(body, "chat_template_kwargs", "object", {})
-    return ChatRequest(messages=parsed, options=_options(body, chat=True), chat_template_kwargs=kwargs)
+    options = _options(body, chat=True)
+    tools = _tools(body)
+    if tools is not None and tools.choice != "none" and "json_schema" in options.sampling:
+        raise Unsupported("'response_format' together with 'tools' is not supported; set one of them",
+                          param="response_format")
+    return ChatRequest(messages=parsed, options=options, chat_template_kwargs=kwargs, tools=tools)
 
 
 def parse_completion(body: dict) -> CompletionRequest:
@@ -359,11 +479,16 @@ class Reply:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def body(self, text: str, finish_reason: str, usage: TokenCounts) -> dict:
-        """The whole response of a non-streamed request."""
+    def body(self, text: str, finish_reason: str, usage: TokenCounts,
+             calls: list[tuple[str, str, str]] | None = None) -> dict:
+        """The whole response of a non-streamed request; `calls`: (id, name, arguments) of its tool calls."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
+            message: dict[str, object] = {"role": "assistant", "content": text}
+            if calls:
+                message["content"] = text or None
+                message["tool_calls"] = [{"id": id, "type": "function", "function": {"name": name, "arguments": args}}
+                                         for id, name, args in calls]
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
             body = self._base("chat.completion")
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -384,6 +509,13 @@ class Reply:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
             body = self._base("text_completion")
         body["choices"] = [choice]
+        return body
+
+    def call_chunk(self, index: int, call: Mapping[str, object]) -> dict:
+        """A streamed piece of tool call `index`: its id, type and name first, then its arguments."""
+        body = self._base("chat.completion.chunk")
+        body["choices"] = [{"index": 0, "delta": {"tool_calls": [{"index": index, **call}]}, "logprobs": None,
+                            "finish_reason": None}]
         return body
 
     def usage_chunk(self, usage: TokenCounts) -> dict:

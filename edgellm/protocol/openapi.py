@@ -89,11 +89,39 @@ _RESPONSE_FORMAT: Schema = {"oneOf": [
     }},
 ]}
 
+_TOOL_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_CALL: Schema = {"type": "object", "required": ["function"], "properties": {
+    "id": or_null(_STR), "type": or_null({"const": "function"}),
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": _STR,
+        "arguments": or_null({"anyOf": [{**_STR, "contentMediaType": "application/json",
+                                         "description": "a JSON object"}, _OBJECT]}),
+    }},
+}}
 _MESSAGE: Schema = {"type": "object", "required": ["role"], "properties": {
     "role": {"type": "string", "enum": list(ROLES)},
     "content": or_null({"anyOf": [_STR, {"type": "array", "items": ref("TextPart")}]}),
     "name": {**_STR, "description": "passed to the chat template"},
+    "tool_calls": or_null({"type": "array", "items": _CALL, "description": "an assistant's calls"}),
+    "tool_call_id": or_null({**_STR, "description": "required in a tool message"}),
 }}
+_TOOL: Schema = {"type": "object", "required": ["function"], "properties": {
+    "type": or_null({"const": "function"}),
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {**_TOOL_NAME, "description": "unique among the request's tools"},
+        "description": or_null(_STR),
+        "parameters": or_null({**_OBJECT, "description": "the JSON Schema of an object (type 'object'); keywords "
+                                                        "the grammar cannot enforce are refused (400)"}),
+        "strict": or_null({"type": "boolean", "description": "always strict, whatever this says"}),
+    }},
+}}
+_TOOL_CHOICE: Schema = {"anyOf": [
+    {"type": "string", "enum": ["none", "auto", "required"]},
+    {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": {**_STR, "description": "one of the request's tools"}}}}},
+]}
 
 _TEXT_PART: Schema = {"type": "object", "required": ["type", "text"],
                       "properties": {"type": {"const": "text"}, "text": _STR}}
@@ -104,7 +132,9 @@ _CHAT_REQUEST: Schema = {"type": "object", "required": ["messages"], "properties
     "chat_template_kwargs": or_null({**_OBJECT, "description": "more variables for the chat template"}),
     "logprobs": or_null({"type": "boolean", "enum": [False]}),
     "top_logprobs": _NULL,
-    "tools": or_null({"type": "array", "maxItems": 0}),
+    "tools": or_null({"type": "array", "maxItems": limits.MAX_TOOLS, "items": ref("Tool")}),
+    "tool_choice": or_null({**_TOOL_CHOICE, "description": "'required' and a named tool need 'tools'"}),
+    "parallel_tool_calls": or_null({"type": "boolean"}),
 }}
 
 _COMPLETION_REQUEST: Schema = {"type": "object", "required": ["prompt"], "properties": {
@@ -136,7 +166,11 @@ def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None)
 
 _USAGE = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
               {"prompt_tokens_details": _obj({"cached_tokens": _INT})})
-_FINISH = {"type": "string", "enum": ["stop", "length"]}
+_FINISH = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
+_CALL_OUT = _obj({"id": _STR, "type": {"const": "function"},
+                  "function": _obj({"name": _STR, "arguments": {**_STR, "contentMediaType": "application/json"}})})
+_CALL_DELTA = _obj({"index": _INT}, {"id": _STR, "type": {"const": "function"},
+                                     "function": {"type": "object", "properties": {"name": _STR, "arguments": _STR}}})
 _ID = {"id": _STR, "created": _INT, "model": _STR}
 
 _ADMIN_MODEL = _obj({
@@ -152,6 +186,8 @@ _ADMIN_MODEL = _obj({
     "source": _STR, "installed": _STR, "license": _STR, "chat_template": _STR,
     "failure": or_null(_STR), "backend": or_null(_STR), "gpu_layers": or_null(_INT),
     "chat_template_in_use": or_null(_STR), "estimate_bytes": _INT,
+    "tool_call_format": or_null({"type": "string", "enum": ["hermes", "llama3", "mistral", "phi4", "functiongemma",
+                                                            "generic"]}),
     "kv_cache": _obj({"type_k": _STR, "type_v": _STR, "estimate_bytes": _INT}),
     "rss_delta_bytes": or_null(_INT), "last_used": or_null(_STR), "expires_at": or_null(_STR),
     "pinned": {"type": "boolean"},
@@ -162,17 +198,21 @@ SCHEMAS: dict[str, Schema] = {
     "Message": _MESSAGE,
     "TextPart": _TEXT_PART,
     "ResponseFormat": _RESPONSE_FORMAT,
+    "Tool": _TOOL,
     "ChatCompletionRequest": _CHAT_REQUEST,
     "CompletionRequest": _COMPLETION_REQUEST,
     "EmbeddingRequest": _EMBEDDING_REQUEST,
     "Usage": _USAGE,
     "ChatCompletion": _obj({**_ID, "object": {"const": "chat.completion"}, "usage": ref("Usage"), "choices": {
         "type": "array", "items": _obj({"index": _INT, "finish_reason": _FINISH, "logprobs": _NULL,
-                                        "message": _obj({"role": {"const": "assistant"}, "content": _STR})})}}),
+                                        "message": _obj({"role": {"const": "assistant"},
+                                                         "content": or_null(_STR)},
+                                                        {"tool_calls": {"type": "array", "items": _CALL_OUT}})})}}),
     "ChatCompletionChunk": _obj({**_ID, "object": {"const": "chat.completion.chunk"}, "choices": {
         "type": "array", "items": _obj({"index": _INT, "finish_reason": or_null(_FINISH), "logprobs": _NULL,
                                         "delta": {"type": "object", "properties": {
-                                            "role": {"const": "assistant"}, "content": _STR}}})}},
+                                            "role": {"const": "assistant"}, "content": _STR,
+                                            "tool_calls": {"type": "array", "items": _CALL_DELTA}}}})}},
         {"usage": ref("Usage")}),
     "Completion": _obj({**_ID, "object": {"const": "text_completion"}, "choices": {
         "type": "array", "items": _obj({"index": _INT, "text": _STR, "logprobs": _NULL,

@@ -16,12 +16,17 @@ from starlette.types import ASGIApp
 
 from edgellm.engine.errors import EngineError
 from edgellm.engine.service import (
+    CallArguments,
+    CallEvent,
+    CallStart,
     EmbedRequest,
     Finish,
     GenerateRequest,
     Generation,
     GenerationService,
     Text,
+    Tool,
+    ToolUse,
 )
 from edgellm.errors import EdgeError
 from edgellm.protocol import openai as proto
@@ -65,9 +70,8 @@ async def chat_completions(request: Request) -> ASGIApp:
     async def local() -> ASGIApp:
         parsed = proto.parse_chat(body)
         wanted = _generation(request, parsed.options, messages=parsed.messages,
-                             chat_template_kwargs=parsed.chat_template_kwargs)
-        return await _generate(request, wanted, parsed.options,
-                               chat=True)
+                             chat_template_kwargs=parsed.chat_template_kwargs, tools=_tool_use(parsed.tools))
+        return await _generate(request, wanted, parsed.options, chat=True)
 
     return await route(request, body, "/chat/completions", local)
 
@@ -83,14 +87,21 @@ async def completions(request: Request) -> ASGIApp:
     return await route(request, body, "/completions", local)
 
 
+def _tool_use(options: proto.ToolOptions | None) -> ToolUse | None:
+    if options is None:
+        return None
+    return ToolUse(tuple(Tool(t.name, t.description, t.parameters) for t in options.tools), options.choice,
+                   options.name, options.parallel)
+
+
 def _generation(request: Request, options: proto.GenerationOptions, *,
                 messages: list[dict[str, object]] | None = None, prompt: str | list[int] | None = None,
-                chat_template_kwargs: dict[str, object] | None = None) -> GenerateRequest:
+                chat_template_kwargs: dict[str, object] | None = None, tools: ToolUse | None = None) -> GenerateRequest:
     return GenerateRequest(model=options.model, messages=messages, prompt=prompt, max_tokens=options.max_tokens,
                            stops=options.stops, sampling=options.sampling, keep_alive=options.keep_alive,
                            chat_template_kwargs=chat_template_kwargs or {},
                            partition=getattr(request.state, "api_key_id", ""),
-                           privileged=getattr(request.state, "admin", False))
+                           privileged=getattr(request.state, "admin", False), tools=tools)
 
 
 async def _generate(request: Request, wanted: GenerateRequest, options: proto.GenerationOptions, *,
@@ -100,8 +111,8 @@ async def _generate(request: Request, wanted: GenerateRequest, options: proto.Ge
     handed_over = False
     try:
         if not options.stream:
-            text, finish = await unless_disconnected(request, _collect(generation))
-            return JSONResponse(reply.body(text, finish.reason, finish.usage))
+            text, calls, finish = await unless_disconnected(request, _collect(generation))
+            return JSONResponse(reply.body(text, finish.reason, finish.usage, calls))
         # Wait a while for the first event before answering, so a failure before the first
         # byte (a full KV cache, a runner that stops) still gets a proper status code.
         first = await unless_disconnected(request, generation.first(KEEPALIVE_AFTER))
@@ -116,16 +127,30 @@ def _ended_early() -> EngineError:  # the engine always ends a stream with Finis
     return EngineError("the generation ended without a result")
 
 
-async def _collect(generation: Generation) -> tuple[str, Finish]:
+async def _collect(generation: Generation) -> tuple[str, list[tuple[str, str, str]], Finish]:
+    """The text, the tool calls (id, name, arguments) and the end of a generation."""
     parts: list[str] = []
+    calls: list[list[str]] = []
     async for event in generation:
         if isinstance(event, Finish):
-            return "".join(parts), event
-        parts.append(event.text)
+            return "".join(parts), [(id, name, "".join(args)) for id, name, *args in calls], event
+        if isinstance(event, Text):
+            parts.append(event.text)
+        elif isinstance(event, CallStart):
+            calls.append([event.id, event.name])
+        else:
+            calls[event.index].append(event.text)
     raise _ended_early()
 
 
-async def _events(generation: Generation, first: Text | Finish | None, reply: proto.Reply, include_usage: bool
+def _call_event(reply: proto.Reply, event: CallStart | CallArguments) -> bytes:
+    if isinstance(event, CallStart):
+        piece = {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+        return sse.event(reply.call_chunk(event.index, piece))
+    return sse.event(reply.call_chunk(event.index, {"function": {"arguments": event.text}}))
+
+
+async def _events(generation: Generation, first: CallEvent | None, reply: proto.Reply, include_usage: bool
                   ) -> AsyncIterator[bytes]:
     """The server-sent events of one generation, from its first event (None: not there yet)."""
     try:
@@ -134,7 +159,7 @@ async def _events(generation: Generation, first: Text | Finish | None, reply: pr
         while first is None:  # a long prefill: comments until the first token
             yield sse.KEEPALIVE
             first = await generation.first(KEEPALIVE_AFTER)
-        event: Text | Finish = first
+        event: CallEvent = first
         events = aiter(generation)
         while True:
             if isinstance(event, Finish):
@@ -143,7 +168,7 @@ async def _events(generation: Generation, first: Text | Finish | None, reply: pr
                     yield sse.event(reply.usage_chunk(event.usage))
                 yield sse.DONE
                 return
-            yield reply.text_event(event.text)
+            yield reply.text_event(event.text) if isinstance(event, Text) else _call_event(reply, event)
             event = await anext(events)
     except StopAsyncIteration:
         yield sse.event(proto.error_body(_ended_early()))
