@@ -398,3 +398,21 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return 0
+
+
+def test_tool_requests_for_upstream_models_pass_through_untouched(server_factory, models, faulty):
+    """The upstream (vLLM) parses its own tool calls: edgellm checks nothing of them, not even what
+    its own grammar would refuse, and changes nothing."""
+    upstream = faulty("ok")
+    server = server_factory(models["random"], config=relay_config(upstream.url))
+    tools = [{"type": "function", "function": {"name": "look", "parameters": {
+        "type": "object", "properties": {"q": {"not": {"type": "null"}}}}}}]
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "look", "arguments": "{\"q\": 1}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "found"}]
+    body = {"model": "remote", "messages": history, "tools": tools, "tool_choice": "required",
+            "parallel_tool_calls": False}
+    assert server.post("/v1/chat/completions", body).status_code == 200
+    sent = upstream.bodies[-1]
+    assert {k: sent[k] for k in body} == body

@@ -403,3 +403,22 @@ def test_the_reader_holds_back_what_may_begin_a_trigger_and_splits_calls_anywher
                                                 "tool_calls")
     cut = read(HERMES, ['<tool_call>\n{"name": "f", "arguments": {"a": 1'])
     assert cut[1] == [("f", '{"a": 1')] and cut[2] == "stop"  # not whole: not "tool_calls"
+
+
+def test_a_grammar_never_writes_tokens_the_reply_does_not_show(client):
+    """<unk> and <s> read as their text to the grammar but show as nothing: in a string of at least
+    one character they would leave it empty. Favoured as much as a client can, they are still never
+    written, in tool calls and in JSON output alike."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 5}},
+              "required": ["s"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    favour = {"0": 100, "1": 100}  # <unk>, <s>
+    for seed in range(3):
+        reply = client.chat.completions.create(model="hermes", messages=ASK, tools=[tool], tool_choice="required",
+                                               parallel_tool_calls=False, seed=seed, logit_bias=favour,
+                                               max_tokens=200)
+        jsonschema.validate(json.loads(reply.choices[0].message.tool_calls[0].function.arguments), schema)
+        reply = client.chat.completions.create(model="hermes", messages=ASK, seed=seed, logit_bias=favour,
+                                               max_tokens=200, response_format={
+                                                   "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)

@@ -116,7 +116,7 @@ def test_the_bounds_are_the_documented_ones():
     for name in limits.SAMPLING:
         assert f"| `{name}` |" in doc, name
     for value in (limits.MAX_TOKENS, limits.MAX_STOPS, limits.MAX_STOP_LENGTH, limits.MAX_LOGIT_BIAS,
-                  limits.MAX_EMBEDDING_INPUTS, limits.INT32_MAX):
+                  limits.MAX_EMBEDDING_INPUTS, limits.MAX_TOOLS, limits.INT32_MAX):
         assert f"{value:,}".replace(",", " ") in doc or str(value) in doc, value
 
 

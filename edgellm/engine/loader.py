@@ -111,7 +111,9 @@ def _load_on(known: Known, engine: EngineConfig, device: str, layers: int, metri
     try:
         template = None if model.is_embedding else ChatTemplate.for_model(model, entry.chat_template)
         if template is not None:
-            model.control_initials  # noqa: B018 -- a walk over the vocabulary, here rather than in a request
+            # Walks over the vocabulary, here rather than in a request.
+            model.control_initials  # noqa: B018
+            model.hidden_tokens  # noqa: B018
         runner = Runner(model, engine, model_id=entry.id, metrics=metrics, on_exit=on_exit,
                         prompt_cache=prompt_cache, model_key=snapshot_key(entry))
     except StartTimeout as e:  # the weights go once the runner's thread has let go of them, if it ever does

@@ -153,6 +153,14 @@ class Model:
         return frozenset(t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & control)
 
     @functools.cached_property
+    def hidden_tokens(self) -> frozenset[int]:
+        """Tokens whose text a reply does not show (control tokens but the ends, <unk>), though a
+        grammar reads them as their text: under a grammar they are never written."""
+        unknown = C.LLAMA_TOKEN_ATTR_UNKNOWN
+        return (self.control_tokens | {t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & unknown}
+                ) - set(self.eog_tokens)
+
+    @functools.cached_property
     def control_initials(self) -> frozenset[str]:
         """The first characters of the control tokens' texts: text without any spells none."""
         return frozenset(text[0] for text in map(self.token_text, self.control_tokens) if text)

@@ -85,6 +85,10 @@ class Sampler:
         # llama.cpp abort the process.
         if params.ignore_eos and params.json_schema is None and calls is None:
             bias.update((token, -math.inf) for token in model.eog_tokens)
+        if params.json_schema is not None or calls is not None:
+            # The grammar reads a control token as its text (<s>, <unk>, <start_of_image>), which the
+            # reply does not show: inside a string it would let through what the schema forbids.
+            bias.update((token, -math.inf) for token in model.hidden_tokens - visible)
         penalties = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
         if params.temperature < GREEDY_BELOW and params.json_schema is None and calls is None and not penalties:
             self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))

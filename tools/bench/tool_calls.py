@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""What tool calls cost, and how often a forced one validates.
+
+    python tools/bench/tool_calls.py --model MODEL.gguf [--requests 40] [--tiny]
+
+A home-automation workload: six tools (lights by entity, a thermostat range, weather by
+city, a timer, music, a scene), and short requests to the box. For each request, in turn:
+
+- a forced call (tool_choice required, streamed): is every call valid (jsonschema, the
+  oracle)? Its time to the first tool-call byte, and its time per token after the first;
+- a plain completion of the same prompt (the tools described in the same system message the
+  template gets, no tools field, so no grammar) for as many tokens (ignore_eos): its time to
+  the first byte, and its time per token.
+
+The ratios (forced / plain) are the grammar's cost; same server, same run, alternating, so
+the machine's state is the same for both. `--tiny` also counts the share of valid forced
+calls from tiny random models carrying each family's real template. Run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+from run import ROOT  # noqa: E402
+
+from edgellm.engine.chat import ChatTemplate  # noqa: E402
+from edgellm.engine.model import Model  # noqa: E402
+from edgellm.engine.tools import Tool, ToolUse, with_tools  # noqa: E402
+
+ENTITIES = [f"light.{room}" for room in ("kitchen", "hall", "bedroom", "bathroom", "desk", "porch", "garage")]
+TOOLS = [
+    {"type": "function", "function": {"name": "turn_on", "description": "Turn a device on.", "parameters": {
+        "type": "object", "properties": {"entity": {"enum": ENTITIES},
+                                         "brightness": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["entity"]}}},
+    {"type": "function", "function": {"name": "turn_off", "description": "Turn a device off.", "parameters": {
+        "type": "object", "properties": {"entity": {"enum": ENTITIES}}, "required": ["entity"]}}},
+    {"type": "function", "function": {"name": "set_temperature", "description": "Set the thermostat.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "celsius": {"type": "integer", "minimum": 10, "maximum": 30}},
+                                          "required": ["celsius"]}}},
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string", "minLength": 1, "maxLength": 40},
+                                          "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                          "required": ["city"]}}},
+    {"type": "function", "function": {"name": "set_timer", "description": "Start a timer.", "parameters": {
+        "type": "object", "properties": {"minutes": {"type": "integer", "minimum": 1, "maximum": 600},
+                                         "label": {"type": "string", "maxLength": 40}},
+        "required": ["minutes"]}}},
+    {"type": "function", "function": {"name": "play_music", "description": "Play music.", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 80},
+                                         "shuffle": {"type": "boolean"}}, "required": ["query"]}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASKS = ["Turn on the kitchen light.", "It's cold, set the heating to 22.", "Will it rain in Lyon tomorrow?",
+        "Start a 10 minute timer for the pasta.", "Play some jazz.", "Switch off the porch light.",
+        "Dim the bedroom light to 30 percent.", "Weather in Oslo this week?", "Turn off the garage light.",
+        "Play the Beatles, shuffled."]
+
+
+def stream(client: httpx.Client, url: str, body: dict) -> dict:
+    """One streamed chat request: time to the first content or call byte, the times of the chunks,
+    the calls reassembled, the usage."""
+    sent = time.perf_counter()
+    first = None
+    times: list[float] = []
+    calls: dict[int, list[str]] = {}
+    usage = finish = None
+    with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True,
+                                                                   "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
+            finish = choice.get("finish_reason") or finish
+            delta = choice.get("delta", {})
+            pieces = delta.get("tool_calls") or []
+            if delta.get("content") or any(p.get("function", {}).get("arguments") for p in pieces):
+                now = time.perf_counter()
+                first = first or now
+                times.append(now)
+            for piece in pieces:
+                entry = calls.setdefault(piece["index"], ["", ""])
+                entry[0] = piece.get("function", {}).get("name") or entry[0]
+                entry[1] += piece.get("function", {}).get("arguments") or ""
+    assert first is not None and usage is not None
+    return {"first_byte_ms": (first - sent) * 1000, "last": times[-1], "first": first, "finish": finish,
+            "calls": list(calls.values()), "tokens": usage["completion_tokens"]}
+
+
+def valid(result: dict) -> bool:
+    if result["finish"] != "tool_calls" or not result["calls"]:
+        return False
+    try:
+        for name, arguments in result["calls"]:
+            jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    except (ValueError, KeyError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def per_token_ms(first_event: float, last_event: float, tokens: int) -> float | None:
+    return (last_event - first_event) * 1000 / (tokens - 1) if tokens > 1 else None
+
+
+def measure(model_path: Path, args: argparse.Namespace, out: Path) -> dict:
+    vocab = Model(model_path, vocab_only=True)
+    template = ChatTemplate.for_model(vocab)
+    syntax, where = template.tool_syntax, template.tool_rendering
+    vocab.close()
+    if where != "text":  # else the plain request could not have the same prompt
+        raise SystemExit(f"{model_path.name}: its template renders tools itself; the timing needs one that does not")
+    use = ToolUse(tuple(Tool(t["function"]["name"], t["function"]["description"], t["function"]["parameters"])
+                        for t in TOOLS), "required")
+    server = run.start("edgellm", model_path, args.port, args, Path(), out / "edgellm.log")
+    rows = []
+    try:
+        with httpx.Client(timeout=600) as client:
+            for i in range(args.requests):
+                messages = [{"role": "user", "content": ASKS[i % len(ASKS)] + f" (request {i})"}]
+                common = {"temperature": args.temperature, "seed": i, "max_tokens": 256}
+                forced = stream(client, server.url, {**common, "messages": messages, "tools": TOOLS,
+                                                     "tool_choice": "required", "parallel_tool_calls": False})
+                # The same prompt without the grammar: the tools as the template gets them, no tools field.
+                described, _ = with_tools(syntax, where, use, messages)
+                plain = stream(client, server.url, {**common, "messages": described, "max_tokens": forced["tokens"],
+                                                    "ignore_eos": True})
+                rows.append({"valid": valid(forced), "tokens": forced["tokens"],
+                             "forced_first_byte_ms": forced["first_byte_ms"],
+                             "plain_first_byte_ms": plain["first_byte_ms"],
+                             "forced_ms_per_token": per_token_ms(forced["first"], forced["last"], forced["tokens"]),
+                             "plain_ms_per_token": per_token_ms(plain["first"], plain["last"], plain["tokens"])})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.stop()
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rows if r[key] is not None)
+
+    return {
+        "model": model_path.name, "family": syntax.family, "tools rendered": where, "requests": len(rows),
+        "valid share": sum(r["valid"] for r in rows) / len(rows),
+        "median call tokens": median("tokens"),
+        "first byte ms (forced / plain)": [round(median("forced_first_byte_ms"), 1),
+                                           round(median("plain_first_byte_ms"), 1)],
+        "ms per token (forced / plain)": [round(median("forced_ms_per_token"), 2),
+                                          round(median("plain_ms_per_token"), 2)],
+        "first byte ratio": round(median("forced_first_byte_ms") / median("plain_first_byte_ms"), 3),
+        "per-token ratio": round(median("forced_ms_per_token") / median("plain_ms_per_token"), 3),
+    }
+
+
+def tiny_valid_shares(out: Path, requests: int) -> dict:
+    """Forced calls from tiny random models with each family's real template: the share that validate."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_tools import FAMILIES, TEMPLATES
+    from tiny_models import write_model
+
+    from edgellm.store.registry import Registry
+
+    state = out / "tiny-state"
+    registry = Registry(state).open()
+    for i, (family, (name, special)) in enumerate(FAMILIES.items()):
+        registry.add(write_model(out / f"{family}.gguf", seed=40 + i, chat_template=(TEMPLATES / name).read_text(),
+                                 special=special), alias=family)
+    cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "18495", "--state-dir", str(state)]
+    server = run.Server("edgellm", cmd, 18495, out / "tiny.log")
+    shares = {}
+    try:
+        with httpx.Client(timeout=600) as client:
+            for family in FAMILIES:
+                ok = 0
+                for i in range(requests):
+                    body = {"model": family, "messages": [{"role": "user", "content": ASKS[i % len(ASKS)]}],
+                            "tools": TOOLS, "tool_choice": "required", "seed": i, "temperature": 1.0,
+                            "max_tokens": 2000}
+                    ok += valid(stream(client, server.url, body))
+                shares[family] = f"{ok}/{requests}"
+    finally:
+        server.stop()
+    return shares
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--port", type=int, default=18494)
+    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
+    args = parser.parse_args()
+
+    load = run.print_load_average()
+    out = run.results_dir(args.out) / "tool-calls"
+    out.mkdir(parents=True)
+    result = {"load average before": load, **measure(args.model, args, out)}
+    if args.tiny:
+        result["tiny models: valid forced calls"] = tiny_valid_shares(out, 20)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
