@@ -156,9 +156,8 @@ class Model:
     def hidden_tokens(self) -> frozenset[int]:
         """Tokens whose text a reply does not show (control tokens but the ends, <unk>), though a
         grammar reads them as their text: under a grammar they are never written."""
-        unknown = C.LLAMA_TOKEN_ATTR_UNKNOWN
-        return (self.control_tokens | {t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & unknown}
-                ) - set(self.eog_tokens)
+        unknown = {t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & C.LLAMA_TOKEN_ATTR_UNKNOWN}
+        return (self.control_tokens | unknown) - set(self.eog_tokens)
 
     @functools.cached_property
     def control_initials(self) -> frozenset[str]:

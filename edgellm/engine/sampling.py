@@ -85,10 +85,11 @@ class Sampler:
         # llama.cpp abort the process.
         if params.ignore_eos and params.json_schema is None and calls is None:
             bias.update((token, -math.inf) for token in model.eog_tokens)
-        if params.json_schema is not None or calls is not None:
+        if params.json_schema is not None:
             # The grammar reads a control token as its text (<s>, <unk>, <start_of_image>), which the
             # reply does not show: inside a string it would let through what the schema forbids.
-            bias.update((token, -math.inf) for token in model.hidden_tokens - visible)
+            # (Tool calls keep them out themselves: see _Calls.)
+            bias.update((token, -math.inf) for token in model.hidden_tokens)
         penalties = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
         if params.temperature < GREEDY_BELOW and params.json_schema is None and calls is None and not penalties:
             self._bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
@@ -99,7 +100,7 @@ class Sampler:
         try:
             self._build(model, params, bias, check)
             if calls is not None:
-                self._calls = _Calls(self.ptr, model, calls, visible)
+                self._calls = _Calls(self.ptr, model, calls, visible, _exactness(params, bias))
         except BaseException:
             self.close()
             raise
@@ -214,8 +215,13 @@ class _Calls:
     """
 
     def __init__(self, chain: C.llama_sampler_p, model: Model, grammar: CallGrammar,
-                 visible: frozenset[int]) -> None:
+                 visible: frozenset[int], exact: Callable[[np.ndarray, float], bool] | None) -> None:
         self._chain = chain
+        self._exact = exact
+        # Tokens never written under the grammar (Model.hidden_tokens), as a mask over the vocabulary:
+        # not as the chain's logit bias, which on a shortlist costs a search per biased token.
+        self._hidden = np.zeros(model.n_vocab, dtype=bool)
+        self._hidden[list(model.hidden_tokens - visible)] = True
         self._vocab = model.vocab
         self._model = model
         self._spec = grammar
@@ -234,7 +240,7 @@ class _Calls:
     def sample(self, ctx: C.llama_context_p, index: int) -> int:
         token = C.llama_sampler_sample(self._chain, ctx, index)
         if self._grammar is not None:
-            if self._allows(self._grammar, token):
+            if not self._hidden[token] and self._allows(self._grammar, token):
                 C.llama_sampler_accept(self._grammar, token)
                 return token
             return self._resample(ctx, index)
@@ -246,7 +252,7 @@ class _Calls:
         start, trigger = min(found)
         if start <= len(self._tail):  # the token goes on from the text so far: does the grammar?
             grammar = self._start(trigger, len(self._tail) - start)
-            if self._allows(grammar, token):
+            if not self._hidden[token] and self._allows(grammar, token):
                 C.llama_sampler_accept(grammar, token)
                 self._grammar = grammar
                 return token
@@ -275,20 +281,48 @@ class _Calls:
         return one[0].logit != -math.inf
 
     def _resample(self, ctx: C.llama_context_p, index: int) -> int:
-        """The chain's pick among the tokens the grammar allows."""
+        """The chain's pick among the tokens the grammar allows.
+
+        The grammar first filters the likeliest tokens (SHORTLIST_WINDOWS). When what the chain would
+        keep of the whole vocabulary is sure to lie among them (exact(): top_k and min_p cut off
+        everything below them), the chain picks from those; else the grammar filters the whole
+        vocabulary, which on a 262k-token vocabulary takes longer than a decode step."""
         n_vocab = self._model.n_vocab
-        if self._candidates is None:
-            self._candidates = np.zeros(n_vocab, dtype=_CANDIDATE)
-        candidates = self._candidates
-        candidates["id"] = np.arange(n_vocab, dtype=np.int32)
         address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
         assert address is not None
-        row = (ctypes.c_float * n_vocab).from_address(address)
-        candidates["logit"] = np.frombuffer(row, dtype=np.float32)  # type: ignore[call-overload]
-        candidates["p"] = 0.0
+        logits = np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)  # type: ignore[call-overload]
+        exact = self._exact
+        if exact is not None:
+            peak, tried = float(logits.max()), 0
+            for window in SHORTLIST_WINDOWS:
+                ids = np.flatnonzero(logits >= peak - window)
+                if len(ids) > MAX_SHORTLIST:
+                    ids = np.argpartition(logits, -MAX_SHORTLIST)[-MAX_SHORTLIST:]
+                if len(ids) <= tried or len(ids) >= n_vocab:
+                    break  # no more than the last time, or everything
+                tried = len(ids)
+                short = np.zeros(len(ids), dtype=_CANDIDATE)
+                short["id"], short["logit"] = ids, logits[ids]
+                floor = float(short["logit"].min())  # every token outside has at most this
+                token = self._pick(short, lambda: exact(short, floor))  # noqa: B023 (called at once)
+                if token is not None:
+                    return token
+        if self._candidates is None:
+            self._candidates = np.zeros(n_vocab, dtype=_CANDIDATE)
+            self._candidates["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._candidates["logit"] = logits
+        token = self._pick(self._candidates, lambda: True)
+        assert token is not None
+        return token
+
+    def _pick(self, candidates: np.ndarray, exact: Callable[[], bool]) -> int | None:
+        """The grammar on `candidates`, then (if exact() then says so) the chain; the token picked."""
         data = candidates.ctypes.data_as(C.llama_token_data_p)
-        array = C.llama_token_data_array(data, n_vocab, -1, False)
+        array = C.llama_token_data_array(data, len(candidates), -1, False)
         C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        candidates["logit"][self._hidden[candidates["id"]]] = -math.inf
+        if not exact():
+            return None
         C.llama_sampler_apply(self._chain, ctypes.byref(array))
         token = int(data[array.selected].id)
         C.llama_sampler_accept(self._grammar, token)
@@ -299,6 +333,35 @@ class _Calls:
             if grammar is not None:
                 C.llama_sampler_free(grammar)
         self._grammar = self._ready = None
+
+# Where a refused token's replacement is looked for first: the tokens within this many logits of
+# the likeliest one (at most MAX_SHORTLIST of them), then within the next, then everywhere.
+SHORTLIST_WINDOWS = (8.0, 16.0)
+MAX_SHORTLIST = 4096
+
+
+def _exactness(p: SamplingParams, bias: dict[int, float]) -> Callable[[np.ndarray, float], bool] | None:
+    """How to tell that picking among a shortlist is what picking among the whole vocabulary would
+    do, given the shortlist after the grammar (refused tokens at -inf) and its least logit (every
+    token outside it has at most that); None: never (a client's logit bias or penalties may lift
+    a token from outside it, or nothing but the grammar bounds the choice)."""
+    penalties = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+    if penalties or any(b > -math.inf for b in bias.values()) or (p.temperature >= GREEDY_BELOW and not (
+            p.top_k > 0 or p.min_p > 0)):
+        return None
+    cut = math.log(p.min_p) if p.min_p > 0 else -math.inf
+
+    def exact(candidates: np.ndarray, floor: float) -> bool:
+        allowed = candidates["logit"][candidates["logit"] > -math.inf]
+        if not len(allowed):
+            return False
+        if p.temperature < GREEDY_BELOW:
+            return True  # the best allowed token is in the shortlist if any allowed one is
+        # top_k keeps only allowed tokens above all those outside, or min_p drops all of those.
+        return (p.top_k > 0 and len(allowed) >= p.top_k) or floor < float(allowed.max()) + cut
+
+    return exact
+
 
 def _grammar(model: Model, schema: dict[str, object], check: Callable[[], None] | None) -> C.llama_sampler_p:
     """A grammar sampler that only lets through JSON matching `schema` ({} = any object)."""

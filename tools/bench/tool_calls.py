@@ -7,10 +7,13 @@ A home-automation workload: six tools (lights by entity, a thermostat range, wea
 city, a timer, music, a scene), and short requests to the box. For each request, in turn:
 
 - a forced call (tool_choice required, streamed): is every call valid (jsonschema, the
-  oracle)? Its time to the first tool-call byte, and its time per token after the first;
+  oracle)? Its time to the first tool-call byte (the chunk with the call's name), its time to
+  the first token and its time per token (the server's own histograms, read around each
+  request: edgellm_time_to_first_token_seconds, edgellm_inter_token_latency_seconds);
 - a plain completion of the same prompt (the tools described in the same system message the
-  template gets, no tools field, so no grammar) for as many tokens (ignore_eos): its time to
-  the first byte, and its time per token.
+  template gets, no tools field, so no grammar) for as many tokens (ignore_eos; 32 when it
+  goes first): the same. Each goes first every other request, as the second one finds the
+  whole prompt cached.
 
 The ratios (forced / plain) are the grammar's cost; same server, same run, alternating, so
 the machine's state is the same for both. `--tiny` also counts the share of valid forced
@@ -70,12 +73,24 @@ ASKS = ["Turn on the kitchen light.", "It's cold, set the heating to 22.", "Will
         "Play the Beatles, shuffled."]
 
 
+def histogram(client: httpx.Client, url: str, name: str) -> tuple[float, float]:
+    """A histogram's sum and count, over all its labels."""
+    total = count = 0.0
+    for line in client.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + "_sum"):
+            total += float(line.split()[-1])
+        elif line.startswith(name + "_count"):
+            count += float(line.split()[-1])
+    return total, count
+
+
 def stream(client: httpx.Client, url: str, body: dict) -> dict:
-    """One streamed chat request: time to the first content or call byte, the times of the chunks,
-    the calls reassembled, the usage."""
+    """One streamed chat request: time to the first content or call byte, the calls reassembled,
+    the usage, and the server's mean time to first token and between tokens for it."""
+    before = [histogram(client, url, n) for n in ("edgellm_time_to_first_token_seconds",
+                                                  "edgellm_inter_token_latency_seconds")]
     sent = time.perf_counter()
     first = None
-    times: list[float] = []
     calls: dict[int, list[str]] = {}
     usage = finish = None
     with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True,
@@ -92,16 +107,18 @@ def stream(client: httpx.Client, url: str, body: dict) -> dict:
             finish = choice.get("finish_reason") or finish
             delta = choice.get("delta", {})
             pieces = delta.get("tool_calls") or []
-            if delta.get("content") or any(p.get("function", {}).get("arguments") for p in pieces):
-                now = time.perf_counter()
-                first = first or now
-                times.append(now)
+            if delta.get("content") or pieces:
+                first = first or time.perf_counter()
             for piece in pieces:
                 entry = calls.setdefault(piece["index"], ["", ""])
                 entry[0] = piece.get("function", {}).get("name") or entry[0]
                 entry[1] += piece.get("function", {}).get("arguments") or ""
     assert first is not None and usage is not None
-    return {"first_byte_ms": (first - sent) * 1000, "last": times[-1], "first": first, "finish": finish,
+    after = [histogram(client, url, n) for n in ("edgellm_time_to_first_token_seconds",
+                                                 "edgellm_inter_token_latency_seconds")]
+    (ttft, _), (itl, gaps) = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    return {"first_byte_ms": (first - sent) * 1000, "ttft_ms": ttft * 1000,
+            "ms_per_token": itl * 1000 / gaps if gaps else None, "finish": finish,
             "calls": list(calls.values()), "tokens": usage["completion_tokens"]}
 
 
@@ -114,10 +131,6 @@ def valid(result: dict) -> bool:
     except (ValueError, KeyError, jsonschema.ValidationError):
         return False
     return True
-
-
-def per_token_ms(first_event: float, last_event: float, tokens: int) -> float | None:
-    return (last_event - first_event) * 1000 / (tokens - 1) if tokens > 1 else None
 
 
 def measure(model_path: Path, args: argparse.Namespace, out: Path) -> dict:
@@ -136,17 +149,21 @@ def measure(model_path: Path, args: argparse.Namespace, out: Path) -> dict:
             for i in range(args.requests):
                 messages = [{"role": "user", "content": ASKS[i % len(ASKS)] + f" (request {i})"}]
                 common = {"temperature": args.temperature, "seed": i, "max_tokens": 256}
-                forced = stream(client, server.url, {**common, "messages": messages, "tools": TOOLS,
-                                                     "tool_choice": "required", "parallel_tool_calls": False})
+                forced_body = {**common, "messages": messages, "tools": TOOLS, "tool_choice": "required",
+                               "parallel_tool_calls": False}
                 # The same prompt without the grammar: the tools as the template gets them, no tools field.
                 described, _ = with_tools(syntax, where, use, messages)
-                plain = stream(client, server.url, {**common, "messages": described, "max_tokens": forced["tokens"],
-                                                    "ignore_eos": True})
+                plain_body = {**common, "messages": described, "ignore_eos": True}
+                # Whichever goes second finds the whole prompt cached: each goes first every other time.
+                if i % 2 == 0:
+                    forced = stream(client, server.url, forced_body)
+                    plain = stream(client, server.url, {**plain_body, "max_tokens": forced["tokens"]})
+                else:
+                    plain = stream(client, server.url, {**plain_body, "max_tokens": 32})
+                    forced = stream(client, server.url, forced_body)
                 rows.append({"valid": valid(forced), "tokens": forced["tokens"],
-                             "forced_first_byte_ms": forced["first_byte_ms"],
-                             "plain_first_byte_ms": plain["first_byte_ms"],
-                             "forced_ms_per_token": per_token_ms(forced["first"], forced["last"], forced["tokens"]),
-                             "plain_ms_per_token": per_token_ms(plain["first"], plain["last"], plain["tokens"])})
+                             **{f"{kind}_{key}": result[key] for kind, result in (("forced", forced), ("plain", plain))
+                                for key in ("first_byte_ms", "ttft_ms", "ms_per_token")}})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         server.stop()
@@ -158,12 +175,10 @@ def measure(model_path: Path, args: argparse.Namespace, out: Path) -> dict:
         "model": model_path.name, "family": syntax.family, "tools rendered": where, "requests": len(rows),
         "valid share": sum(r["valid"] for r in rows) / len(rows),
         "median call tokens": median("tokens"),
-        "first byte ms (forced / plain)": [round(median("forced_first_byte_ms"), 1),
-                                           round(median("plain_first_byte_ms"), 1)],
-        "ms per token (forced / plain)": [round(median("forced_ms_per_token"), 2),
-                                          round(median("plain_ms_per_token"), 2)],
-        "first byte ratio": round(median("forced_first_byte_ms") / median("plain_first_byte_ms"), 3),
-        "per-token ratio": round(median("forced_ms_per_token") / median("plain_ms_per_token"), 3),
+        **{f"{key} (forced / plain)": [round(median(f"forced_{key}"), 2), round(median(f"plain_{key}"), 2)]
+           for key in ("first_byte_ms", "ttft_ms", "ms_per_token")},
+        **{f"{key} ratio": round(median(f"forced_{key}") / median(f"plain_{key}"), 3)
+           for key in ("first_byte_ms", "ttft_ms", "ms_per_token")},
     }
 
 
