@@ -58,6 +58,16 @@ def test_readme_python_example(server):
     assert len(result.stdout.strip()) > 10
 
 
+def test_readme_tools_example_prints_a_valid_call(server):
+    code = readme_block("python", "tool_choice").replace(README_URL, server.url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.strip().splitlines()  # parallel_tool_calls=False: one call
+    name, arguments = line.split(" ", 1)
+    assert name == "set_light"
+    assert re.fullmatch(r"\{'room': '(kitchen|hall|bedroom)', 'on': (True|False)\}", arguments), arguments
+
+
 def test_readme_quotes_the_make_targets_the_makefile_has():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("run", "test"):

@@ -16,7 +16,9 @@ city, a timer, music, a scene), and short requests to the box. For each request,
   whole prompt cached.
 
 The ratios (forced / plain) are the grammar's cost; same server, same run, alternating, so
-the machine's state is the same for both. `--tiny` also counts the share of valid forced
+the machine's state is the same for both. The server's histogram gives the mean time per
+token, HTTP and all; the same pairs are then run in this process straight on a runner, for the
+engine's own median time between tokens, without the front end. `--tiny` also counts the share of valid forced
 calls from tiny random models carrying each family's real template. Run on a quiet machine.
 """
 
@@ -182,6 +184,50 @@ def measure(model_path: Path, args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+def engine_per_token(model_path: Path, args: argparse.Namespace) -> dict:
+    """The median time between tokens of forced calls and of plain completions, on a runner here."""
+    import asyncio
+
+    from edgellm.config import EngineConfig
+    from edgellm.engine.runner import Runner
+    from edgellm.engine.sampling import Sampler, SamplingParams
+    from edgellm.engine.scheduler import Prepared
+    from edgellm.engine.tools import call_grammar
+
+    model = Model(model_path)
+    template = ChatTemplate.for_model(model)
+    runner = Runner(model, EngineConfig(n_ctx=args.ctx, n_threads=args.threads, parallel=args.slots))
+    use = ToolUse(tuple(Tool(t["function"]["name"], t["function"]["description"], t["function"]["parameters"])
+                        for t in TOOLS), "required", parallel=False)
+
+    async def gaps(prompt: list[int], sampler: Sampler, n: int, visible: frozenset[int]) -> float:
+        stream = runner.submit(Prepared(prompt, sampler, n, visible=visible))
+        stream.when_finished(sampler.close)
+        times = [time.perf_counter() async for _ in stream]
+        return statistics.median(b - a for a, b in zip(times[1:-2], times[2:-1], strict=True)) * 1000
+
+    medians: dict[str, list[float]] = {"forced": [], "plain": []}
+    try:
+        for i in range(args.requests):
+            asked = [{"role": "user", "content": ASKS[i % len(ASKS)] + f" (request {i})"}]
+            messages, _ = with_tools(template.tool_syntax, template.tool_rendering, use, asked)
+            prompt = template.tokens(model, messages)
+            for kind in (("forced", "plain") if i % 2 == 0 else ("plain", "forced")):
+                if kind == "forced":
+                    sampler = Sampler(model, SamplingParams(temperature=args.temperature, seed=i),
+                                      calls=call_grammar(template.tool_syntax, use), visible=template.tool_markers)
+                    medians[kind].append(asyncio.run(gaps(prompt, sampler, 256, template.tool_markers)))
+                else:
+                    sampler = Sampler(model, SamplingParams(temperature=args.temperature, seed=i, ignore_eos=True))
+                    medians[kind].append(asyncio.run(gaps(prompt, sampler, 32, frozenset())))
+    finally:
+        runner.close()
+        model.close()
+    forced, plain = (statistics.median(medians[k]) for k in ("forced", "plain"))
+    return {"engine ms between tokens (forced / plain)": [round(forced, 2), round(plain, 2)],
+            "engine ms between tokens ratio": round(forced / plain, 3)}
+
+
 def tiny_valid_shares(out: Path, requests: int) -> dict:
     """Forced calls from tiny random models with each family's real template: the share that validate."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -229,7 +275,7 @@ def main() -> int:
     load = run.print_load_average()
     out = run.results_dir(args.out) / "tool-calls"
     out.mkdir(parents=True)
-    result = {"load average before": load, **measure(args.model, args, out)}
+    result = {"load average before": load, **measure(args.model, args, out), **engine_per_token(args.model, args)}
     if args.tiny:
         result["tiny models: valid forced calls"] = tiny_valid_shares(out, 20)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
