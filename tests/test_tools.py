@@ -381,13 +381,18 @@ def read(syntax, texts: list[str], forced: bool = False) -> tuple[str, list, str
     events = [e for text in texts for e in reader.feed(Text(text))]
     events += reader.feed(Finish("stop", Usage(1, 1)))
     content = "".join(e.text for e in events if isinstance(e, Text))
+    return content, calls_in(events), events[-1].reason
+
+
+def calls_in(events: list) -> list[tuple[str, str]]:
+    """The calls (name, arguments) that a reader's events spell."""
     calls: dict[int, list] = {}
     for e in events:
         if isinstance(e, CallStart):
             calls[e.index] = [e.name, ""]
         elif isinstance(e, CallArguments):
             calls[e.index][1] += e.text
-    return content, [tuple(c) for c in calls.values()], events[-1].reason
+    return [tuple(c) for c in calls.values()]
 
 
 def test_the_reader_holds_back_what_may_begin_a_trigger_and_splits_calls_anywhere():
@@ -418,7 +423,7 @@ def test_a_grammar_never_writes_tokens_the_reply_does_not_show(client):
                                                parallel_tool_calls=False, seed=seed, logit_bias=favour,
                                                max_tokens=200)
         jsonschema.validate(json.loads(reply.choices[0].message.tool_calls[0].function.arguments), schema)
+        json_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
         reply = client.chat.completions.create(model="hermes", messages=ASK, seed=seed, logit_bias=favour,
-                                               max_tokens=200, response_format={
-                                                   "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+                                               max_tokens=200, response_format=json_format)
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)

@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_grammar_property import NAMES, no_repeated_keys, schemas
+from test_tools import calls_in
 from tiny_models import write_model
 
 from edgellm.config import EngineConfig
-from edgellm.engine.calls import CallArguments, CallReader, CallStart
+from edgellm.engine.calls import CallReader
 from edgellm.engine.errors import SchemaError
 from edgellm.engine.model import Model
 from edgellm.engine.runner import Runner
@@ -89,12 +90,7 @@ def test_every_finished_call_validates(engines, offered, syntax, choice, paralle
     prompt = model.tokenize("call:")
     events, reason = generate(runner, Prepared(prompt, sampler, 400, visible=visible), CallReader(syntax, grammar))
 
-    calls: dict[int, list] = {}
-    for e in events:
-        if isinstance(e, CallStart):
-            calls[e.index] = [e.name, ""]
-        elif isinstance(e, CallArguments):
-            calls[e.index][1] += e.text
+    calls = calls_in(events)
     if reason == "length":
         event("cut by max_tokens")
         return
@@ -108,7 +104,7 @@ def test_every_finished_call_validates(engines, offered, syntax, choice, paralle
     if not parallel or syntax.between is None:
         assert len(calls) == 1
     schemas_by_name = {t.name: t.parameters for t in use.callable}
-    for name, arguments in calls.values():
+    for name, arguments in calls:
         assert name in schemas_by_name, f"{name!r} may not be called ({choice}, {named})"
         value = json.loads(arguments, object_pairs_hook=no_repeated_keys)
         jsonschema.validate(value, schemas_by_name[name],
