@@ -597,10 +597,11 @@ def test_models_installed_before_versions_and_signers_were_recorded_take_any_bun
 
 
 def minisign_key(directory: Path, name: str) -> tuple[Path, str]:
-    """A key pair made by the minisign CLI; its secret key's path and the key id minisign prints."""
+    """A key pair made by the minisign CLI; its secret key's path and the key id minisign prints, as
+    16 hex digits (minisign's comment drops leading zeros: one key in 16 has one)."""
     public, secret = directory / f"{name}.pub", directory / f"{name}.key"
     subprocess.run(["minisign", "-G", "-W", "-p", str(public), "-s", str(secret)], check=True, capture_output=True)
-    return secret, public.read_text().splitlines()[0].split()[-1]
+    return secret, f"{int(public.read_text().splitlines()[0].split()[-1], 16):016X}"
 
 
 @needs_minisign

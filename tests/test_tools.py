@@ -316,6 +316,16 @@ def test_concurrent_requests_each_follow_their_own_grammar(client):
     assert all(set(n) == {TOOLS[i % 2]["function"]["name"]} for i, n in enumerate(names))
 
 
+def test_a_repeated_tool_prompt_reuses_its_cached_prefix(client):
+    """A hub sends the same tools with every request: their prefill is paid once."""
+    kwargs = dict(model="hermes", messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                  max_tokens=2000)
+    client.chat.completions.create(**kwargs, seed=1)
+    again = client.chat.completions.create(**kwargs, seed=2)
+    assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 1
+    valid_calls(again.choices[0].message)
+
+
 # --- what is refused ----------------------------------------------------------------------
 
 def bad(server, expected_param: str, **fields) -> str:
@@ -406,6 +416,9 @@ def test_the_reader_holds_back_what_may_begin_a_trigger_and_splits_calls_anywher
     gemma = "<start_function_call>call:f{a:<escape>x, y<escape>,b:[1,true,None],c:{d:2.5}}<end_function_call>"
     assert read(FUNCTIONGEMMA, list(gemma)) == ("", [("f", '{"a": "x, y", "b": [1, true, null], "c": {"d": 2.5}}')],
                                                 "tool_calls")
+    for opening in ("", "<|python_tag|>"):  # Llama 3.x: plain JSON, or after the tag
+        assert read(LLAMA3, ["Ok ", opening + '{"name": "f", "parameters": {"a": 1}}']) == ("Ok ", [("f", '{"a": 1}')],
+                                                                                             "tool_calls")
     cut = read(HERMES, ['<tool_call>\n{"name": "f", "arguments": {"a": 1'])
     assert cut[1] == [("f", '{"a": 1')] and cut[2] == "stop"  # not whole: not "tool_calls"
 

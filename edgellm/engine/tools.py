@@ -27,8 +27,6 @@ from typing import Any
 from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import Grammar, gemma_text, literal
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
-
 
 @dataclass(frozen=True)
 class Tool:
