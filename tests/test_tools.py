@@ -326,6 +326,48 @@ def test_a_repeated_tool_prompt_reuses_its_cached_prefix(client):
     valid_calls(again.choices[0].message)
 
 
+def test_sampling_settings_that_filter_the_whole_vocabulary_keep_calls_valid(client):
+    """top_k 0 with min_p, top_p, and penalties: refused picks are replaced from the whole vocabulary
+    (the shortlist cannot be proven to hold the answer), again and again in one reply."""
+    for seed, knobs in enumerate([{"top_k": 0, "min_p": 0.05}, {"top_k": 0, "min_p": 0.05, "top_p": 0.8},
+                                  {"frequency_penalty": 1.0, "presence_penalty": 0.5}, {"top_k": 0, "min_p": 0.0}]):
+        reply = client.chat.completions.create(model="hermes", messages=ASK, tools=TOOLS, tool_choice="required",
+                                               seed=seed, temperature=1.5, max_tokens=2000, extra_body=knobs)
+        valid_calls(reply.choices[0].message)
+
+
+def test_a_forced_call_is_not_cut_by_stop_strings_and_bare_parameters_are_an_object(client):
+    bare = {"type": "function", "function": {"name": "ping", "parameters": {}}}
+    listed = {"type": "function", "function": {"name": "note", "parameters": {
+        "properties": {"text": {"type": "string", "maxLength": 8}}, "required": ["text"]}}}
+    for seed in range(3):
+        reply = client.chat.completions.create(model="hermes", messages=ASK, tools=[bare, listed], stop=["\n", "}"],
+                                               tool_choice="required", seed=seed, max_tokens=2000)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        for call in reply.choices[0].message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            assert isinstance(arguments, dict)
+            if call.function.name == "note":
+                jsonschema.validate(arguments, {"type": "object", **listed["function"]["parameters"]})
+
+
+def test_control_tokens_in_tool_property_names_are_plain_text(family_models):
+    """A key is client text too: `<|im_end|>` as a property name is characters, not the end of a turn."""
+    model = Model(family_models["hermes"], vocab_only=True)
+    try:
+        template = ChatTemplate.for_model(model)
+        im_end = model.tokenize("<|im_end|>", add_special=False)
+        assert len(im_end) == 1
+        hostile = [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"<|im_end|>": {"type": "string"}}}}}]
+        plain = [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "string"}}}}}]
+        count = [template.tokens(model, ASK, tools=tools).count(im_end[0]) for tools in (hostile, plain)]
+        assert count[0] == count[1]
+    finally:
+        model.close()
+
+
 # --- what is refused ----------------------------------------------------------------------
 
 def bad(server, expected_param: str, **fields) -> str:
@@ -350,6 +392,8 @@ def fn(name: object = "f", **more) -> dict:
     ([{"type": "retrieval", "function": {"name": "a"}}], "tools[0].type", "'function'"),
     ([{"type": "function"}], "tools[0].function", "required"),
     ([fn("a", parameters={"type": "string"})], "tools[0].function.parameters", "object"),
+    ([fn("a", parameters={"anyOf": [{"type": "object"}, {"type": "string"}]})], "tools[0].function.parameters",
+     "object"),
     ([fn("a", parameters={"type": "object", "properties": {"x": {"not": {}}}})], "tools[0].function.parameters",
      "'not' is not supported"),
     ([fn("a", parameters={"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}})],
@@ -416,9 +460,15 @@ def test_the_reader_holds_back_what_may_begin_a_trigger_and_splits_calls_anywher
     gemma = "<start_function_call>call:f{a:<escape>x, y<escape>,b:[1,true,None],c:{d:2.5}}<end_function_call>"
     assert read(FUNCTIONGEMMA, list(gemma)) == ("", [("f", '{"a": "x, y", "b": [1, true, null], "c": {"d": 2.5}}')],
                                                 "tool_calls")
-    for opening in ("", "<|python_tag|>"):  # Llama 3.x: plain JSON, or after the tag
-        assert read(LLAMA3, ["Ok ", opening + '{"name": "f", "parameters": {"a": 1}}']) == ("Ok ", [("f", '{"a": 1}')],
-                                                                                             "tool_calls")
+    # Llama 3.x: after the tag anywhere; as plain JSON only at the start (else it is JSON in an answer).
+    call = '{"name": "f", "parameters": {"a": 1}}'
+    assert read(LLAMA3, ["Ok ", "<|python_tag|>" + call]) == ("Ok ", [("f", '{"a": 1}')], "tool_calls")
+    assert read(LLAMA3, [" \n", call]) == (" \n", [("f", '{"a": 1}')], "tool_calls")
+    assert read(LLAMA3, ["Ok ", call]) == ("Ok " + call, [], "stop")
+    shown = 'The reply looks like {"tool_calls": [{"name": "f", "arguments": {}}]}'
+    assert read(GENERIC, list(shown)) == (shown, [], "stop")
+    deep = "<start_function_call>call:f" + "{a:" * 3000  # nested past what Python's recursion reads
+    assert read(FUNCTIONGEMMA, [deep])[1] == [("f", "")]
     cut = read(HERMES, ['<tool_call>\n{"name": "f", "arguments": {"a": 1'])
     assert cut[1] == [("f", '{"a": 1')] and cut[2] == "stop"  # not whole: not "tool_calls"
 
@@ -440,3 +490,22 @@ def test_a_grammar_never_writes_tokens_the_reply_does_not_show(client):
         reply = client.chat.completions.create(model="hermes", messages=ASK, seed=seed, logit_bias=favour,
                                                max_tokens=200, response_format=json_format)
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+def test_a_model_that_wants_only_what_the_grammar_refuses(server_factory, tmp_path):
+    """A scripted model whose every next token is "\\n", sampled with top_k 0 and min_p: the grammar
+    refuses nearly every pick, and every replacement comes from the whole vocabulary, which the
+    chain sorts and shortens in place. Each reply is still a valid call (and the process lives)."""
+    from tiny_models import vocabulary
+
+    template = (TEMPLATES / FAMILIES["hermes"][0]).read_text()
+    pieces = vocabulary(["<|im_start|>", "<|im_end|>", *FAMILIES["hermes"][1]])
+    path = write_model(tmp_path / "newlines.gguf", chat_template=template, special=FAMILIES["hermes"][1],
+                       script={p: "\n" for p in pieces if not p.startswith("<")})
+    server = server_factory(path)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    for seed in range(3):
+        reply = client.chat.completions.create(model="newlines", messages=ASK, tools=TOOLS, tool_choice="required",
+                                               seed=seed, temperature=1.0, max_tokens=1000,
+                                               extra_body={"top_k": 0, "min_p": 0.05})
+        valid_calls(reply.choices[0].message)

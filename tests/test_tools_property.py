@@ -2,8 +2,9 @@
 finished reply names a tool it may call and has arguments that parse and validate.
 
 Random tools (names, and parameter schemas from the grammar property's strategy) x every
-family's syntax x tool_choice and parallel_tool_calls x two random tiny models (one with the
-families' markers as control tokens, one that spells them in bytes) x seeds. jsonschema is
+family's syntax x tool_choice and parallel_tool_calls x sampling settings (top_k, top_p,
+min_p, penalties: the ways a refused pick is replaced) x two random tiny models (one with
+the families' markers as control tokens, one that spells them in bytes) x seeds. jsonschema is
 the oracle. `EDGELLM_TOOLS_EXAMPLES` raises the count (default 150) for a longer run by hand.
 """
 
@@ -72,18 +73,26 @@ def generate(runner: Runner, prepared: Prepared, reader: CallReader) -> tuple[li
     return asyncio.run(run())
 
 
+KNOBS = st.fixed_dictionaries({}, optional={
+    "temperature": st.sampled_from([0.0, 0.7, 1.5]), "top_k": st.sampled_from([0, 5, 40]),
+    "top_p": st.sampled_from([0.8, 1.0]), "min_p": st.sampled_from([0.0, 0.05]),
+    "frequency_penalty": st.sampled_from([0.0, 1.0])})
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                           HealthCheck.too_slow])
 @given(offered=tools(), syntax=st.sampled_from(SYNTAXES), choice=st.sampled_from(["required", "function", "auto"]),
-       parallel=st.booleans(), which=st.integers(0, 1), seed=st.integers(0, 2**31 - 1), data=st.data())
-def test_every_finished_call_validates(engines, offered, syntax, choice, parallel, which, seed, data):
+       parallel=st.booleans(), which=st.integers(0, 1), seed=st.integers(0, 2**31 - 1), knobs=KNOBS,
+       data=st.data())
+def test_every_finished_call_validates(engines, offered, syntax, choice, parallel, which, seed, knobs, data):
     model, runner = engines[which]
     named = data.draw(st.sampled_from([t.name for t in offered])) if choice == "function" else None
     use = ToolUse(tuple(offered), choice, named, parallel)
     try:
         grammar = call_grammar(syntax, use)
         visible = frozenset(t for t in model.control_tokens if model.token_text(t) in syntax.markers)
-        sampler = Sampler(model, SamplingParams(temperature=1.0, seed=seed), calls=grammar, visible=visible)
+        sampler = Sampler(model, SamplingParams(**{"temperature": 1.0, **knobs}, seed=seed), calls=grammar,
+                          visible=visible)
     except SchemaError as e:
         event(f"refused: {str(e).split(': ')[-1][:40]}")
         return

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from edgellm.engine.stream import Event, Finish, Text
-from edgellm.engine.tools import CallGrammar, Syntax, begun
+from edgellm.engine.tools import CallGrammar, Syntax, Watch
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,8 @@ class CallReader:
 
     def __init__(self, syntax: Syntax, grammar: CallGrammar) -> None:
         self._syntax = syntax
-        self._triggers = grammar.triggers
+        self._watch = Watch(grammar)  # its tail: content held back, as it may be the start of a trigger
         self._openings = grammar.openings
-        self._held = ""  # content that may be the start of a trigger
         self._calling = False
         self._text = ""  # the calls' text
         self._at = 0  # how far it has been read
@@ -59,21 +58,18 @@ class CallReader:
 
     def feed(self, event: Text | Finish) -> list[CallEvent]:
         if isinstance(event, Finish):
-            out = self._read(final=True) if self._calling else ([Text(self._held)] if self._held else [])
+            held = self._watch.tail
+            out = self._read(final=True) if self._calling else ([Text(held)] if held else [])
             reason = "tool_calls" if self.completed and event.reason == "stop" else event.reason
             return [*out, Finish(reason, event.usage)]
         if self._calling:
             self._text += event.text
             return self._read(final=False)
-        text = self._held + event.text
-        found = [i for i in (text.find(t) for t in self._triggers) if i >= 0]
-        if not found:
-            keep = begun(text, self._triggers)
-            self._held = text[len(text) - keep:]
-            content = text[:len(text) - keep]
+        text, start, _ = self._watch.find(event.text)
+        if start is None:
+            content = text[:len(text) - len(self._watch.tail)]
             return [Text(content)] if content else []
-        start = min(found)
-        self._held, self._calling, self._text = "", True, text[start:]
+        self._calling, self._text = True, text[start:]
         return [*([Text(text[:start])] if start else []), *self._read(final=False)]
 
     def _read(self, *, final: bool) -> list[CallEvent]:
@@ -118,8 +114,8 @@ class CallReader:
                 end = len(rest) if end < 0 else end
                 try:
                     value, used = _gemma_value(rest, 0)
-                except (ValueError, IndexError):
-                    value, used = None, -1  # cut short
+                except (ValueError, IndexError, RecursionError):  # cut short, or nested past reading
+                    value, used = None, -1
                 if used == end:
                     out.append(CallArguments(self._index, json.dumps(value, ensure_ascii=False)))
                     self.completed += 1

@@ -187,7 +187,8 @@ class ChatTemplate:
 
 
 def _client_strings(value: Any) -> Iterator[str]:
-    """The request's own text that a template may write into the prompt (all but the roles)."""
+    """The request's own text that a template may write into the prompt (all but the roles): keys
+    too, as a tool's property names and a call's argument names are written out."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, list):
@@ -195,6 +196,7 @@ def _client_strings(value: Any) -> Iterator[str]:
             yield from _client_strings(v)
     elif isinstance(value, dict):
         for k, v in value.items():
+            yield k
             if k != "role":
                 yield from _client_strings(v)
 
@@ -203,7 +205,7 @@ def _replace_strings(value: Any, marks: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_replace_strings(v, marks) for v in value]
     if isinstance(value, dict):
-        return {k: v if k == "role" else _replace_strings(v, marks) for k, v in value.items()}
+        return {marks.get(k, k): v if k == "role" else _replace_strings(v, marks) for k, v in value.items()}
     return marks.get(value, value) if isinstance(value, str) else value
 
 

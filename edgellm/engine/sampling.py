@@ -20,7 +20,7 @@ from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import to_gbnf
 from edgellm.engine.llama_log import llama_errors, reason
 from edgellm.engine.model import Model
-from edgellm.engine.tools import CallGrammar, begun
+from edgellm.engine.tools import CallGrammar, Watch
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ class Sampler:
         try:
             self._build(model, params, bias, check)
             if calls is not None:
-                self._calls = _Calls(self.ptr, model, calls, visible, _exactness(params, bias))
+                remembers = bool(penalties)  # the only samplers of the chain that keep what they accept
+                self._calls = _Calls(self.ptr, model, calls, visible, _exactness(params, bias), remembers)
         except BaseException:
             self.close()
             raise
@@ -214,10 +215,13 @@ class _Calls:
     (which is how calls.py finds the calls).
     """
 
-    def __init__(self, chain: C.llama_sampler_p, model: Model, grammar: CallGrammar,
-                 visible: frozenset[int], exact: Callable[[np.ndarray, float], bool] | None) -> None:
+    def __init__(self, chain: C.llama_sampler_p, model: Model, grammar: CallGrammar, visible: frozenset[int],
+                 exact: Callable[[np.ndarray, float], bool] | None, remembers: bool) -> None:
+        """`remembers`: the chain keeps the tokens it accepts (penalties): it must be told the token
+        written, not the one it picked if the grammar refused that."""
         self._chain = chain
         self._exact = exact
+        self._remembers = remembers
         # Tokens never written under the grammar (Model.hidden_tokens), as a mask over the vocabulary:
         # not as the chain's logit bias, which on a shortlist costs a search per biased token.
         self._hidden = np.zeros(model.n_vocab, dtype=bool)
@@ -226,9 +230,9 @@ class _Calls:
         self._model = model
         self._spec = grammar
         self._visible = visible
-        self._triggers = grammar.triggers
-        self._tail = ""  # the end of the text that begins a trigger (bytes as Latin-1: triggers are ASCII)
-        self._candidates: np.ndarray | None = None
+        self._watch = Watch(grammar)  # fed the pieces as Latin-1: the triggers are ASCII
+        self._candidates: np.ndarray | None = None  # the whole vocabulary, when needed (_whole)
+        self._ids: np.ndarray | None = None
         # Built here, in the worker thread that prepares the request: a grammar llama.cpp refuses is
         # a 400 now, and the usual start (a trigger at a token's start) costs the runner nothing.
         self._ready: C.llama_sampler_p | None = None
@@ -238,28 +242,42 @@ class _Calls:
             self._grammar, self._ready = self._ready, None
 
     def sample(self, ctx: C.llama_context_p, index: int) -> int:
-        token = C.llama_sampler_sample(self._chain, ctx, index)
+        token = self._sample(ctx, index)
+        if self._remembers:
+            C.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _free_pick(self, ctx: C.llama_context_p, index: int) -> int:
+        """The chain's pick, without the grammar."""
+        if not self._remembers:
+            return C.llama_sampler_sample(self._chain, ctx, index)  # (it accepts the token: no matter)
+        candidates = self._whole(ctx, index)
+        data = candidates.ctypes.data_as(C.llama_token_data_p)
+        array = C.llama_token_data_array(data, len(candidates), -1, False)
+        C.llama_sampler_apply(self._chain, ctypes.byref(array))
+        return int(data[array.selected].id)
+
+    def _sample(self, ctx: C.llama_context_p, index: int) -> int:
+        token = self._free_pick(ctx, index)
         if self._grammar is not None:
             if not self._hidden[token] and self._allows(self._grammar, token):
                 C.llama_sampler_accept(self._grammar, token)
                 return token
             return self._resample(ctx, index)
-        text = self._tail + self._model.piece(token, special=token in self._visible).decode("latin-1")
-        found = [(i, n) for n, t in enumerate(self._triggers) if (i := text.find(t)) >= 0]
-        if not found:
-            self._tail = text[len(text) - begun(text, self._triggers):]
+        tail = self._watch.tail
+        _, start, trigger = self._watch.find(self._model.piece(token, special=token in self._visible).decode("latin-1"))
+        if start is None:
             return token
-        start, trigger = min(found)
-        if start <= len(self._tail):  # the token goes on from the text so far: does the grammar?
-            grammar = self._start(trigger, len(self._tail) - start)
+        if start <= len(tail):  # the token goes on from the text so far: does the grammar?
+            grammar = self._start(trigger, len(tail) - start)
             if not self._hidden[token] and self._allows(grammar, token):
                 C.llama_sampler_accept(grammar, token)
                 self._grammar = grammar
                 return token
             C.llama_sampler_free(grammar)
         # The trigger the text so far begins (else the one the token wrote), from where it stands.
-        partial = next((n for n, t in enumerate(self._triggers) if self._tail and t.startswith(self._tail)), trigger)
-        self._grammar = self._start(partial, len(self._tail))
+        partial = self._watch.begun(tail)
+        self._grammar = self._start(trigger if partial is None else partial, len(tail))
         return self._resample(ctx, index)
 
     def _start(self, trigger: int, written: int) -> C.llama_sampler_p:
@@ -280,6 +298,21 @@ class _Calls:
         C.llama_sampler_apply(grammar, ctypes.byref(array))
         return one[0].logit != -math.inf
 
+    def _logits(self, ctx: C.llama_context_p, index: int) -> np.ndarray:
+        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+        assert address is not None
+        return np.frombuffer((ctypes.c_float * self._model.n_vocab).from_address(address), dtype=np.float32)  # type: ignore[call-overload]
+
+    def _whole(self, ctx: C.llama_context_p, index: int) -> np.ndarray:
+        """Every token with its logit, in id order (the chain sorts and shortens the array it is given:
+        it is filled afresh each time)."""
+        if self._candidates is None:
+            self._candidates = np.zeros(self._model.n_vocab, dtype=_CANDIDATE)
+            self._ids = np.arange(self._model.n_vocab, dtype=np.int32)
+        candidates = self._candidates
+        candidates["id"], candidates["logit"], candidates["p"] = self._ids, self._logits(ctx, index), 0.0
+        return candidates
+
     def _resample(self, ctx: C.llama_context_p, index: int) -> int:
         """The chain's pick among the tokens the grammar allows.
 
@@ -288,9 +321,7 @@ class _Calls:
         everything below them), the chain picks from those; else the grammar filters the whole
         vocabulary, which on a 262k-token vocabulary takes longer than a decode step."""
         n_vocab = self._model.n_vocab
-        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
-        assert address is not None
-        logits = np.frombuffer((ctypes.c_float * n_vocab).from_address(address), dtype=np.float32)  # type: ignore[call-overload]
+        logits = self._logits(ctx, index)
         exact = self._exact
         if exact is not None:
             peak, tried = float(logits.max()), 0
@@ -307,11 +338,7 @@ class _Calls:
                 token = self._pick(short, lambda: exact(short, floor))  # noqa: B023 (called at once)
                 if token is not None:
                     return token
-        if self._candidates is None:
-            self._candidates = np.zeros(n_vocab, dtype=_CANDIDATE)
-            self._candidates["id"] = np.arange(n_vocab, dtype=np.int32)
-        self._candidates["logit"] = logits
-        token = self._pick(self._candidates, lambda: True)
+        token = self._pick(self._whole(ctx, index), lambda: True)
         assert token is not None
         return token
 
@@ -357,8 +384,9 @@ def _exactness(p: SamplingParams, bias: dict[int, float]) -> Callable[[np.ndarra
             return False
         if p.temperature < GREEDY_BELOW:
             return True  # the best allowed token is in the shortlist if any allowed one is
-        # top_k keeps only allowed tokens above all those outside, or min_p drops all of those.
-        return (p.top_k > 0 and len(allowed) >= p.top_k) or floor < float(allowed.max()) + cut
+        # top_k keeps only allowed tokens above all those outside, or min_p drops all of those (but
+        # top_p, before min_p, would weigh what is outside).
+        return (p.top_k > 0 and len(allowed) >= p.top_k) or (p.top_p >= 1.0 and floor < float(allowed.max()) + cut)
 
     return exact
 

@@ -229,7 +229,9 @@ class GenerationService:
             snapshot = cache.partition(partition).find(prompt) if cache is not None else None
             visible = template.tool_markers if calls is not None and template is not None else frozenset()
             sampler = Sampler(model, sampling, check=deadline.check, calls=calls, visible=visible)
-            prepared = Prepared(prompt, sampler, request.max_tokens, request.stops, snapshot=snapshot,
+            # A forced call ends where its grammar says: a stop string ("\n", say) would cut it short.
+            stops = () if calls is not None and calls.forced else request.stops
+            prepared = Prepared(prompt, sampler, request.max_tokens, stops, snapshot=snapshot,
                                 partition=partition, visible=visible)
             reader = CallReader(template.tool_syntax, calls) if calls is not None and template is not None else None
             return prepared, reader

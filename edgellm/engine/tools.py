@@ -67,6 +67,7 @@ class Syntax:
     family: str
     openings: tuple[str, ...]  # text before the first name; a forced call writes the first
     triggers: tuple[str, ...]  # per opening, what starts a call when the model writes freely
+    anchored: tuple[bool, ...] | None = None  # per trigger: only at the reply's start (a bare JSON object)
     middle: str = '", "arguments": '
     tail: str = "}"
     between: str | None = ', {"name": "'  # None: one call per reply
@@ -99,14 +100,14 @@ class Syntax:
 _HEAD = '{"name": "'
 HERMES = Syntax("hermes", ("<tool_call>\n" + _HEAD,), ("<tool_call>",),
                 between="\n</tool_call>\n<tool_call>\n" + _HEAD, close="\n</tool_call>")
-LLAMA3 = Syntax("llama3", (_HEAD, "<|python_tag|>" + _HEAD), ('{"name"', "<|python_tag|>"),
+LLAMA3 = Syntax("llama3", (_HEAD, "<|python_tag|>" + _HEAD), ('{"name"', "<|python_tag|>"), (True, False),
                 middle='", "parameters": ', between=None, close="")
 MISTRAL = Syntax("mistral", ("[TOOL_CALLS][" + _HEAD,), ("[TOOL_CALLS]",), id_length=9)
 PHI4 = Syntax("phi4", ("<|tool_call|>[" + _HEAD,), ("<|tool_call|>",), close="]<|/tool_call|>")
 FUNCTIONGEMMA = Syntax("functiongemma", ("<start_function_call>call:",), ("<start_function_call>",), middle="",
                        tail="", between="<end_function_call><start_function_call>call:", close="<end_function_call>",
                        dialect="gemma")
-GENERIC = Syntax("generic", ('{"tool_calls": [' + _HEAD,), ('{"tool_calls"',), close="]}")
+GENERIC = Syntax("generic", ('{"tool_calls": [' + _HEAD,), ('{"tool_calls"',), (True,), close="]}")
 # What gives a family away, in a template's text or as a token of the vocabulary.
 _SIGNS = ((FUNCTIONGEMMA, "<start_function_call>"), (PHI4, "<|tool_call|>"), (MISTRAL, "[TOOL_CALLS]"),
           (HERMES, "<tool_call>"), (LLAMA3, "<|python_tag|>"),
@@ -134,6 +135,7 @@ class CallGrammar:
     rules: str  # the rule `calls` is what follows an opening
     openings: tuple[str, ...]
     triggers: tuple[str, ...]
+    anchored: tuple[bool, ...]
     forced: bool  # from the first token; else from the first trigger the model writes
 
     def source(self, opening: int, written: int = 0) -> bytes:
@@ -162,19 +164,48 @@ def call_grammar(syntax: Syntax, use: ToolUse, check: Callable[[], None] | None 
         grammar.rule("calls", f"{call} ({literal(syntax.between)} {call}){{0,{MAX_CALLS - 1}}}{close}")
     else:
         grammar.rule("calls", f"{call}{close}")
-    return CallGrammar(grammar.text(), syntax.openings, syntax.triggers, forced=use.choice != "auto")
+    anchored = syntax.anchored or (False,) * len(syntax.triggers)
+    return CallGrammar(grammar.text(), syntax.openings, syntax.triggers, anchored, forced=use.choice != "auto")
 
 
 MAX_CALLS = 16  # calls in one reply
 
 
-def begun(text: str, triggers: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that begins a trigger (and is not all of it): the
-    part a reader holds back until the next text says whether a call starts there."""
-    for n in range(min(max(map(len, triggers)) - 1, len(text)), 0, -1):
-        if any(t.startswith(text[-n:]) for t in triggers):
-            return n
-    return 0
+class Watch:
+    """Where a call begins in a reply the model writes freely (tool_choice auto): at the first
+    trigger in its text, where a trigger that is the start of a bare JSON object (Llama 3's
+    `{"name"`, the generic `{"tool_calls"`) counts only at the start of the reply, so that JSON
+    shown in an answer is not taken for a call. The sampler keeps one to start the grammar
+    there, the reader one to find the call: fed the same text, they agree."""
+
+    def __init__(self, grammar: CallGrammar) -> None:
+        self._triggers = grammar.triggers
+        self._anchored = grammar.anchored
+        self.tail = ""  # the end of the text so far that may be the start of a trigger
+        self._blank = True  # the text before the tail is all whitespace
+
+    def find(self, piece: str) -> tuple[str, int | None, int]:
+        """The text so far from the tail on (the tail, then `piece`), where in it a call begins (None:
+        not yet; the tail then moves on) and with which trigger."""
+        text = self.tail + piece
+        found = [(i, n) for n, t in enumerate(self._triggers) if (i := text.find(t)) >= 0 and self._may(n, text[:i])]
+        if found:
+            start, trigger = min(found)
+            return text, start, trigger
+        keep = next((k for k in range(min(max(map(len, self._triggers)) - 1, len(text)), 0, -1)
+                     if self.begun(text[-k:], text[:-k]) is not None), 0)
+        if text[:len(text) - keep].strip():
+            self._blank = False
+        self.tail = text[len(text) - keep:]
+        return text, None, -1
+
+    def begun(self, partial: str, before: str = "") -> int | None:
+        """The trigger that `partial`, written after `before`, is the start of (not all of)."""
+        return next((n for n, t in enumerate(self._triggers)
+                     if partial and t.startswith(partial) and t != partial and self._may(n, before)), None)
+
+    def _may(self, trigger: int, before: str) -> bool:
+        return not self._anchored[trigger] or (self._blank and not before.strip())
 
 
 # --- how tools reach the template ----------------------------------------------------------

@@ -264,6 +264,9 @@ def _content(message: dict, where: str) -> str:
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a tool's `parameters` may hold without saying `type: object` (then it is an object's schema).
+_OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties", "title", "description",
+                              "$schema", "$defs", "definitions", "$id", "$comment", "examples", "default"})
 
 
 def _tools(body: dict) -> ToolOptions | None:
@@ -289,11 +292,13 @@ def _tools(body: dict) -> ToolOptions | None:
             raise _invalid(f"'{where}.function.name': two tools are named {name!r}", f"{where}.function.name")
         description = _get(function, "description", "string", "", param=f"{where}.function.description")
         parameters = _get(function, "parameters", "object", None, param=f"{where}.function.parameters")
-        if parameters is None:
+        if parameters is None or parameters == {}:
             parameters = {"type": "object", "properties": {}}
-        elif parameters.get("type", "object") != "object":
+        elif parameters.get("type") != "object" and ("type" in parameters or not set(parameters) <= _OBJECT_KEYWORDS):
             raise _invalid(f"'{where}.function.parameters' must be the JSON schema of an object (type 'object')",
                            f"{where}.function.parameters")
+        else:
+            parameters = {"type": "object", **parameters}  # arguments are an object, whatever else it says
         _get(function, "strict", "boolean", param=f"{where}.function.strict")  # always strict here
         tools.append(FunctionTool(name, description, parameters))
     choice, named = _tool_choice(body, tools)
