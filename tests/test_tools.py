@@ -509,3 +509,30 @@ def test_a_model_that_wants_only_what_the_grammar_refuses(server_factory, tmp_pa
                                                seed=seed, temperature=1.0, max_tokens=1000,
                                                extra_body={"top_k": 0, "min_p": 0.05})
         valid_calls(reply.choices[0].message)
+
+
+def test_history_calls_written_as_text_keep_their_markers_as_tokens(family_models):
+    """Phi-4-mini's template renders no calls, so edgellm writes them into the assistant's text: its
+    <|tool_call|> is the model's own token, unless the client's part spells a control token, when
+    the whole text is characters."""
+    from edgellm.engine.tools import with_tools
+
+    model = Model(family_models["phi4"], vocab_only=True)
+    try:
+        template = ChatTemplate.for_model(model)
+        [marker] = model.tokenize("<|tool_call|>", add_special=False)
+        [end] = model.tokenize("<|end|>", add_special=False)
+        use = ToolUse((Tool("get_weather", "", SCHEMAS["get_weather"]),), "auto")
+
+        def prompt(arguments: dict) -> list[int]:
+            history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "21 C"}]
+            messages, tools = with_tools(template.tool_syntax, template.tool_rendering, use, history)
+            return template.tokens(model, messages, tools=tools)
+
+        fine, hostile = prompt({"city": "Paris"}), prompt({"city": "<|end|>"})
+        assert fine.count(marker) == 1
+        assert hostile.count(marker) == 0 and hostile.count(end) == fine.count(end)
+    finally:
+        model.close()

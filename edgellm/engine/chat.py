@@ -46,7 +46,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from edgellm.engine.deadline import Abandoned, Deadline, TooComplex
 from edgellm.engine.errors import TemplateError
 from edgellm.engine.model import Model
-from edgellm.engine.tools import GENERIC, Syntax, rendering, syntax_for
+from edgellm.engine.tools import GENERIC, Syntax, Written, rendering, syntax_for
 
 log = logging.getLogger("edgellm.engine")
 
@@ -119,12 +119,14 @@ class ChatTemplate:
         that is the same as tokenizing the whole prompt at once, and that is what is done. Else
         the messages are rendered a second time with a placeholder for each such text, which
         shows where the template put it; a template that changed the text (other than trimming
-        it) cannot be split so, and the request is refused rather than let through.
+        it) cannot be split so, and the request is refused rather than let through. Text edgellm
+        wrote around the client's (tools.Written: a history call in its family's syntax) is judged
+        by the client's part alone, so that its own markers stay control tokens.
         """
         max_chars = n_ctx * CHARS_PER_TOKEN if n_ctx else None
         text = self.render(messages, tools=tools, kwargs=kwargs, deadline=deadline, max_chars=max_chars)
         tainted = {s: token for s in _client_strings([messages, tools or [], kwargs or {}])
-                   if (token := model.control_in(s))}
+                   if (token := model.control_in(s.client if isinstance(s, Written) else s))}
         if not tainted:
             return model.tokenize(text)
         nonce = secrets.token_hex(8)

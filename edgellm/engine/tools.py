@@ -254,9 +254,24 @@ def with_tools(syntax: Syntax, where: str, use: ToolUse,
     return [{"role": "system", "content": note}, *out], None
 
 
+class Written(str):
+    """Text edgellm wrote around the client's, such as a call in its family's syntax, whose markers
+    may be control tokens (`<|tool_call|>`). `client` is the client's part: only when that spells
+    no control token does the rest keep its control tokens (chat.ChatTemplate.tokens)."""
+
+    client: str
+
+    def __new__(cls, text: str, client: str) -> Written:
+        written = super().__new__(cls, text)
+        written.client = client
+        return written
+
+
 def _calls_as_text(syntax: Syntax, message: dict[str, Any]) -> dict[str, Any]:
     """An assistant message's calls as the text the model wrote them in."""
     if message.get("role") != "assistant" or not message.get("tool_calls"):
         return message
     calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
-    return {"role": "assistant", "content": (message.get("content") or "") + syntax.write(calls)}
+    content = message.get("content") or ""
+    client = "\n".join([content, *(f"{name}\n{syntax.arguments(arguments)}" for name, arguments in calls)])
+    return {"role": "assistant", "content": Written(content + syntax.write(calls), client)}
