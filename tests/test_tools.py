@@ -449,6 +449,16 @@ def calls_in(events: list) -> list[tuple[str, str]]:
     return [tuple(c) for c in calls.values()]
 
 
+def test_a_named_tool_is_the_only_one_callable_but_every_tool_is_shown():
+    from edgellm.engine.tools import with_tools
+
+    use = ToolUse((Tool("a", "", {"type": "object"}), Tool("b", "", {"type": "object"})), "function", "a")
+    assert [t.name for t in use.callable] == ["a"]
+    _, shown = with_tools(HERMES, "tools", use, ASK)
+    assert [t["function"]["name"] for t in shown] == ["a", "b"]
+    assert with_tools(HERMES, "tools", ToolUse(use.tools, "none"), ASK)[1] is None
+
+
 def test_the_reader_holds_back_what_may_begin_a_trigger_and_splits_calls_anywhere():
     text = 'Sure <tool<tool_call>\n{"name": "get-x_1", "arguments": {"a": "}\\"{"}}\n</tool_call>'
     for cut in range(1, len(text)):

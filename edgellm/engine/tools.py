@@ -54,9 +54,13 @@ class ToolUse:
     @property
     def callable(self) -> tuple[Tool, ...]:
         """The tools the reply may call."""
-        if self.choice == "none":
-            return ()
-        return tuple(t for t in self.tools if self.choice != "function" or t.name == self.name)
+        return tuple(t for t in self.shown if self.choice != "function" or t.name == self.name)
+
+    @property
+    def shown(self) -> tuple[Tool, ...]:
+        """The tools the prompt shows: all of them, even when one is named (as OpenAI's API does:
+        the model knows what else there is), and none with tool_choice none."""
+        return () if self.choice == "none" else self.tools
 
 
 @dataclass(frozen=True)
@@ -225,11 +229,11 @@ def with_tools(syntax: Syntax, where: str, use: ToolUse,
                messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages and the `tools` variable that render `use` (where: see rendering())."""
     if where == "tools":
-        return messages, [t.declaration() for t in use.callable] or None
-    declared = json.dumps([t.declaration()["function"] for t in use.callable], ensure_ascii=False)
+        return messages, [t.declaration() for t in use.shown] or None
+    declared = json.dumps([t.declaration()["function"] for t in use.shown], ensure_ascii=False)
     if where == "system":  # the template renders results (role tool) but not calls
         out = [_calls_as_text(syntax, m) for m in messages]
-        if use.callable:
+        if use.shown:
             first = out[0] if out and out[0].get("role") == "system" else {"role": "system", "content": ""}
             out = [{**first, "tools": declared}, *(out[1:] if first is out[0] else out)]
         return out, None
@@ -247,7 +251,7 @@ def with_tools(syntax: Syntax, where: str, use: ToolUse,
         else:
             out.append({"role": "user", "content": result, "results": True})
     out = [{k: v for k, v in m.items() if k != "results"} for m in out]
-    if not use.callable:
+    if not use.shown:
         return out, None
     if out and out[0].get("role") == "system":
         return [{**out[0], "content": f"{out[0].get('content') or ''}\n\n{note}".lstrip()}, *out[1:]], None
