@@ -147,17 +147,29 @@ class Model:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
     @functools.cached_property
+    def _unshown(self) -> tuple[frozenset[int], frozenset[int]]:
+        """The control tokens and the unknown ones (<unk>): one walk over the vocabulary for both."""
+        control: list[int] = []
+        unknown: list[int] = []
+        for t in range(self.n_vocab):
+            attr = C.llama_vocab_get_attr(self.vocab, t)
+            if attr & C.LLAMA_TOKEN_ATTR_CONTROL:
+                control.append(t)
+            elif attr & C.LLAMA_TOKEN_ATTR_UNKNOWN:
+                unknown.append(t)
+        return frozenset(control), frozenset(unknown)
+
+    @property
     def control_tokens(self) -> frozenset[int]:
         """Tokens that mark structure (turns, roles, BOS/EOS): only a chat template may write them."""
-        control = C.LLAMA_TOKEN_ATTR_CONTROL
-        return frozenset(t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & control)
+        return self._unshown[0]
 
     @functools.cached_property
     def hidden_tokens(self) -> frozenset[int]:
         """Tokens whose text a reply does not show (control tokens but the ends, <unk>), though a
         grammar reads them as their text: under a grammar they are never written."""
-        unknown = {t for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & C.LLAMA_TOKEN_ATTR_UNKNOWN}
-        return (self.control_tokens | unknown) - set(self.eog_tokens)
+        control, unknown = self._unshown
+        return (control | unknown) - set(self.eog_tokens)
 
     @functools.cached_property
     def control_initials(self) -> frozenset[str]:

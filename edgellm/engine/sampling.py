@@ -251,11 +251,9 @@ class _Calls:
         """The chain's pick, without the grammar."""
         if not self._remembers:
             return C.llama_sampler_sample(self._chain, ctx, index)  # (it accepts the token: no matter)
-        candidates = self._whole(ctx, index)
-        data = candidates.ctypes.data_as(C.llama_token_data_p)
-        array = C.llama_token_data_array(data, len(candidates), -1, False)
-        C.llama_sampler_apply(self._chain, ctypes.byref(array))
-        return int(data[array.selected].id)
+        token = self._pick(self._whole(ctx, index), grammar=False)
+        assert token is not None
+        return token
 
     def _sample(self, ctx: C.llama_context_p, index: int) -> int:
         token = self._free_pick(ctx, index)
@@ -338,21 +336,25 @@ class _Calls:
                 token = self._pick(short, lambda: exact(short, floor))  # noqa: B023 (called at once)
                 if token is not None:
                     return token
-        token = self._pick(self._whole(ctx, index), lambda: True)
+        token = self._pick(self._whole(ctx, index))
         assert token is not None
         return token
 
-    def _pick(self, candidates: np.ndarray, exact: Callable[[], bool]) -> int | None:
-        """The grammar on `candidates`, then (if exact() then says so) the chain; the token picked."""
+    def _pick(self, candidates: np.ndarray, exact: Callable[[], bool] | None = None, *,
+              grammar: bool = True) -> int | None:
+        """The chain's pick among `candidates`; with `grammar`, among those the grammar allows (and
+        only if exact(), when given, then says the pick is the one the whole vocabulary would give)."""
         data = candidates.ctypes.data_as(C.llama_token_data_p)
         array = C.llama_token_data_array(data, len(candidates), -1, False)
-        C.llama_sampler_apply(self._grammar, ctypes.byref(array))
-        candidates["logit"][self._hidden[candidates["id"]]] = -math.inf
-        if not exact():
-            return None
+        if grammar:
+            C.llama_sampler_apply(self._grammar, ctypes.byref(array))
+            candidates["logit"][self._hidden[candidates["id"]]] = -math.inf
+            if exact is not None and not exact():
+                return None
         C.llama_sampler_apply(self._chain, ctypes.byref(array))
         token = int(data[array.selected].id)
-        C.llama_sampler_accept(self._grammar, token)
+        if grammar:
+            C.llama_sampler_accept(self._grammar, token)
         return token
 
     def close(self) -> None:

@@ -201,7 +201,8 @@ class GenerationService:
 
         with loaded.held():
             model, param, n_ctx, template = loaded.model, request.param, loaded.runner.n_ctx, loaded.chat_template
-            use, calls = request.tools, None
+            use = request.tools
+            calls, reader, visible = None, None, frozenset[int]()  # (with tools the reply may call)
             if request.messages is not None:
                 assert template is not None
                 messages, tools = request.messages, None
@@ -209,6 +210,7 @@ class GenerationService:
                     messages, tools = with_tools(template.tool_syntax, template.tool_rendering, use, messages)
                 if use is not None and use.callable:
                     calls = call_grammar(template.tool_syntax, use, check=deadline.check)
+                    reader, visible = CallReader(template.tool_syntax, calls), template.tool_markers
                 prompt = template.tokens(model, messages, tools=tools, kwargs=request.chat_template_kwargs,
                                          deadline=deadline, n_ctx=n_ctx)
             elif isinstance(request.prompt, str):
@@ -227,13 +229,11 @@ class GenerationService:
             cache = loaded.runner.prompt_cache
             # find() may read the snapshot from disk: here, in a worker thread, not in the runner.
             snapshot = cache.partition(partition).find(prompt) if cache is not None else None
-            visible = template.tool_markers if calls is not None and template is not None else frozenset()
             sampler = Sampler(model, sampling, check=deadline.check, calls=calls, visible=visible)
             # A forced call ends where its grammar says: a stop string ("\n", say) would cut it short.
             stops = () if calls is not None and calls.forced else request.stops
             prepared = Prepared(prompt, sampler, request.max_tokens, stops, snapshot=snapshot,
                                 partition=partition, visible=visible)
-            reader = CallReader(template.tool_syntax, calls) if calls is not None and template is not None else None
             return prepared, reader
 
     # --- embeddings -----------------------------------------------------------------------------

@@ -20,12 +20,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefix  # noqa: E402  (the hub workload and the streamed request)
 import run  # noqa: E402
-from run import ROOT, Model  # noqa: E402
+from run import Model  # noqa: E402
 
 KEYS = ("bench-key-a-0123456789abcdef", "bench-key-b-0123456789abcdef")
 STEPS = ("A first", "A again", "B first", "B again")
@@ -54,11 +52,7 @@ def main() -> int:
     parser.add_argument("--first-tokens", type=int, default=300)
     parser.add_argument("--turns", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--port", type=int, default=18490)
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
+    run.server_arguments(parser, 18490)
     args = parser.parse_args()
     load = run.print_load_average()
     out = run.results_dir(args.out) / "key-isolation"

@@ -39,11 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402  (run.py beside this file: the llama.cpp build, servers, tiny model, results)
-from run import ROOT, Model, Server  # noqa: E402
+from run import Model, Server  # noqa: E402
 
 # --- the workloads: deterministic text, the same for both servers ---------------------------------
 
@@ -583,17 +582,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="warm and interleaved hub turns per round")
     parser.add_argument("--others", type=int, default=3, help="other clients between interleaved hub turns")
     parser.add_argument("--max-tokens", type=int, default=8, help="reply length")
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--slots", type=int, default=4, help="parallel sequences on both sides")
     parser.add_argument("--sleep-idle", type=int, default=2,
                         help="llama-server --sleep-idle-seconds: how its unload is emulated")
     parser.add_argument("--engine-setting", action="append", default=[], metavar="'KEY = VALUE'",
                         help="a TOML line added to edgellm's [engine] (e.g. prompt_cache_disk); repeatable")
     parser.add_argument("--llama-server-arg", action="append", default=[], metavar="=ARG",
                         help="one more llama-server argument, e.g. --llama-server-arg=--swa-full; repeatable")
-    parser.add_argument("--port", type=int, default=18480)
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
+    run.server_arguments(parser, 18480)
     args = parser.parse_args()
     if not args.model and not args.tiny:
         parser.error("give --model, --tiny or both")

@@ -128,6 +128,11 @@ class Server:
         self._log.close()
 
 
+def server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    """The settings start() reads (--ctx, --threads, --slots, --port), and --out for the results."""
+    parser.add_argument("--port", type=int, default=port)
+
+
 def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path, *,
           state_dir: Path | None = None, engine_lines: Sequence[str] = (), extra_args: Sequence[str] = (),
           extra_toml: str = "") -> Server:
@@ -317,8 +322,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--slots", type=int, default=4, help="parallel sequences on both sides")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[4, 8])
-    parser.add_argument("--port", type=int, default=18480)
     parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
+    server_arguments(parser, 18480)
     args = parser.parse_args()
 
     load = print_load_average()

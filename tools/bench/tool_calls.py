@@ -33,7 +33,6 @@ from pathlib import Path
 
 import httpx
 import jsonschema
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
@@ -265,11 +264,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--port", type=int, default=18494)
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
+    run.server_arguments(parser, 18494)
     args = parser.parse_args()
 
     load = run.print_load_average()
