@@ -20,6 +20,8 @@ from typing import Any, Protocol, TypeGuard
 
 from edgellm import limits
 from edgellm.errors import EdgeError, InvalidRequest, Unsupported
+from edgellm.protocol.fields import get as _get
+from edgellm.protocol.fields import knob
 from edgellm.protocol.sse import event
 from edgellm.units import parse_duration
 
@@ -76,39 +78,6 @@ class EmbeddingRequest:
     keep_alive: float | None | bool
 
 
-_MISSING = object()
-_KINDS = {
-    "number": ((int, float), "a number"),
-    "integer": ((int,), "an integer"),
-    "string": ((str,), "a string"),
-    "boolean": ((bool,), "a boolean"),
-    "object": ((dict,), "an object"),
-    "array": ((list,), "an array"),
-}
-
-
-def _get(body: dict[str, Any], name: str, kind: str, default: object = None, *, minimum: float | None = None,
-         maximum: float | None = None, param: str | None = None) -> Any:
-    """One field, type- and range-checked (its type is `kind`'s, or default's); null counts as absent,
-    as in OpenAI's API."""
-    value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        return default
-    types, described = _KINDS[kind]
-    if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
-        raise _invalid(f"'{param or name}' must be {described}, got {_json_type(value)}", param or name)
-    if minimum is not None and isinstance(value, int | float) and value < minimum:
-        raise _invalid(f"'{param or name}' must be at least {minimum}, got {value}", param or name)
-    if maximum is not None and isinstance(value, int | float) and value > maximum:
-        raise _invalid(f"'{param or name}' must be at most {maximum}, got {value}", param or name)
-    return value
-
-
-def _json_type(value: object) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def _invalid(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)
 
@@ -142,7 +111,7 @@ def _options(body: dict, *, chat: bool) -> GenerationOptions:
         stream=stream,
         include_usage=include_usage,
         sampling=_sampling(body),
-        keep_alive=_keep_alive(body),
+        keep_alive=parse_keep_alive(body),
     )
 
 
@@ -163,7 +132,7 @@ def _stops(body: dict) -> tuple[str, ...]:
 
 def _sampling(body: dict) -> dict[str, object]:
     """The sampling fields the request sets; the model's and the server's defaults fill the rest."""
-    fields: dict[str, object] = {name: _bounded(body, name) for name in _KNOBS}
+    fields: dict[str, object] = {name: knob(body, name) for name in _KNOBS}
     fields.update({
         "logit_bias": _logit_bias(body) or None,
         "ignore_eos": _get(body, "ignore_eos", "boolean"),
@@ -176,18 +145,7 @@ def _sampling(body: dict) -> dict[str, object]:
 _KNOBS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty")
 
 
-def _bounded(body: dict, name: str) -> int | float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    problem = limits.SAMPLING[name].check(value)
-    if problem:
-        raise _invalid(f"'{name}' {problem}" + ("" if "got" in problem else f", got {_json_type(value)}"), name)
-    assert isinstance(value, int | float)
-    return value
-
-
-def _keep_alive(body: dict) -> float | None | bool:
+def parse_keep_alive(body: dict) -> float | None | bool:
     """Ollama's keep_alive: how long the model stays loaded after this request; False when not given."""
     value = body.get("keep_alive")
     if value is None:
@@ -269,7 +227,7 @@ _OBJECT_KEYWORDS = frozenset({"properties", "required", "additionalProperties", 
                               "$schema", "$defs", "definitions", "$id", "$comment", "examples", "default"})
 
 
-def _tools(body: dict) -> ToolOptions | None:
+def parse_tools(body: dict) -> ToolOptions | None:
     """`tools`, `tool_choice` and `parallel_tool_calls`: None when the request offers no tools."""
     raw = _get(body, "tools", "array", [])
     if len(raw) > limits.MAX_TOOLS:
@@ -387,7 +345,7 @@ def parse_chat(body: dict) -> ChatRequest:
         parsed.append(entry)
     kwargs = _get(body, "chat_template_kwargs", "object", {})
     options = _options(body, chat=True)
-    tools = _tools(body)
+    tools = parse_tools(body)
     if tools is not None and tools.choice != "none" and "json_schema" in options.sampling:
         raise Unsupported("'response_format' together with 'tools' is not supported; set one of them",
                           param="response_format")
@@ -428,7 +386,7 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
         raise _invalid(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}", "encoding_format")
     _refuse_unless(_get(body, "dimensions", "integer") is None, "dimensions", "'dimensions' is not supported")
     return EmbeddingRequest(model=_get(body, "model", "string"), inputs=inputs, encoding_format=encoding,
-                            keep_alive=_keep_alive(body))
+                            keep_alive=parse_keep_alive(body))
 
 
 def _is_token_list(value: object) -> TypeGuard[list[int]]:
