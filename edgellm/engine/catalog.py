@@ -12,6 +12,7 @@ waits for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -83,7 +84,9 @@ class Catalog:
         # An installed model wins a clash of ids with the --model file.
         current = {e.id: e for e in [*self._extra, *installed]}
         gone = [k for i, k in self._known.items() if i not in current or current[i].sha256 != k.entry.sha256]
-        kept = {i: k for i, k in self._known.items() if k not in gone}
+        # Kept with the entry as it is now: its files are the same, its names may not be (an alias added).
+        kept = {i: dataclasses.replace(k, entry=current[i], pinned=self._pinned(current[i]))
+                for i, k in self._known.items() if k not in gone}
         came, unservable = [], {}
         for model_id, entry in current.items():
             if model_id not in kept:
@@ -108,8 +111,10 @@ class Catalog:
         estimate = memory.estimate(headers, n_ctx=engine.n_ctx, parallel=engine.parallel,
                                    n_ubatch=min(engine.n_ubatch, engine.n_batch), embedding=entry.embedding,
                                    type_k=engine.cache_type_k, type_v=engine.cache_type_v)
-        pinned = not set(entry.names()).isdisjoint(self._settings.pinned)
-        return Known(entry, headers, estimate, pinned)
+        return Known(entry, headers, estimate, self._pinned(entry))
+
+    def _pinned(self, entry: Entry) -> bool:
+        return not set(entry.names()).isdisjoint(self._settings.pinned)
 
     def all(self) -> list[Known]:
         return list(self._known.values())
