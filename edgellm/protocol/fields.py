@@ -55,3 +55,20 @@ def knob(body: dict[str, Any], name: str, param: str | None = None, key: str | N
                              param=where)
     assert isinstance(value, int | float)
     return value
+
+
+def stops(body: dict[str, Any], param: str = "stop") -> tuple[str, ...]:
+    """Stop strings: a string or an array of them, bounded in count and length; empty ones dropped."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest(f"'{param}' must be a string or an array of strings", param=param)
+    if len(stop) > limits.MAX_STOPS:
+        raise InvalidRequest(f"'{param}' may hold at most {limits.MAX_STOPS} strings, got {len(stop)}", param=param)
+    if any(len(s) > limits.MAX_STOP_LENGTH for s in stop):
+        raise InvalidRequest(f"a '{param}' string may be at most {limits.MAX_STOP_LENGTH} characters long",
+                             param=param)
+    return tuple(s for s in stop if s)

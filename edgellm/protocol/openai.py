@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeGuard
 from edgellm import limits
 from edgellm.errors import EdgeError, InvalidRequest, Unsupported
 from edgellm.protocol.fields import get as _get
-from edgellm.protocol.fields import knob
+from edgellm.protocol.fields import knob, stops
 from edgellm.protocol.sse import event
 from edgellm.units import parse_duration
 
@@ -107,27 +107,12 @@ def _options(body: dict, *, chat: bool) -> GenerationOptions:
     return GenerationOptions(
         model=_get(body, "model", "string"),
         max_tokens=max_completion if max_completion is not None else max_tokens,
-        stops=_stops(body),
+        stops=stops(body),
         stream=stream,
         include_usage=include_usage,
         sampling=_sampling(body),
         keep_alive=parse_keep_alive(body),
     )
-
-
-def _stops(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _invalid("'stop' must be a string or an array of strings", "stop")
-    if len(stop) > limits.MAX_STOPS:
-        raise _invalid(f"'stop' may hold at most {limits.MAX_STOPS} strings, got {len(stop)}", "stop")
-    if any(len(s) > limits.MAX_STOP_LENGTH for s in stop):
-        raise _invalid(f"a 'stop' string may be at most {limits.MAX_STOP_LENGTH} characters long", "stop")
-    return tuple(s for s in stop if s)
 
 
 def _sampling(body: dict) -> dict[str, object]:
