@@ -20,7 +20,7 @@ from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.serving import admin, bundles, hardware, health, metrics, openai, openapi
+from edgellm.serving import admin, bundles, hardware, health, metrics, ollama, openai, openapi
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
@@ -40,10 +40,11 @@ def command_line_model(config: Config) -> Entry:
 
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
-               admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/", port: int = 0
-               ) -> Starlette:
+               admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/", port: int = 0,
+               ollama_port: int = 0) -> Starlette:
     """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture).
-    `port`: the port the API listens on, announced on the LAN (0: not announced)."""
+    `port`: the port the API listens on, announced on the LAN (0: not announced); `ollama_port`:
+    the second one, for Ollama's clients ([ollama] port; 0: none)."""
     stats = Metrics()
     plan = Planner(hardware_root, config.engine)  # made by the first load
     extra = [command_line_model(config)] if config.model.path else []
@@ -78,7 +79,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
             announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
                                   interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
                                   device=device_id(config.server.state_dir),
-                                  models=lambda: [m.id for m in service.models()])
+                                  models=lambda: [m.id for m in service.models()], ollama_port=ollama_port)
             await announcer.start()
         yield
         if announcer is not None:
@@ -89,13 +90,13 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
         await pool.close()
 
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *openai.routes, *admin.routes, *hardware.routes, *bundles.routes,
-                *openapi.routes(__version__)],
+        routes=[*health.routes, *metrics.routes, *openai.routes, *ollama.routes, *admin.routes, *hardware.routes,
+                *bundles.routes, *openapi.routes(__version__)],
         middleware=[Middleware(ServedBy),
                     Middleware(OriginPolicy, names=BoxNames(config.server.allowed_hosts, config.discovery.name),
                                cors_origins=config.server.cors_origins),
                     Middleware(APIKeyAuth, keys=api_keys, admin_keys=admin_keys,
-                               loopback=is_loopback(config.server.host))],
+                               loopback=is_loopback(config.server.host), keyless=config.server.keyless_addresses)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

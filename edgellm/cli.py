@@ -180,11 +180,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    try:
-        sock = _bind(host, port)
-    except OSError as e:
-        print(f"edgellm: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_RUNTIME
+    sockets = []
+    for listen_port in (port, *([config.ollama.port] if config.ollama.port else [])):
+        try:
+            sockets.append(_bind(host, listen_port))
+        except OSError as e:
+            print(f"edgellm: cannot listen on {host}:{listen_port}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_RUNTIME
+    sock = sockets[0]
 
     log = logging.getLogger("edgellm")
     if not is_loopback(host) and not keys:
@@ -193,6 +196,9 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
              "required" if keys else "not required")
+    ollama_port = sockets[1].getsockname()[1] if len(sockets) > 1 else 0
+    if ollama_port:
+        log.info("and on http://%s:%d for Ollama's clients ([ollama] port)", shown, ollama_port)
 
     import asyncio  # only now: the socket listens (connections queue) while the server is imported and built
 
@@ -203,7 +209,8 @@ def _serve(args: argparse.Namespace) -> int:
     from edgellm.serving.connections import Limits, bounded
 
     _give_back_freed_memory()
-    app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root, port=bound_port)
+    app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root, port=bound_port,
+                     ollama_port=ollama_port)
 
     notifier = Notifier()
     where = f"http://{shown}:{bound_port}"
@@ -234,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
                     max_connections=s.max_connections)
     server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False,
                                    http=bounded(limits), timeout_keep_alive=math.ceil(seconds(s.keep_alive_timeout))))
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     return 0
 
 

@@ -49,6 +49,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     # Web pages (scheme://host[:port]) whose scripts may call the API from a browser.
     cors_origins: tuple[str, ...] = ()
+    # Addresses or networks (192.168.1.20, 10.0.0.0/24) whose clients may use the API without a key,
+    # never the admin API: apps that cannot send one (Home Assistant's Ollama integration).
+    keyless_addresses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,15 @@ class BundlesConfig:
 
 
 @dataclass(frozen=True)
+class OllamaConfig:
+    """Ollama's native API (/api), served on the API's port always, and on Ollama's own if set."""
+
+    port: int = 0  # a second listener for clients set up for Ollama (11434); 0: none
+    pull_dir: str = ""  # bundles /api/pull installs from (a mounted stick); empty: pull finds nothing
+    allow_unsigned_create: bool = False  # /api/create from uploaded blobs under policy require-signature
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     prompts: bool = False
@@ -144,6 +156,7 @@ class Config:
     bundles: BundlesConfig = field(default_factory=BundlesConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    ollama: OllamaConfig = field(default_factory=OllamaConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -168,6 +181,7 @@ _SECTIONS: dict[str, type] = {
     "bundles": BundlesConfig,
     "discovery": DiscoveryConfig,
     "relay": RelayConfig,
+    "ollama": OllamaConfig,
     "log": LogConfig,
 }
 
@@ -182,6 +196,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 _RANGES: dict[tuple[str, str], tuple[int, int]] = {
     ("server", "port"): (0, 65535),
+    ("ollama", "port"): (0, 65535),
     ("server", "max_body_bytes"): (1024, 1 << 30),
     ("server", "max_connections"): (1, 65536),
     ("server", "max_header_bytes"): (1024, 1 << 20),
@@ -254,13 +269,23 @@ def from_dict(data: dict, source: str) -> Config:
         sections[name] = _section(_SECTIONS[name], name, table, source)
     config = Config(**sections, source=source)
     for origin in config.server.cors_origins:
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+        # Any scheme: apps' pages have their own (Obsidian's is app://obsidian.md).
+        if not re.fullmatch(r"[a-z][a-z0-9+.\-]*://[A-Za-z0-9.\-\[\]:]+", origin):
             raise ConfigError(f"{source}: [server] cors_origins: {origin!r} is not an origin such as "
                               "http://homeassistant.local:8123 (a scheme and a host, no path, never *)")
     if config.engine.cache_type_v != "f16" and config.engine.flash_attn == "off":
         raise ConfigError(f"{source}: [engine] cache_type_v = {config.engine.cache_type_v!r} needs flash attention "
                           "(llama.cpp cannot use a quantized V cache without it): set flash_attn to auto or on, "
                           "or cache_type_v to f16")
+    for network in config.server.keyless_addresses:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{source}: [server] keyless_addresses: {network!r} is not an address or a network "
+                              "such as 192.168.1.20 or 192.168.1.0/24") from None
+    if config.ollama.port and config.ollama.port == config.server.port:
+        raise ConfigError(f"{source}: [ollama] port {config.ollama.port} is [server] port too: Ollama's API is served "
+                          "there already; set another port (Ollama's is 11434), or 0 for none")
     if config.engine.parallel > config.engine.n_batch:
         raise ConfigError(f"{source}: [engine] parallel ({config.engine.parallel}) cannot exceed n_batch "
                           f"({config.engine.n_batch}): every running sequence needs a place in each batch")

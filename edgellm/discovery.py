@@ -11,6 +11,7 @@ status page, for generic browsers) with TXT records a client can act on:
     more      how many ids did not fit (absent when none)
     rev       changes whenever the installed models change
     tls       "0" (edgellm serves plain HTTP)
+    ollama    the port of Ollama's API (/api): the API's own, or [ollama] port when it is set
 
 zeroconf sends its multicast only from the chosen interfaces' addresses: by
 default every non-loopback interface when the API listens beyond loopback, and
@@ -84,9 +85,9 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def txt_records(*, models: list[str], key_required: bool, device: str) -> dict[str, str]:
+def txt_records(*, models: list[str], key_required: bool, device: str, ollama: int) -> dict[str, str]:
     records = {"version": __version__, "api": "/v1", "auth": "required" if key_required else "none",
-               "id": device, "tls": "0",
+               "id": device, "tls": "0", "ollama": str(ollama),
                "rev": hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:8]}
     used = sum(len(k) + len(v.encode()) + 2 for k, v in records.items())
     listed: list[str] = []
@@ -106,9 +107,10 @@ class Announcer:
     re-announced when the addresses change, goodbye packets at shutdown."""
 
     def __init__(self, *, name: str, port: int, interfaces: list[str], host: str, key_required: bool,
-                 device: str, models: Callable[[], list[str]]) -> None:
+                 device: str, models: Callable[[], list[str]], ollama_port: int = 0) -> None:
         self.name = name or socket.gethostname().split(".")[0]
         self.port = port
+        self.ollama_port = ollama_port or port
         self.interfaces = interfaces
         self.host = host
         self.key_required = key_required
@@ -127,6 +129,10 @@ class Announcer:
             log.exception("announcing on the LAN failed; retrying when the addresses change")
         self._task = asyncio.create_task(self._watch())
 
+    def _records(self) -> dict[str, str]:
+        return txt_records(models=self.models(), key_required=self.key_required, device=self.device,
+                           ollama=self.ollama_port)
+
     async def _announce(self) -> None:
         by_interface = interface_addresses(self.interfaces, self.host)
         addresses = sorted(a for values in by_interface.values() for a in values)
@@ -135,7 +141,7 @@ class Announcer:
             log.info("not announcing on the LAN (%s)", "no IPv4 address on " + ", ".join(self.interfaces)
                      if self.interfaces else "the API listens on loopback only")
             return
-        self._txt = txt_records(models=self.models(), key_required=self.key_required, device=self.device)
+        self._txt = self._records()
         self._zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
         host = f"{self.name.replace(' ', '-')}.local."
         packed = [socket.inet_aton(a) for a in addresses]
@@ -161,7 +167,7 @@ class Announcer:
                     await self._withdraw()
                     await self._announce()
                 elif self._zc is not None:
-                    txt = txt_records(models=self.models(), key_required=self.key_required, device=self.device)
+                    txt = self._records()
                     if txt != self._txt:
                         self._txt = txt
                         old = self._infos[0]
@@ -198,6 +204,7 @@ class Box:
     device: str
     version: str
     more_models: int = 0
+    ollama_port: int = 0  # where Ollama's API (/api) answers; 0: an older box that does not say
     txt: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -213,7 +220,8 @@ def _box(info: AsyncServiceInfo) -> Box:
     return Box(name=info.name.removesuffix("." + SERVICE), addresses=info.parsed_addresses(IPVersion.V4Only),
                port=info.port or 0, api=txt.get("api", "/v1"), models=models,
                key_required=txt.get("auth") == "required", device=txt.get("id", ""),
-               version=txt.get("version", ""), more_models=int(txt.get("more", "0") or 0), txt=txt)
+               version=txt.get("version", ""), more_models=int(txt.get("more", "0") or 0),
+               ollama_port=int(txt.get("ollama", "0") or 0), txt=txt)
 
 
 async def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[Box]:

@@ -93,15 +93,16 @@ def discover(lan: dict, timeout: float = 1.5) -> list[dict]:
 
 def test_txt_records_fit_one_packet():
     many = [f"model-with-a-rather-long-name-{i}" for i in range(100)]
-    txt = txt_records(models=many, key_required=True, device="d" * 32)
+    txt = txt_records(models=many, key_required=True, device="d" * 32, ollama=11434)
     assert sum(len(k) + len(v) + 2 for k, v in txt.items()) <= TXT_BUDGET
     assert txt["auth"] == "required" and int(txt["more"]) == 100 - len(txt["models"].split(","))
-    assert "secret" not in json.dumps(txt)
-    wide = txt_records(models=["模型" * 60, "ü" * 100], key_required=False, device="x")  # bytes, not characters
+    assert "secret" not in json.dumps(txt) and txt["ollama"] == "11434"
+    wide = txt_records(models=["模型" * 60, "ü" * 100], key_required=False, device="x",  # bytes, not characters
+                       ollama=8080)
     assert all(len(f"{k}={v}".encode()) <= 255 for k, v in wide.items())
     assert sum(len(k) + len(v.encode()) + 2 for k, v in wide.items()) <= TXT_BUDGET
-    assert txt_records(models=["a"], key_required=False, device="x")["rev"] != \
-        txt_records(models=["a", "b"], key_required=False, device="x")["rev"]
+    assert txt_records(models=["a"], key_required=False, device="x", ollama=8080)["rev"] != \
+        txt_records(models=["a", "b"], key_required=False, device="x", ollama=8080)["rev"]
 
 
 def test_loopback_announces_nothing_by_default():
@@ -120,6 +121,7 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
         assert box["base_url"] == f"http://10.77.0.1:{box['port']}/v1"
         assert len(box["device"]) == 32 and box["device"] == (state / "device-id").read_text().strip()
         assert box["txt"]["tls"] == "0" and "secret-key" not in json.dumps(box)
+        assert box["ollama_port"] == box["port"]  # Ollama's API at /api on the same port ([ollama] port unset)
         assert f"on {lan['box_dev']}" in server.log()
 
         # A model installed while it runs shows in the TXT records.

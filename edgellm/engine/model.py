@@ -78,6 +78,9 @@ class Model:
         self.bos: int = C.llama_vocab_bos(self.vocab)
         self.eos: int = C.llama_vocab_eos(self.vocab)
         self.bos_text: str = self.token_text(self.bos)
+        fim = (C.llama_vocab_fim_pre(self.vocab), C.llama_vocab_fim_suf(self.vocab), C.llama_vocab_fim_mid(self.vocab))
+        # Fill in the middle: prefix, suffix and middle markers, where the model has all three.
+        self.fim: tuple[int, int, int] | None = fim if min(fim) >= 0 else None
         template = C.llama_model_chat_template(ptr, None)
         self.chat_template: str | None = template.decode("utf-8", "replace") if template else None
         pooling = self.meta(f"{self.architecture}.pooling_type")

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import psutil
@@ -193,6 +194,8 @@ class Pool:
                         self._begin_unload(state, "removed")
             for known in came:
                 self._states[known.id] = ModelState(known, self.default_keep_alive)
+            for known in self._catalog.all():  # the same files, perhaps under new names
+                self._states[known.id].known = known
             if (came or gone) and self._prompt_cache is not None and not self._catalog.problem:
                 # A model removed or replaced takes its prompt snapshots with it.
                 keys = [snapshot_key(k.entry) for k in self._catalog.all()]
@@ -503,6 +506,41 @@ class Pool:
         removed = await asyncio.to_thread(self._registry.remove, entry.id)
         await self.refresh()
         return removed
+
+    async def alias(self, name: str, alias: str) -> Entry:
+        """Give an installed model another name."""
+        entry = self.find(name).known.entry
+        if self._registry is None or entry.id not in {e.id for e in await asyncio.to_thread(self._registry.entries)}:
+            raise StoreError(f"model '{entry.id}' is not installed in the store (it was given with --model)",
+                             status=400, code="not_installed", param="model")
+        aliased = await asyncio.to_thread(self._registry.alias, entry.id, alias)
+        await self.refresh()
+        return aliased
+
+    async def install(self, path: Path, model_id: str) -> Entry:
+        """Install a GGUF file under this name (an uploaded one: Ollama's /api/create)."""
+        if self._registry is None:
+            raise StoreError("this server has no model store", status=400, code="not_installed")
+        registry = self._registry
+        entry, _ = await asyncio.to_thread(lambda: registry.add(path, model_id=model_id, source="upload"))
+        await self.refresh()
+        return entry
+
+    def expire(self, name: str, *, privileged: bool) -> float | None:
+        """A client's "unload now" (Ollama's keep_alive 0 with nothing to generate): at once for an
+        admin key's or with [models] min_keep_alive 0, else once idle for min_keep_alive. The
+        seconds until then, or None when it is not loaded (or pinned)."""
+        state = self.find(name)
+        if state.loaded is None or state.known.pinned:
+            return None
+        keep = 0.0 if privileged else self._bounded(0.0)
+        assert keep is not None
+        state.keep_alive = keep
+        if keep == 0:
+            state.unload_requested = True  # now if idle, else once its requests end
+            if not state.busy:
+                self._begin_unload(state, "keep_alive")
+        return keep
 
     # --- health and shutdown --------------------------------------------------------------------
 

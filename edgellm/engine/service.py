@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -24,10 +25,13 @@ from edgellm.engine.deadline import Deadline
 from edgellm.engine.errors import NotGenerative
 from edgellm.engine.pool import Lease, Pool
 from edgellm.engine.stream import Finish, Stream, Text, Usage
-from edgellm.engine.tools import Tool, ToolUse, call_grammar, with_tools
+from edgellm.engine.tools import Tool, ToolUse, call_grammar, rendering, with_tools
 from edgellm.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edgellm.engine.catalog import Known
     from edgellm.engine.loader import Loaded
     from edgellm.engine.scheduler import Prepared
 
@@ -35,7 +39,7 @@ log = logging.getLogger("edgellm.engine")
 T = TypeVar("T")
 
 __all__ = ["CallArguments", "CallEvent", "CallStart", "Embeddings", "EmbedRequest", "Finish", "GenerateRequest",
-           "Generation", "GenerationService", "ModelInfo", "Text", "Tool", "ToolUse", "Usage"]
+           "Generation", "GenerationService", "ModelInfo", "Running", "Text", "Tool", "ToolUse", "Usage"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class GenerateRequest:
     partition: str = ""  # whose cached prompts it may reuse: the API key's id ("" for a box without keys)
     privileged: bool = False  # an admin key's: keep_alive is not bounded by [models] min/max_keep_alive
     tools: ToolUse | None = None  # tools the reply may call (chat only)
+    n_ctx: int | None = None  # the client's context window (Ollama's num_ctx), within the model's
+    suffix: str | None = None  # fill in the middle: the text after the gap (with a text prompt)
 
     @property
     def param(self) -> str:
@@ -78,18 +84,55 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """An installed model, as the APIs' listings describe it."""
+
     id: str
     created: int  # install time, Unix seconds
     aliases: tuple[str, ...]
+    size: int = 0  # bytes of its files
+    sha256: str = ""
+    architecture: str = ""
+    quantization: str = ""
+    parameters: int = 0
+    embedding: bool = False
+    license: str = ""
+    defaults: dict[str, int | float] = field(default_factory=dict)  # its recommended sampling settings
+    template: str = ""  # its chat template: Jinja, a built-in format's name, or "" (llama.cpp's default)
+    tools: bool = False  # the template renders tools itself
+    metadata: dict[str, object] = field(default_factory=dict)  # the GGUF header's values (arrays: short ones)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A loaded model."""
+
+    model: ModelInfo
+    memory: int  # bytes it takes: measured when it loaded, else the estimate
+    gpu_memory: int  # the part of that on the GPU
+    expires_at: float | None  # when it unloads if still idle (Unix seconds); None: only when evicted
+    n_ctx: int
+
+
+def _info(known: Known) -> ModelInfo:
+    entry, head = known.entry, known.headers[0]
+    template = entry.chat_template or str(head.get("tokenizer.chat_template") or "")
+    metadata = {k: v for k, v in head.metadata.items() if k != "tokenizer.chat_template"}
+    return ModelInfo(entry.id, entry.created, tuple(entry.aliases), size=entry.size, sha256=entry.sha256,
+                     architecture=entry.architecture, quantization=entry.quantization, parameters=entry.parameters,
+                     embedding=entry.embedding, license=entry.license, defaults=dict(entry.defaults),
+                     template=template, tools=not entry.embedding and rendering(template or None) != "text",
+                     metadata=metadata)
 
 
 class Generation:
     """One generation on its way: iterate it for its events; close() when the response has ended
     (it cancels what is still running and ends the model's lease)."""
 
-    def __init__(self, stream: Stream, lease: Lease, prompt_tokens: int, reader: CallReader | None = None) -> None:
+    def __init__(self, stream: Stream, lease: Lease, prompt_tokens: int, reader: CallReader | None = None,
+                 load_seconds: float = 0.0) -> None:
         self.model = lease.loaded.id
         self.prompt_tokens = prompt_tokens
+        self.load_seconds = load_seconds  # from the request to its submission: a load, the template, tokens
         self._stream = stream
         # Without tools the events come straight from the runner's stream: nothing per token here.
         self._events: AsyncIterator[CallEvent] = stream if reader is None else _read(stream, reader)
@@ -144,11 +187,26 @@ class GenerationService:
     # --- the models, for listings and for the relay's routing ---------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(s.known.id, s.known.entry.created, tuple(s.known.entry.aliases)) for s in self._pool.states()]
+        return [_info(s.known) for s in self._pool.states()]
 
     def model(self, name: str) -> ModelInfo:
-        known = self._pool.find(name).known
-        return ModelInfo(known.id, known.entry.created, tuple(known.entry.aliases))
+        return _info(self._pool.find(name).known)
+
+    def running(self) -> list[Running]:
+        """The loaded models (Ollama's /api/ps)."""
+        out = []
+        for state in self._pool.states():
+            loaded = state.loaded
+            if loaded is None:
+                continue
+            memory = state.rss_delta or state.known.estimate.total
+            layers = state.known.headers[0].arch_int("block_count", 0) + 1  # and the output layer
+            on_gpu = 0 if loaded.backend == "cpu" else memory * min(loaded.gpu_layers, layers) // layers
+            expires = state.expires_at
+            if expires is None and state.keep_alive is not None:  # busy now: idle from its end
+                expires = time.time() + state.keep_alive
+            out.append(Running(_info(state.known), memory, on_gpu, expires, loaded.runner.n_ctx))
+        return out
 
     def has(self, name: str | None) -> bool:
         return self._pool.has(name)
@@ -166,6 +224,7 @@ class GenerationService:
     # --- generation -----------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> Generation:
+        started = time.monotonic()
         lease = await self._pool.acquire(request.model, keep_alive=request.keep_alive,
                                          privileged=request.privileged)
         try:
@@ -185,7 +244,7 @@ class GenerationService:
                 prepared.sampler.close()
                 raise
             stream.when_finished(prepared.sampler.close)  # the runner is done with it
-            return Generation(stream, lease, len(prepared.prompt), reader)
+            return Generation(stream, lease, len(prepared.prompt), reader, time.monotonic() - started)
         except BaseException:
             lease.release()
             raise
@@ -213,6 +272,8 @@ class GenerationService:
                     reader, visible = CallReader(template.tool_syntax, calls), template.tool_markers
                 prompt = template.tokens(model, messages, tools=tools, kwargs=request.chat_template_kwargs,
                                          deadline=deadline, n_ctx=n_ctx)
+            elif isinstance(request.prompt, str) and request.suffix is not None:
+                prompt = _infill(loaded, request.prompt, request.suffix)
             elif isinstance(request.prompt, str):
                 prompt = model.tokenize(request.prompt)  # a raw prompt is the client's whole prompt, markers too
             else:
@@ -220,10 +281,14 @@ class GenerationService:
             deadline.check()
             if not prompt:
                 raise InvalidRequest("the prompt is empty", param=param)
-            if len(prompt) >= n_ctx:
-                raise InvalidRequest(f"the prompt is {len(prompt)} tokens but the context holds {n_ctx} tokens "
+            window = min(n_ctx, request.n_ctx or n_ctx)
+            if len(prompt) >= window:
+                raise InvalidRequest(f"the prompt is {len(prompt)} tokens but the context holds {window} tokens "
                                      "(and needs room for at least one generated token)", param=param,
                                      code="context_length_exceeded")
+            max_tokens = request.max_tokens
+            if window < n_ctx:  # the client's window ends the reply where the model's would not
+                max_tokens = min(max_tokens or window, window - len(prompt))
             sampling = SamplingParams(**cast(dict[str, Any], {**loaded.defaults, **request.sampling}))
             _checked_tokens(loaded, list(sampling.logit_bias), "logit_bias")
             cache = loaded.runner.prompt_cache
@@ -232,7 +297,7 @@ class GenerationService:
             sampler = Sampler(model, sampling, check=deadline.check, calls=calls, visible=visible)
             # A forced call ends where its grammar says: a stop string ("\n", say) would cut it short.
             stops = () if calls is not None and calls.forced else request.stops
-            prepared = Prepared(prompt, sampler, request.max_tokens, stops, snapshot=snapshot,
+            prepared = Prepared(prompt, sampler, max_tokens, stops, snapshot=snapshot,
                                 partition=partition, visible=visible)
             return prepared, reader
 
@@ -285,6 +350,26 @@ class GenerationService:
         """Uninstall a model; the id it had."""
         return (await self._pool.remove(name)).id
 
+    async def touch(self, name: str, *, keep_alive: float | None | bool, privileged: bool) -> float:
+        """Load a model (if it is not) and keep it for `keep_alive`, generating nothing; the seconds
+        it took (Ollama's request with an empty prompt)."""
+        started = time.monotonic()
+        (await self._pool.acquire(name, keep_alive=keep_alive, privileged=privileged)).release()
+        return time.monotonic() - started
+
+    def expire(self, name: str, *, privileged: bool) -> float | None:
+        """Unload a model soon: see Pool.expire."""
+        return self._pool.expire(name, privileged=privileged)
+
+    async def alias(self, name: str, alias: str) -> str:
+        """Give an installed model another name; its id."""
+        return (await self._pool.alias(name, alias)).id
+
+    async def install(self, path: Path, model_id: str) -> str:
+        """Install a GGUF file under this name; the model's id (an installed model with the same
+        file keeps its id and gets the name as an alias)."""
+        return (await self._pool.install(path, model_id)).id
+
     async def refresh(self) -> None:
         """Take in the store's changes now (an import just finished) rather than within a second."""
         await self._pool.refresh()
@@ -302,6 +387,18 @@ class GenerationService:
     def broken(self) -> list[str]:
         """Models that stopped working and cannot be brought back without a restart."""
         return self._pool.broken()
+
+
+def _infill(loaded: Loaded, prefix: str, suffix: str) -> list[int]:
+    """A fill-in-the-middle prompt: the model's markers around the text before and after the gap."""
+    model = loaded.model
+    if model.fim is None:
+        raise InvalidRequest(f"model '{loaded.id}' has no fill-in-the-middle tokens: 'suffix' needs a model made "
+                             "for filling in code", param="suffix")
+    pre, suf, mid = model.fim
+    def text(s: str) -> list[int]:
+        return model.tokenize(s, add_special=False, parse_special=False)
+    return [*model.tokenize("", add_special=True), pre, *text(prefix), suf, *text(suffix), mid]
 
 
 def _checked_tokens(loaded: Loaded, tokens: list[int], param: str) -> list[int]:

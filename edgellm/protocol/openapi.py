@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of the JSON API, as plain data.
+"""The OpenAPI 3.1 description of the JSON API, as plain data (Ollama's part: ollama_openapi.py).
 
 Written from what the parsers in openai.py accept, with the bounds taken from limits.py, so a
 client generator (or a fuzzer) sees the same fields, types and ranges the server enforces.
@@ -34,9 +34,10 @@ def or_null(schema: Schema) -> Schema:
     return widened
 
 
-def _bound(name: str) -> Schema:
-    bound = limits.SAMPLING[name]
-    return or_null({"type": bound.kind, "minimum": bound.minimum, "maximum": bound.maximum})
+def bound(name: str) -> Schema:
+    """A sampling knob's schema: limits.SAMPLING's bounds, or null."""
+    limit = limits.SAMPLING[name]
+    return or_null({"type": limit.kind, "minimum": limit.minimum, "maximum": limit.maximum})
 
 
 _INT = {"type": "integer"}
@@ -55,7 +56,7 @@ def _generation_fields() -> dict[str, Schema]:
         "model": or_null({**_STR, "description": "required when several models are installed"}),
         "max_tokens": max_tokens,
         "max_completion_tokens": max_tokens,
-        **{name: _bound(name) for name in _KNOBS},
+        **{name: bound(name) for name in _KNOBS},
         "stop": or_null({"anyOf": [stop_string, {"type": "array", "items": stop_string,
                                                  "maxItems": limits.MAX_STOPS}]}),
         "stream": or_null({"type": "boolean"}),
@@ -160,26 +161,26 @@ _EMBEDDING_REQUEST: Schema = {"type": "object", "required": ["input"], "properti
 }}
 
 
-def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:
+def obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:
     return {"type": "object", "required": list(required), "properties": {**required, **(optional or {})}}
 
 
-_USAGE = _obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
-              {"prompt_tokens_details": _obj({"cached_tokens": _INT})})
+_USAGE = obj({"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
+              {"prompt_tokens_details": obj({"cached_tokens": _INT})})
 _FINISH = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
-_CALL_OUT = _obj({"id": _STR, "type": {"const": "function"},
-                  "function": _obj({"name": _STR, "arguments": {**_STR, "contentMediaType": "application/json"}})})
-_CALL_DELTA = _obj({"index": _INT}, {"id": _STR, "type": {"const": "function"},
+_CALL_OUT = obj({"id": _STR, "type": {"const": "function"},
+                  "function": obj({"name": _STR, "arguments": {**_STR, "contentMediaType": "application/json"}})})
+_CALL_DELTA = obj({"index": _INT}, {"id": _STR, "type": {"const": "function"},
                                      "function": {"type": "object", "properties": {"name": _STR, "arguments": _STR}}})
 _ID = {"id": _STR, "created": _INT, "model": _STR}
 
-_ADMIN_MODEL = _obj({
+_ADMIN_MODEL = obj({
     "id": _STR,
     "state": {"type": "string", "enum": ["unloaded", "loading", "loaded", "unloading", "failed"]},
     "in_flight": _INT,
 }, {
     "aliases": {"type": "array", "items": _STR},
-    "files": {"type": "array", "items": _obj({"name": _STR, "sha256": _STR, "size": _INT})},
+    "files": {"type": "array", "items": obj({"name": _STR, "sha256": _STR, "size": _INT})},
     "size": _INT, "sha256": _STR, "architecture": _STR, "quantization": _STR, "parameters": _INT,
     "context_length": _INT, "has_chat_template": {"type": "boolean"}, "embedding": {"type": "boolean"},
     "defaults": {"type": "object", "additionalProperties": {"type": "number"}},
@@ -188,13 +189,13 @@ _ADMIN_MODEL = _obj({
     "chat_template_in_use": or_null(_STR), "estimate_bytes": _INT,
     "tool_call_format": or_null({"type": "string", "enum": ["hermes", "llama3", "mistral", "phi4", "functiongemma",
                                                             "generic"]}),
-    "kv_cache": _obj({"type_k": _STR, "type_v": _STR, "estimate_bytes": _INT}),
+    "kv_cache": obj({"type_k": _STR, "type_v": _STR, "estimate_bytes": _INT}),
     "rss_delta_bytes": or_null(_INT), "last_used": or_null(_STR), "expires_at": or_null(_STR),
     "pinned": {"type": "boolean"},
 })
 
 SCHEMAS: dict[str, Schema] = {
-    "Error": _obj({"error": _obj({"message": _STR, "type": _STR, "param": or_null(_STR), "code": _STR})}),
+    "Error": obj({"error": obj({"message": _STR, "type": _STR, "param": or_null(_STR), "code": _STR})}),
     "Message": _MESSAGE,
     "TextPart": _TEXT_PART,
     "ResponseFormat": _RESPONSE_FORMAT,
@@ -203,36 +204,36 @@ SCHEMAS: dict[str, Schema] = {
     "CompletionRequest": _COMPLETION_REQUEST,
     "EmbeddingRequest": _EMBEDDING_REQUEST,
     "Usage": _USAGE,
-    "ChatCompletion": _obj({**_ID, "object": {"const": "chat.completion"}, "usage": ref("Usage"), "choices": {
-        "type": "array", "items": _obj({"index": _INT, "finish_reason": _FINISH, "logprobs": _NULL,
-                                        "message": _obj({"role": {"const": "assistant"},
+    "ChatCompletion": obj({**_ID, "object": {"const": "chat.completion"}, "usage": ref("Usage"), "choices": {
+        "type": "array", "items": obj({"index": _INT, "finish_reason": _FINISH, "logprobs": _NULL,
+                                        "message": obj({"role": {"const": "assistant"},
                                                          "content": or_null(_STR)},
                                                         {"tool_calls": {"type": "array", "items": _CALL_OUT}})})}}),
-    "ChatCompletionChunk": _obj({**_ID, "object": {"const": "chat.completion.chunk"}, "choices": {
-        "type": "array", "items": _obj({"index": _INT, "finish_reason": or_null(_FINISH), "logprobs": _NULL,
+    "ChatCompletionChunk": obj({**_ID, "object": {"const": "chat.completion.chunk"}, "choices": {
+        "type": "array", "items": obj({"index": _INT, "finish_reason": or_null(_FINISH), "logprobs": _NULL,
                                         "delta": {"type": "object", "properties": {
                                             "role": {"const": "assistant"}, "content": _STR,
                                             "tool_calls": {"type": "array", "items": _CALL_DELTA}}}})}},
         {"usage": ref("Usage")}),
-    "Completion": _obj({**_ID, "object": {"const": "text_completion"}, "choices": {
-        "type": "array", "items": _obj({"index": _INT, "text": _STR, "logprobs": _NULL,
+    "Completion": obj({**_ID, "object": {"const": "text_completion"}, "choices": {
+        "type": "array", "items": obj({"index": _INT, "text": _STR, "logprobs": _NULL,
                                         "finish_reason": or_null(_FINISH)})}}, {"usage": ref("Usage")}),
-    "EmbeddingList": _obj({"object": {"const": "list"}, "model": _STR,
-                           "usage": _obj({"prompt_tokens": _INT, "total_tokens": _INT}),
-                           "data": {"type": "array", "items": _obj({
+    "EmbeddingList": obj({"object": {"const": "list"}, "model": _STR,
+                           "usage": obj({"prompt_tokens": _INT, "total_tokens": _INT}),
+                           "data": {"type": "array", "items": obj({
                                "object": {"const": "embedding"}, "index": _INT,
                                "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}},
                                                        {"type": "string", "contentEncoding": "base64"}]}})}}),
-    "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR}),
-    "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
-    "Health": _obj({"status": {"const": "ok"}},
+    "Model": obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR}),
+    "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
+    "Health": obj({"status": {"const": "ok"}},
                    {"throttled": {"type": "boolean"}, "temperature_celsius": {"type": "number"},
                     "throttle_flags": {"type": "array", "items": _STR}}),
-    "HealthBrief": _obj({"status": {"type": "string", "enum": ["loading", "failed"]}}),
+    "HealthBrief": obj({"status": {"type": "string", "enum": ["loading", "failed"]}}),
     "AdminModel": _ADMIN_MODEL,
-    "AdminModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("AdminModel")}}),
-    "DeletedModel": _obj({"id": _STR, "object": {"const": "model"}, "deleted": {"const": True}}),
-    "Hardware": _obj({"hardware": _OBJECT, "plan": _OBJECT}),
+    "AdminModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("AdminModel")}}),
+    "DeletedModel": obj({"id": _STR, "object": {"const": "model"}, "deleted": {"const": True}}),
+    "Hardware": obj({"hardware": _OBJECT, "plan": _OBJECT}),
 }
 
 
@@ -286,12 +287,15 @@ def _admin(name: str, method: str, summary: str, ok: dict[str, Any], *, model: b
 
 def document(version: str) -> dict[str, Any]:
     """The whole document; `version` is edgellm's."""
+    from edgellm.protocol import ollama_openapi  # (it builds on this module's helpers)
+
     bearer = "`Authorization: Bearer KEY`; with no keys configured the server listens on loopback and is open"
     return {
         "openapi": "3.1.0",
         "info": {"title": "edgellm", "version": version,
-                 "description": "OpenAI-compatible LLM server on llama.cpp. Errors have one shape "
-                                "(Error); every bound is in docs/api.md."},
+                 "description": "OpenAI-compatible LLM server on llama.cpp, with Ollama's API under /api. "
+                                "Errors have one shape per API (Error; OllamaError under /api); every bound "
+                                "is in docs/api.md."},
         "security": _API_KEY,
         "paths": {
             "/v1/chat/completions": _generate("createChatCompletion", "ChatCompletionRequest", "ChatCompletion",
@@ -350,9 +354,10 @@ def document(version: str) -> dict[str, Any]:
                                                      "`done` {models: [{id, status}], warnings: [...]} or `error` "
                                                      "(an Error)",
                                       "content": _EVENTS}, **_ADMIN_ERRORS}}},
+            **ollama_openapi.paths(_API_KEY, _ADMIN_KEY),
         },
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **ollama_openapi.SCHEMAS},
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": f"an API key: {bearer}"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},

@@ -17,63 +17,20 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.routing import Route
 
 from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
 from edgellm.serving.sse import EventStream
+from edgellm.serving.upload import Upload
 
 if TYPE_CHECKING:
     from edgellm.bundles.importer import Outcome
 
 
-class _Body:
-    """The request body as a blocking file for the importer's thread; the event loop fills it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
-        self.buffer = bytearray()
-        self.closed = False  # no more chunks will come (the body ended, or the response did)
-        self.ended = False  # and the reader has taken them all
-
-    async def _get(self) -> bytes | None:
-        idle_since = time.monotonic()
-        while not (self.closed and self.chunks.empty()):
-            try:
-                return await asyncio.wait_for(self.chunks.get(), 0.5)
-            except TimeoutError:  # look at `closed` again; a stalled upload ends like a cut one
-                if time.monotonic() - idle_since > IDLE_TIMEOUT:
-                    self.closed = True
-        return None
-
-    def read(self, n: int = -1) -> bytes:
-        while not self.ended and (n < 0 or len(self.buffer) < n):
-            chunk = asyncio.run_coroutine_threadsafe(self._get(), self.loop).result()
-            if chunk is None:
-                self.ended = True
-            else:
-                self.buffer += chunk
-        n = len(self.buffer) if n < 0 else n
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    async def pump(self, request: Request) -> None:
-        try:
-            async for chunk in request.stream():
-                if chunk:
-                    await self.chunks.put(chunk)
-        except ClientDisconnect:
-            pass
-        finally:
-            self.closed = True  # the importer then sees where the upload ended
-
-
 log = logging.getLogger("edgellm.bundles")
-IDLE_TIMEOUT = 60.0  # seconds without a byte of the upload: it is treated as cut off
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -88,7 +45,7 @@ async def upload(request: Request) -> EventStream:
     config = request.app.state.config
     registry = request.app.state.registry
     loop = asyncio.get_running_loop()
-    body = _Body(loop)
+    body = Upload(loop)
     events: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
     warnings: list[str] = []
     last = 0.0

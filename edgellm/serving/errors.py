@@ -15,7 +15,7 @@ from starlette.types import Send
 
 from edgellm.engine.errors import EngineError
 from edgellm.errors import EdgeError, NotFound
-from edgellm.protocol.openai import error_body
+from edgellm.protocol import ollama, openai
 
 
 class ClientGone(Exception):
@@ -39,12 +39,17 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ClientGone):
         return Response(status_code=499)  # nginx's "client closed request", for the access log
     error = to_edge_error(exc)
-    if request.url.path.startswith("/v1/"):
+    if request.url.path.startswith(("/v1/", "/api/")):
         _count(request, error)
     headers = dict(error.headers)
     if isinstance(exc, HTTPException) and exc.headers:
         headers.update(exc.headers)  # a 405's Allow
-    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+    return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=headers)
+
+
+def error_body(path: str, error: EdgeError) -> dict[str, object]:
+    """The error in the shape of the API the path belongs to: Ollama's under /api, else OpenAI's."""
+    return ollama.error_body(error) if path.startswith("/api/") else openai.error_body(error)
 
 
 def _count(request: Request, error: EdgeError) -> None:
@@ -60,9 +65,10 @@ def _count(request: Request, error: EdgeError) -> None:
     request.app.state.metrics.requests.labels(outcome).inc()
 
 
-async def send_error(send: Send, error: EdgeError, *, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(send: Send, error: EdgeError, path: str, *, extra: list[tuple[bytes, bytes]] | None = None
+                     ) -> None:
     """An error response straight from ASGI middleware, before any route (keys, the origin policy)."""
-    body = json.dumps(error_body(error)).encode()
+    body = json.dumps(error_body(path, error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()), *(extra or [])]
     if error.status == 401:

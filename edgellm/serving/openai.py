@@ -70,7 +70,7 @@ async def chat_completions(request: Request) -> ASGIApp:
     async def local() -> ASGIApp:
         parsed = proto.parse_chat(body)
         wanted = _generation(request, parsed.options, messages=parsed.messages,
-                             chat_template_kwargs=parsed.chat_template_kwargs, tools=_tool_use(parsed.tools))
+                             chat_template_kwargs=parsed.chat_template_kwargs, tools=tool_use(parsed.tools))
         return await _generate(request, wanted, parsed.options, chat=True)
 
     return await route(request, body, "/chat/completions", local)
@@ -87,7 +87,7 @@ async def completions(request: Request) -> ASGIApp:
     return await route(request, body, "/completions", local)
 
 
-def _tool_use(options: proto.ToolOptions | None) -> ToolUse | None:
+def tool_use(options: proto.ToolOptions | None) -> ToolUse | None:
     if options is None:
         return None
     return ToolUse(tuple(Tool(t.name, t.description, t.parameters) for t in options.tools), options.choice,

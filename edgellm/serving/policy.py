@@ -11,7 +11,8 @@ cross-site "simple" requests (a POST with Content-Type text/plain needs no prefl
   [server] cors_origins, whose preflights are answered and whose responses carry that
   origin (never `*`); any other Origin gets 403.
 - A JSON API route takes its body only as application/json; else 415 (a cross-site form or
-  text/plain POST cannot make one without a preflight).
+  text/plain POST cannot make one without a preflight). Ollama's /api also takes curl's form
+  type from requests without an Origin (no web page can send those).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from edgellm.errors import EdgeError
 from edgellm.serving.errors import send_error
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
-JSON_PREFIXES = ("/v1/",)  # POSTs here carry JSON bodies
-ALLOWED_METHODS = "GET, POST, DELETE, OPTIONS"
+ALLOWED_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 ALLOWED_HEADERS = "authorization, content-type, x-api-key"
 EXPOSED_HEADERS = "retry-after, x-edgellm-served-by"
 _ADDRESSES_EVERY = 10.0  # seconds between readings of the interfaces' addresses
@@ -98,14 +98,14 @@ class OriginPolicy:
         if host_name(host) not in self.names:
             await send_error(send, EdgeError(
                 f"the Host header {host!r} is not one of this box's names; if it is, add it to [server] allowed_hosts",
-                status=421, code="misdirected_request"))
+                status=421, code="misdirected_request"), scope["path"])
             return
         origin = headers.get("origin")
         listed = origin is not None and origin.lower().rstrip("/") in self.cors_origins
         if origin is not None and not listed and not same_origin(origin, host):
             await send_error(send, EdgeError(f"requests from web pages at {origin} are not allowed; list the page "
                                              "in [server] cors_origins if it should be", status=403,
-                                             code="origin_not_allowed"))
+                                             code="origin_not_allowed"), scope["path"])
             return
         if listed and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
             await send({"type": "http.response.start", "status": 204, "headers": _cors(origin) + [
@@ -114,10 +114,10 @@ class OriginPolicy:
                 (b"access-control-max-age", b"600")]})
             await send({"type": "http.response.body", "body": b""})
             return
-        if scope["method"] == "POST" and scope["path"].startswith(JSON_PREFIXES) and \
-                headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        path = scope["path"]
+        if scope["method"] in ("POST", "DELETE") and not _json_accepted(path, headers):
             await send_error(send, EdgeError("the request body must be sent as Content-Type: application/json",
-                                             status=415, code="unsupported_media_type"),
+                                             status=415, code="unsupported_media_type"), path,
                              extra=_cors(origin) if listed else [])
             return
         if not listed:
@@ -130,6 +130,19 @@ class OriginPolicy:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+def _json_accepted(path: str, headers: dict[str, str]) -> bool:
+    """Whether a POST's (or DELETE's) body may be read as JSON. Under /v1 only as application/json.
+    Under /api also without a Content-Type or as a form (what `curl -d` sends, as in Ollama's own
+    examples), but only from a request no web page made (no Origin); Ollama's blobs are files."""
+    media = headers.get("content-type", "").split(";")[0].strip().lower()
+    if path.startswith("/v1/"):
+        return media == "application/json"
+    if path.startswith("/api/") and not path.startswith("/api/blobs/"):
+        return media == "application/json" or (
+            "origin" not in headers and media in ("", "application/x-www-form-urlencoded"))
+    return True
 
 
 def same_origin(origin: str, host: str) -> bool:

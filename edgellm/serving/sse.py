@@ -1,4 +1,4 @@
-"""Server-sent event responses: token streams and bundle import progress.
+"""Streamed responses: server-sent events (token streams, bundle import progress) and Ollama's NDJSON.
 
 Not Starlette's StreamingResponse: a token stream must end (and release its model)
 however the response ends, and an upload's event stream must leave the request's
@@ -14,8 +14,10 @@ from starlette.types import Receive, Scope, Send
 
 from edgellm.serving.disconnect import until_disconnect
 
+# The last two keep proxies (nginx and friends) from buffering.
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-           (b"x-accel-buffering", b"no")]  # the last two keep proxies (nginx and friends) from buffering
+           (b"x-accel-buffering", b"no")]
+NDJSON = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
 class EventStream:
@@ -24,14 +26,15 @@ class EventStream:
     messages are not read."""
 
     def __init__(self, events: AsyncIterator[bytes], *, on_close: Callable[[], None] | None = None,
-                 watch_disconnect: bool = True) -> None:
+                 watch_disconnect: bool = True, headers: list[tuple[bytes, bytes]] = HEADERS) -> None:
         self.events = events
+        self.headers = headers
         self.on_close = on_close
         self.watch_disconnect = watch_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             if not self.watch_disconnect:
                 await self._pump(send)
                 return

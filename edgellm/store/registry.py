@@ -319,6 +319,14 @@ class Registry:
     def blob(self, sha256: str) -> Path:
         return self.blobs / f"sha256-{sha256}.gguf"
 
+    def upload(self, sha256: str) -> Path:
+        """Where a file uploaded for a later install is kept (Ollama's blobs), named by its content."""
+        return self.root / "uploads" / f"sha256-{sha256}"
+
+    def has_content(self, sha256: str) -> bool:
+        """Whether a file with this SHA-256 is here: installed, or uploaded."""
+        return self.blob(sha256).is_file() or self.upload(sha256).is_file()
+
     # --- changing (under the lock) ------------------------------------------------------------
 
     def _make_folders(self) -> None:
@@ -416,9 +424,14 @@ class Registry:
                                               indent=2))
 
     def add(self, path: str | Path, *, alias: str | None = None, source: str | None = None,
-            progress: Callable[[int], None] | None = None) -> tuple[Entry, bool]:
-        """Install a GGUF file (all parts of a split one); returns the entry and whether it is new."""
+            progress: Callable[[int], None] | None = None, model_id: str | None = None) -> tuple[Entry, bool]:
+        """Install a GGUF file (all parts of a split one); returns the entry and whether it is new.
+        `model_id`: its id (else one made from the file's name); a name another model has is refused,
+        and the same file installed already gets it as an alias."""
         path = Path(path)
+        if model_id is not None and not NAME_RE.fullmatch(model_id):
+            raise StoreError(f"model name {model_id!r} may hold only letters, digits and . _ : - (up to 128)",
+                             status=400)
         parts = gguf.split_parts(path)
         missing = [str(p) for p in parts if not p.is_file()]
         if missing:
@@ -436,9 +449,13 @@ class Registry:
                              source=source or f"file:{parts[0].resolve()}", files=files, headers=headers)
             existing = next((e for e in entries if e.sha256 == entry.sha256), None)
             taken = {n for e in entries for n in e.names() if e is not existing}
-            if alias is not None and alias in taken:
-                self.recover()  # the files just placed belong to no entry
-                raise StoreError(f"the name {alias!r} is already used by another model", status=409)
+            if model_id is not None:
+                entry.id = model_id
+                alias = model_id if existing is not None and model_id != existing.id else alias
+            for name in (alias, model_id):
+                if name is not None and name in taken:
+                    self.recover()  # the files just placed belong to no entry
+                    raise StoreError(f"the name {name!r} is already used by another model", status=409)
             if existing is not None:
                 if alias and alias not in existing.names():
                     existing.aliases.append(alias)
@@ -450,6 +467,38 @@ class Registry:
                 entry.aliases.append(alias)
             self._write([*entries, entry])
             return entry, True
+
+    def alias(self, name: str, alias: str) -> Entry:
+        """Give the model called `name` another name."""
+        if not NAME_RE.fullmatch(alias):
+            raise StoreError(f"name {alias!r} may hold only letters, digits and . _ : - (up to 128)", status=400)
+        with self.locked():
+            entries = self.entries()
+            entry = next((e for e in entries if name in e.names()), None)
+            if entry is None:
+                raise StoreError(f"no installed model is called {name!r}", status=404)
+            if alias in entry.names():
+                return entry
+            if any(alias in e.names() for e in entries):
+                raise StoreError(f"the name {alias!r} is already used by another model", status=409)
+            entry.aliases.append(alias)
+            self._write(entries)
+            return entry
+
+    def receive(self, src: IO[bytes], sha256: str) -> int:
+        """Keep an uploaded file for a later add(), if its content has this SHA-256 (else nothing is
+        kept); its size. It is verified in a staging directory, then moved into place whole."""
+        with self.staging() as staging:
+            tmp = staging / "upload"
+            got, size = self.stage(src, tmp)
+            if got != sha256:
+                raise StoreError(f"the upload's SHA-256 is {got}, not {sha256}: it was not kept", status=400,
+                                 code="digest_mismatch")
+            target = self.upload(sha256)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        return size
 
     def _install(self, source: Path, progress: Callable[[int], None] | None) -> ModelFile:
         """Hash and place one file as a blob: a hard link on the same filesystem, else a copy."""
