@@ -130,7 +130,11 @@ class Server:
 
 def server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
     """The settings start() reads (--ctx, --threads, --slots, --port), and --out for the results."""
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
+    parser.add_argument("--slots", type=int, default=4, help="parallel sequences on both sides")
     parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
 
 
 def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path, *,
@@ -318,11 +322,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="single-stream requests per round")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--slots", type=int, default=4, help="parallel sequences on both sides")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[4, 8])
-    parser.add_argument("--out", type=Path, default=ROOT / "tools" / "bench" / "results")
     server_arguments(parser, 18480)
     args = parser.parse_args()
 
