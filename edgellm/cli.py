@@ -239,7 +239,10 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_header_bytes=s.max_header_bytes, max_headers=s.max_headers, max_target_bytes=s.max_request_line,
                     header_timeout=seconds(s.header_timeout), body_timeout=seconds(s.body_timeout),
                     max_connections=s.max_connections)
+    # proxy_headers off: uvicorn would take the client's address from X-Forwarded-For on loopback
+    # connections, and [server] keyless_addresses trusts the address.
     server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False,
+                                   proxy_headers=False,
                                    http=bounded(limits), timeout_keep_alive=math.ceil(seconds(s.keep_alive_timeout))))
     server.run(sockets=sockets)
     return 0

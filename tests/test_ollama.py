@@ -203,8 +203,11 @@ def test_open_webui_sequence(server, client, admin):
     assert (expires - datetime.now(UTC)).total_seconds() <= 31
     admin.generate(model="chat", prompt="", keep_alive=0)
     wait_until(lambda: "chat:latest" not in running(client), 10, message="the unload")
-    loaded = client.chat(model="chat", messages=[], keep_alive="10m")  # empty: load only
+    loaded = client.generate(model="chat")  # no prompt and no keep_alive: load it, for the default keep_alive
     assert loaded.done_reason == "load" and "chat:latest" in running(client)
+    loaded = client.chat(model="chat", messages=[], keep_alive="1h30m")  # Go's durations, as Ollama's clients write
+    assert loaded.done_reason == "load"
+    assert 89 * 60 < (running(client)["chat:latest"].expires_at - datetime.now(UTC)).total_seconds() <= 90 * 60
 
 
 # --- show, embed, generate ---------------------------------------------------------------
@@ -214,6 +217,7 @@ def test_show_describes_each_model(client, site):
     assert caller.capabilities == ["completion", "tools"] and caller.template == QWEN
     assert caller.details.family == "llama" and caller.details.quantization_level == "F16"
     assert caller.modelinfo["general.architecture"] == "llama" and caller.modelinfo["general.parameter_count"] > 0
+    assert caller.modelinfo["tokenizer.ggml.tokens"] is None  # the vocabulary: null, as Ollama's non-verbose show
     assert client.show("chat:latest").parameters.splitlines() == ["temperature 0.7", "top_k 20"]
     assert client.show("coder").capabilities == ["completion"]
     assert client.show("embedding").capabilities == ["embedding"]
@@ -226,6 +230,11 @@ def test_embed_and_the_legacy_embeddings(client):
     assert one.embeddings[0] == pytest.approx(result.embeddings[0], abs=1e-5)
     assert client.embeddings(model="embedding", prompt="the hall light").embedding == pytest.approx(
         result.embeddings[0], abs=1e-5)
+    long = "the hall light " * 400  # past what the model embeds at once: cut by default, as Ollama's
+    assert len(client.embed(model="embedding", input=long).embeddings[0]) == len(result.embeddings[0])
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="embedding", input=long, truncate=False)
+    assert e.value.status_code == 400 and "at most" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.embed(model="chat", input="x")
     assert e.value.status_code == 400 and "embeddings" in e.value.error
@@ -286,11 +295,22 @@ def test_blobs_create_copy_delete(admin, client, site, tmp_path):
     assert admin.copy("uploaded", "kitchen-box").status == "success"
     assert {"uploaded:latest", "kitchen-box:latest"} <= {m.model for m in client.list().models}
     assert client.generate(model="kitchen-box", prompt="hi", options={"num_predict": 1}).done
-    with pytest.raises(ollama.ResponseError) as e:
-        admin.copy("uploaded", "chat")
-    assert e.value.status_code == 409
+    for clash in [lambda: admin.copy("uploaded", "chat"), lambda: admin.create(model="chat:latest", from_="uploaded"),
+                  lambda: admin.create(model="chat", files={"upload.gguf": digest})]:
+        with pytest.raises(ollama.ResponseError) as e:
+            clash()
+        assert e.value.status_code == 409
+    assert admin.show("chat").template == QWEN  # untouched
+    # Deleting a name takes that name; the model goes with its last one (Ollama's `rm` of a copy).
+    assert admin.delete("kitchen-box").status == "success"
+    assert "uploaded:latest" in {m.model for m in client.list().models}
+    assert admin.copy("uploaded", "kitchen-box").status == "success"
     assert admin.delete("uploaded").status == "success"
-    assert not {"uploaded:latest", "kitchen-box:latest"} & {m.model for m in client.list().models}
+    names = {m.model for m in client.list().models}
+    assert "uploaded:latest" not in names and "kitchen-box:latest" in names
+    assert client.generate(model="kitchen-box", prompt="hi", options={"num_predict": 1}).done
+    assert admin.delete("kitchen-box:latest").status == "success"
+    assert "kitchen-box:latest" not in {m.model for m in client.list().models}
     with pytest.raises(ollama.ResponseError) as e:
         admin.delete("uploaded")
     assert e.value.status_code == 404 and e.value.error == "model 'uploaded' not found"
@@ -348,9 +368,13 @@ def test_a_box_that_needs_signatures_and_has_no_stick(server_factory, site, tmp_
     shutil.copytree(site["state"], state)
     box = server_factory(None, state_dir=state, config=f'[server]\napi_keys = ["{API_KEY}"]\n'
                                                       f'admin_keys = ["{ADMIN_KEY}"]\n'
-                                                      'keyless_addresses = ["127.0.0.0/8"]\n')
+                                                      'keyless_addresses = ["127.0.0.2"]\n'
+                                                      f'[ollama]\npull_dir = "{tmp_path / "no-stick"}"\n')
     path = write_model(tmp_path / "u.gguf", seed=12)
-    with ollama.Client(host=box.url, timeout=10) as c:
+    # The peer's address counts, never what a header claims it is.
+    spoofed = httpx.get(box.url + "/api/tags", headers={"X-Forwarded-For": "127.0.0.2", "X-Real-IP": "127.0.0.2"})
+    assert spoofed.status_code == 401
+    with ollama.Client(host=box.url, timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
         assert "chat:latest" in {m.model for m in c.list().models}
         assert c.chat(model="chat", messages=ASK, options={"num_predict": 1}).done
         for call in [lambda: c.delete("chat"), lambda: c.create_blob(path)]:
@@ -364,7 +388,11 @@ def test_a_box_that_needs_signatures_and_has_no_stick(server_factory, site, tmp_
         assert e.value.status_code == 403 and "allow_unsigned_create" in e.value.error
         with pytest.raises(ollama.ResponseError) as e:
             list(c.pull("llama3.2", stream=True))
-        assert e.value.status_code == 404 and "[ollama] pull_dir" in e.value.error
+        assert e.value.status_code == 404 and "is the stick in?" in e.value.error
+    with ollama.Client(host=server_factory(None, state_dir=tmp_path / "bare").url, timeout=10) as c:
+        with pytest.raises(ollama.ResponseError) as e:
+            c.pull("llama3.2")
+        assert e.value.status_code == 404 and "set [ollama] pull_dir" in e.value.error
 
 
 # --- errors, keys, browsers, the second port ----------------------------------------------

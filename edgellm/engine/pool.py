@@ -497,23 +497,36 @@ class Pool:
         """Uninstall a model; refused while requests are in flight on it."""
         state = self.find(name)
         entry = state.known.entry
-        if self._registry is None or entry.id not in {e.id for e in await asyncio.to_thread(self._registry.entries)}:
-            raise StoreError(f"model '{entry.id}' is not installed in the store (it was given with --model)",
-                             status=400, code="not_installed", param="model")
+        registry = await self._check_installed(entry)
         if state.busy:
             raise ModelBusy(f"model '{entry.id}' has requests in flight; try again when they have finished")
         await self._unload_if_idle(state, "removed")
-        removed = await asyncio.to_thread(self._registry.remove, entry.id)
+        removed = await asyncio.to_thread(registry.remove, entry.id)
         await self.refresh()
         return removed
+
+    async def forget(self, name: str) -> None:
+        """Ollama's delete: this name goes; the model goes with its last one (as remove())."""
+        entry = self.find(name).known.entry
+        if not entry.aliases:
+            await self.remove(name)
+            return
+        registry = await self._check_installed(entry)
+        await asyncio.to_thread(registry.drop_name, name)
+        await self.refresh()
+
+    async def _check_installed(self, entry: Entry) -> Registry:
+        """The store, if the model is in it; a StoreError for the --model file (served from where it is)."""
+        if self._registry is None or entry.id not in {e.id for e in await asyncio.to_thread(self._registry.entries)}:
+            raise StoreError(f"model '{entry.id}' is not installed in the store (it was given with --model)",
+                             status=400, code="not_installed", param="model")
+        return self._registry
 
     async def alias(self, name: str, alias: str) -> Entry:
         """Give an installed model another name."""
         entry = self.find(name).known.entry
-        if self._registry is None or entry.id not in {e.id for e in await asyncio.to_thread(self._registry.entries)}:
-            raise StoreError(f"model '{entry.id}' is not installed in the store (it was given with --model)",
-                             status=400, code="not_installed", param="model")
-        aliased = await asyncio.to_thread(self._registry.alias, entry.id, alias)
+        registry = await self._check_installed(entry)
+        aliased = await asyncio.to_thread(registry.alias, entry.id, alias)
         await self.refresh()
         return aliased
 

@@ -73,6 +73,7 @@ class EmbedRequest:
     inputs: list[str | list[int]]
     keep_alive: float | None | bool = False
     privileged: bool = False
+    truncate: bool = False  # an input longer than the model embeds at once is cut (Ollama's), not refused
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class Running:
 def _info(known: Known) -> ModelInfo:
     entry, head = known.entry, known.headers[0]
     template = entry.chat_template or str(head.get("tokenizer.chat_template") or "")
-    metadata = {k: v for k, v in head.metadata.items() if k != "tokenizer.chat_template"}
+    metadata = {**{k: None for k in head.array_lengths}, **head.metadata}  # long arrays are not kept: null
+    metadata.pop("tokenizer.chat_template", None)
     return ModelInfo(entry.id, entry.created, tuple(entry.aliases), size=entry.size, sha256=entry.sha256,
                      architecture=entry.architecture, quantization=entry.quantization, parameters=entry.parameters,
                      embedding=entry.embedding, license=entry.license, defaults=dict(entry.defaults),
@@ -311,19 +313,21 @@ class GenerationService:
             if not loaded.model.is_embedding:
                 raise NotGenerative(f"model '{loaded.id}' does not support embeddings (it declares no pooling "
                                     "type)")
-            inputs = await _in_thread(lambda: self._tokenize_inputs(loaded, request.inputs))
+            inputs = await _in_thread(lambda: self._tokenize_inputs(loaded, request.inputs, request.truncate))
             vectors = await loaded.runner.embed(inputs)
             return Embeddings(loaded.id, vectors, sum(map(len, inputs)))
         finally:
             lease.release()
 
     @staticmethod
-    def _tokenize_inputs(loaded: Loaded, raw: list[str | list[int]]) -> list[list[int]]:
+    def _tokenize_inputs(loaded: Loaded, raw: list[str | list[int]], truncate: bool) -> list[list[int]]:
         # One input is decoded in one batch, and never past the positions the model was trained for.
         limit = min(loaded.runner.n_batch, loaded.model.n_ctx_train or loaded.runner.n_batch)
         with loaded.held():
             inputs = [loaded.model.tokenize(x) if isinstance(x, str) else _checked_tokens(loaded, x, "input")
                       for x in raw]
+        if truncate:
+            inputs = [tokens[:limit] for tokens in inputs]
         for i, tokens in enumerate(inputs):
             if not tokens:
                 raise InvalidRequest(f"input {i} is empty once tokenized", param="input")
@@ -360,6 +364,10 @@ class GenerationService:
     def expire(self, name: str, *, privileged: bool) -> float | None:
         """Unload a model soon: see Pool.expire."""
         return self._pool.expire(name, privileged=privileged)
+
+    async def forget(self, name: str) -> None:
+        """Take one name from a model; the model goes with its last name."""
+        await self._pool.forget(name)
 
     async def alias(self, name: str, alias: str) -> str:
         """Give an installed model another name; its id."""

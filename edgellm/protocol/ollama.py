@@ -10,6 +10,7 @@ Models are named `name:tag`; a name without a tag is `name:latest`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class EmbedRequest:
     model: str
     inputs: list[str]
     keep_alive: float | None | bool
+    truncate: bool  # an input longer than the model embeds at once is cut (Ollama's default)
 
 
 def model_name(body: dict[str, Any], field: str = "model") -> str:
@@ -227,10 +229,9 @@ def parse_embed(body: dict[str, Any], *, legacy: bool = False) -> EmbedRequest:
                              param=field)
     if len(inputs) > limits.MAX_EMBEDDING_INPUTS:
         raise InvalidRequest(f"'{field}' may hold at most {limits.MAX_EMBEDDING_INPUTS} items", param=field)
-    get(body, "truncate", "boolean")  # checked only: nothing is truncated here, a longer input is a 400
     if get(body, "dimensions", "integer") is not None:
         raise Unsupported("'dimensions' is not supported", param="dimensions")
-    return EmbedRequest(model_name(body), inputs, parse_keep_alive(body))
+    return EmbedRequest(model_name(body), inputs, parse_keep_alive(body), get(body, "truncate", "boolean", True))
 
 
 # --- replies ------------------------------------------------------------------------------
@@ -341,6 +342,7 @@ def listed(name: str, *, modified: float, size: int, sha256: str, details: dict[
 def model_info(metadata: dict[str, object], parameters: int) -> dict[str, object]:
     """/api/show's model_info: the GGUF header's values; long arrays (the vocabulary) as null, as
     Ollama shows them unless asked to be verbose."""
-    info = {k: (None if isinstance(v, list) and len(v) > 64 else v) for k, v in metadata.items()}
+    info = {k: None if isinstance(v, list) and len(v) > 64 or isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in metadata.items()}  # (JSON has no NaN: a damaged header's is null)
     info.setdefault("general.parameter_count", parameters)
     return info

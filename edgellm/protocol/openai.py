@@ -316,11 +316,13 @@ def parse_chat(body: dict) -> ChatRequest:
         entry: dict[str, Any] = {"role": "system" if role == "developer" else role,
                                  "content": _content(message, where)}
         name = _get(message, "name", "string", param=f"{where}.name")
-        if role == "assistant" and message.get("tool_calls"):
+        # Both are checked in every message (as the document says), and used only where they belong.
+        calls = _get(message, "tool_calls", "array", [], param=f"{where}.tool_calls")
+        call_id = _get(message, "tool_call_id", "string", param=f"{where}.tool_call_id")
+        if role == "assistant" and calls:
             entry["tool_calls"] = _tool_calls(message, where)  # content stays "" if null: templates read it
             names.update((c["id"], c["function"]["name"]) for c in entry["tool_calls"] if c["id"])
         if role == "tool":
-            call_id = _get(message, "tool_call_id", "string", param=f"{where}.tool_call_id")
             if call_id is None:
                 raise _invalid(f"'{where}.tool_call_id' is required in a tool message", f"{where}.tool_call_id")
             entry["tool_call_id"] = call_id

@@ -16,7 +16,7 @@ from edgellm.protocol.openai import _KNOBS, ROLES
 Schema = dict[str, Any]
 
 # A keep_alive string, as units.parse_duration reads it; a query flag, as serving/bundles.py reads it.
-DURATION_PATTERN = r"^\s*-?[0-9]+(\.[0-9]+)?\s*[smhd]?\s*$"
+DURATION_PATTERN = r"^\s*-?(([0-9]+(\.[0-9]+)?\s*(ns|us|µs|ms|s|m|h|d)\s*)+|[0-9]+(\.[0-9]+)?\s*)$"
 FLAG_PATTERN = "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"
 
 

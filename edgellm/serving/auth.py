@@ -15,7 +15,7 @@ from edgellm.serving.policy import host_name, is_loopback
 # `/` and /api/version: how Ollama's clients tell that a server is there, before any key.
 PUBLIC_PATHS = frozenset({"/health", "/", "/api/version"})
 # Ollama's model management changes what is installed: the operator's, as /admin is.
-ADMIN_PATHS = frozenset({"/api/delete", "/api/copy", "/api/create", "/api/push"})
+ADMIN_PATHS = frozenset({"/api/delete", "/api/copy", "/api/create"})
 
 
 def _digest(key: str) -> bytes:

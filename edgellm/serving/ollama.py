@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,14 +55,31 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
-def _find(request: Request, name: str) -> str:
-    """The id of the model a client's name means: as given, or with or without `:latest`."""
+async def _known_as(request: Request, name: str) -> str:
+    """The name a model is known by here that a client's name means: as given, or with or without
+    `:latest`. The catalog is read again first if none matches (installed a moment ago by the CLI?)."""
     service = _service(request)
-    for candidate in proto.candidates(name):
-        found = service.resolve(candidate)
-        if found is not None:
-            return found
+    for attempt in range(2):
+        for candidate in proto.candidates(name):
+            if service.has(candidate):
+                return candidate
+        if attempt == 0:
+            await service.refresh()
     raise NotFound(f"model '{name}' not found", code="model_not_found", param="model")
+
+
+async def _find(request: Request, name: str) -> str:
+    """The id of the model a client's name means."""
+    found = _service(request).resolve(await _known_as(request, name))
+    assert found is not None
+    return found
+
+
+def _unused(request: Request, name: str, param: str) -> None:
+    """A 409 when a model answers to `name` already (as given, or with or without `:latest`)."""
+    if any(_service(request).has(n) for n in proto.candidates(name)):
+        raise EdgeError(f"a model named '{name}' exists already; delete it first", status=409, code="name_taken",
+                        param=param)
 
 
 def _details(model: ModelInfo) -> dict[str, object]:
@@ -102,7 +120,7 @@ async def ps(request: Request) -> JSONResponse:
 async def show(request: Request) -> JSONResponse:
     body = await read_json(request)
     name = proto.model_name(body if "model" in body or "name" not in body else {"model": body["name"]})
-    m = _service(request).model(_find(request, name))
+    m = _service(request).model(await _find(request, name))
     capabilities = ["embedding"] if m.embedding else ["completion", *(["tools"] if m.tools else [])]
     parameters = proto.parameters_text(m.defaults)
     return JSONResponse({
@@ -124,7 +142,7 @@ async def chat(request: Request) -> ASGIApp:
     body = await read_json(request)
     parsed = proto.parse_chat(body)
     options = parsed.options
-    model = _find(request, options.model)
+    model = await _find(request, options.model)
     reply = proto.Reply(proto.tagged(options.model), chat=True)
     if not parsed.messages:  # Ollama's way to load (or with keep_alive 0, unload) a model
         return await _load_only(request, model, options, reply)
@@ -136,7 +154,7 @@ async def generate(request: Request) -> ASGIApp:
     body = await read_json(request)
     parsed = proto.parse_generate(body)
     options = parsed.options
-    model = _find(request, options.model)
+    model = await _find(request, options.model)
     reply = proto.Reply(proto.tagged(options.model), chat=False)
     if not parsed.prompt and parsed.suffix is None:
         return await _load_only(request, model, options, reply)
@@ -163,7 +181,7 @@ def _wanted(request: Request, model: str, options: proto.Options, *, messages: l
 async def _load_only(request: Request, model: str, options: proto.Options, reply: proto.Reply) -> JSONResponse:
     """Nothing to generate: load the model for keep_alive, or with keep_alive 0 let it go."""
     service = _service(request)
-    if options.keep_alive == 0:
+    if options.keep_alive is not False and options.keep_alive == 0:  # (False: not given, which == 0 too)
         service.expire(model, privileged=_privileged(request))
         return JSONResponse(reply.final("unload", proto.Timing()))
     seconds = await unless_disconnected(request, service.touch(model, keep_alive=options.keep_alive,
@@ -288,8 +306,8 @@ async def embeddings(request: Request) -> JSONResponse:
 async def _embed(request: Request, *, legacy: bool) -> JSONResponse:
     parsed = proto.parse_embed(await read_json(request), legacy=legacy)
     started = time.monotonic()
-    wanted = EmbedRequest(model=_find(request, parsed.model), inputs=list(parsed.inputs),
-                          keep_alive=parsed.keep_alive, privileged=_privileged(request))
+    wanted = EmbedRequest(model=await _find(request, parsed.model), inputs=list(parsed.inputs),
+                          keep_alive=parsed.keep_alive, privileged=_privileged(request), truncate=parsed.truncate)
     result = await unless_disconnected(request, _service(request).embed(wanted))
     if legacy:
         return JSONResponse({"embedding": result.vectors[0]})
@@ -301,18 +319,17 @@ async def _embed(request: Request, *, legacy: bool) -> JSONResponse:
 # --- model management (admin keys) -------------------------------------------------------
 
 async def delete(request: Request) -> Response:
+    """One name goes, as Ollama's `rm` of a copy; the model goes with its last name."""
     body = await read_json(request)
-    await _service(request).remove(_find(request, proto.model_name(body)))
+    await _service(request).forget(await _known_as(request, proto.model_name(body)))
     return Response(status_code=200)
 
 
 async def copy(request: Request) -> Response:
     body = await read_json(request)
-    source = _find(request, proto.model_name(body, "source"))
+    source = await _find(request, proto.model_name(body, "source"))
     destination = proto.model_name(body, "destination")
-    if any(_service(request).has(name) for name in proto.candidates(destination)):
-        raise EdgeError(f"a model named '{destination}' exists already; delete it first", status=409,
-                        code="name_taken", param="destination")
+    _unused(request, destination, "destination")
     await _service(request).alias(source, destination)
     return Response(status_code=200)
 
@@ -364,6 +381,7 @@ async def create(request: Request) -> Response:
     files = body.get("files") or {}
     source = body.get("from")
     service = _service(request)
+    _unused(request, name, "model")
     if files:
         if not isinstance(files, dict) or len(files) != 1 or not all(isinstance(v, str) for v in files.values()):
             raise InvalidRequest("'files' must name one GGUF file and its blob's digest", param="files")
@@ -378,7 +396,7 @@ async def create(request: Request) -> Response:
         await service.install(Path(path), name)
         registry.upload(sha).unlink(missing_ok=True)  # the store holds it now
     elif isinstance(source, str) and source:
-        await service.alias(_find(request, source), name)
+        await service.alias(await _find(request, source), name)
     else:
         raise InvalidRequest("'files' (an uploaded GGUF blob) or 'from' (an installed model) is required",
                              param="files")
@@ -397,23 +415,23 @@ async def pull(request: Request) -> ASGIApp:
     service = _service(request)
     if not any(service.has(n) for n in proto.candidates(name)):
         bundle = await asyncio.to_thread(_bundle_with, request.app.state.config, name)
-        lines = _import(request, bundle)
+        failed: list[EdgeError] = []
+        lines = _import(request, bundle, failed)
         if not stream:
-            last: dict[str, Any] = {}
-            async for line in lines:
-                last = json.loads(line)
-            if "error" in last:
-                return JSONResponse(last, status_code=400)
-            return JSONResponse(last)
+            async for _ in lines:
+                pass
+            if failed:
+                raise failed[0]
+            return JSONResponse({"status": "success"})
         return EventStream(lines, headers=NDJSON, watch_disconnect=False)
     return JSONResponse({"status": "success"})
 
 
+_SCANNING = threading.Lock()  # one look through pull_dir at a time: each opens every bundle there
+
+
 def _bundle_with(config: Any, name: str) -> Path:
     """The bundle in [ollama] pull_dir that holds this model (by id or alias); NotFound says why none."""
-    from edgellm.bundles.manifest import ManifestError, parse
-    from edgellm.bundles.reader import BundleError, find_bundles, open_source
-
     offline = (f"model '{name}' not found: it is not installed, and this box downloads nothing (it has no "
                "internet)")
     directory = config.ollama.pull_dir
@@ -422,11 +440,24 @@ def _bundle_with(config: Any, name: str) -> Path:
                        "/api/pull to install from, or import a bundle with `edgellm bundle import`",
                        code="model_not_found")
     wanted = set(proto.candidates(name))
+    if not _SCANNING.acquire(blocking=False):
+        raise EdgeError("another pull is looking through [ollama] pull_dir; try again in a moment", status=429,
+                        code="busy", retry_after=2)
     try:
-        paths = find_bundles(Path(directory))
-    except (OSError, EdgeError) as e:
-        raise EdgeError(f"[ollama] pull_dir {directory}: cannot read it ({e})", status=503,
-                        code="pull_dir_unreadable") from None
+        return _scan(Path(directory), wanted, offline)
+    finally:
+        _SCANNING.release()
+
+
+def _scan(directory: Path, wanted: set[str], offline: str) -> Path:
+    from edgellm.bundles.manifest import ManifestError, parse
+    from edgellm.bundles.reader import BundleError, find_bundles, open_source
+
+    try:
+        paths = find_bundles(directory)
+    except (OSError, BundleError) as e:  # none there, or no such directory: the stick is not in
+        raise NotFound(f"{offline}; [ollama] pull_dir has no bundles ({e}): is the stick in?",
+                       code="model_not_found") from None
     for path in paths:
         try:
             source = open_source(path)
@@ -442,8 +473,9 @@ def _bundle_with(config: Any, name: str) -> Path:
     raise NotFound(f"{offline}; no bundle in {directory} holds it", code="model_not_found")
 
 
-async def _import(request: Request, path: Path) -> AsyncIterator[bytes]:
-    """Import a bundle, as Ollama's pull-status stream: manifest, each file's progress, success."""
+async def _import(request: Request, path: Path, failed: list[EdgeError]) -> AsyncIterator[bytes]:
+    """Import a bundle, as Ollama's pull-status stream: manifest, each file's progress, success;
+    a failure is the last line, and goes into `failed`."""
     from edgellm.bundles.importer import Policy, import_bundle, memory_limit
     from edgellm.bundles.reader import open_source
 
@@ -479,11 +511,15 @@ async def _import(request: Request, path: Path) -> AsyncIterator[bytes]:
             getter.cancel()
     try:
         job.result()
-    except EdgeError as e:
-        yield _line(proto.error_body(e))
-        return
-    except OSError as e:
-        yield _line({"error": f"the import failed: {e}"})
+    except Exception as e:
+        if isinstance(e, EdgeError):  # a refused bundle (bundle_refused, bad_signature, ...), a busy store
+            failed.append(e)
+        elif isinstance(e, OSError):  # the box's own disk: full, read-only, gone
+            failed.append(EdgeError(f"the import failed: {e}", code="import_failed"))
+        else:
+            log.exception("pull of %s failed", path)
+            failed.append(EdgeError("internal error while importing (see the log)"))
+        yield _line(proto.error_body(failed[-1]))
         return
     await _service(request).refresh()
     for status in ("verifying sha256 digest", "writing manifest", "success"):

@@ -485,6 +485,23 @@ class Registry:
             self._write(entries)
             return entry
 
+    def drop_name(self, name: str) -> Entry:
+        """Take one name from a model that has others (Ollama's delete of a copy): an alias goes; the
+        id goes to its first alias. remove() is for a model's last name."""
+        with self.locked():
+            entries = self.entries()
+            entry = next((e for e in entries if name in e.names()), None)
+            if entry is None:
+                raise StoreError(f"no installed model is called {name!r}", status=404)
+            if not entry.aliases:
+                raise StoreError(f"{name!r} is the only name of model '{entry.id}'", status=400)
+            if name in entry.aliases:
+                entry.aliases.remove(name)
+            else:
+                entry.id = entry.aliases.pop(0)
+            self._write(entries)
+            return entry
+
     def receive(self, src: IO[bytes], sha256: str) -> int:
         """Keep an uploaded file for a later add(), if its content has this SHA-256 (else nothing is
         kept); its size. It is verified in a staging directory, then moved into place whole."""
