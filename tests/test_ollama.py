@@ -282,11 +282,27 @@ def test_options_are_mapped_and_checked(client):
 # --- model management --------------------------------------------------------------------
 
 def test_blobs_create_copy_delete(admin, client, site, tmp_path):
+    uploads = site["state"] / "models" / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    stale = uploads / ("sha256-" + "5" * 64)  # uploaded two days ago and never installed
+    stale.write_bytes(b"old")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
     path = write_model(tmp_path / "upload.gguf", seed=11)
     digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     head = httpx.head(f"{admin._client.base_url}/api/blobs/{digest}", headers=admin._client.headers)
     assert head.status_code == 404
     assert admin.create_blob(path) == digest
+    assert not stale.exists()
+    # An upload announced as a petabyte is refused before a byte of it is kept (a raw socket: no
+    # client library sends a length it does not have).
+    url = httpx.URL(str(admin._client.base_url))
+    with socket.create_connection((url.host, url.port), timeout=10) as raw:
+        raw.sendall(f"POST /api/blobs/sha256:{'6' * 64} HTTP/1.1\r\nHost: {url.host}\r\n"
+                    f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: {1 << 50}\r\n\r\nGGUF".encode())
+        answer = b""
+        while b"MiB spare" not in answer and (chunk := raw.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 507") and b"MiB are free" in answer
     assert httpx.head(f"{admin._client.base_url}/api/blobs/{digest}", headers=admin._client.headers).status_code == 200
     statuses = [p.status for p in admin.create(model="uploaded", files={"upload.gguf": digest}, stream=True)]
     assert statuses[-1] == "success"

@@ -53,10 +53,8 @@ from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, T
 from edgellm.config import Config, EngineConfig
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
-from edgellm.store.registry import Entry, ModelFile, Registry, StoreError, copy_hashing, describe
+from edgellm.store.registry import DISK_MARGIN, Entry, ModelFile, Registry, StoreError, copy_hashing, describe
 from edgellm.units import MiB, parse_size, timestamp
-
-DISK_MARGIN = 64 * MiB  # left free on the state dir's filesystem
 
 Source = DirectorySource | TarSource | StreamSource
 

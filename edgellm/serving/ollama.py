@@ -361,7 +361,8 @@ async def blob(request: Request) -> Response:
     upload = Upload(asyncio.get_running_loop())
     pump = asyncio.create_task(upload.pump(request))
     try:
-        await asyncio.to_thread(registry.receive, upload, sha)
+        declared = request.headers.get("content-length", "")
+        await asyncio.to_thread(registry.receive, upload, sha, int(declared) if declared.isdigit() else None)
     except OSError as e:  # the box's own disk: full, read-only
         raise EdgeError(f"the upload could not be kept: {e.strerror or e}", status=507,
                         code="insufficient_storage") from None

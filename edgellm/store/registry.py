@@ -47,7 +47,7 @@ from typing import IO
 from edgellm.errors import EdgeError
 from edgellm.files import fsync_dir, write_atomic
 from edgellm.modelfile import defaults, gguf, memory
-from edgellm.units import timestamp
+from edgellm.units import MiB, timestamp
 
 CHUNK = 4 << 20  # bytes per read: large enough that per-chunk costs vanish
 BUFFERS = 4  # chunks in flight while copying: one being read, one hashed, one written, one spare
@@ -67,6 +67,8 @@ SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # 2: chat_template is the template to use, has_chat_template the file's flag; 3: bundle_created and signer
 CATALOG_VERSION = 3
+DISK_MARGIN = 64 << 20  # left free on the state dir's filesystem by imports and uploads
+UPLOAD_TTL = 24 * 3600.0  # seconds an uploaded file waits to be installed before it is dropped
 STAGING = "import-"  # imports' staging directories in tmp/, and their locks
 STAGING_RE = re.compile(rf"^{STAGING}\d+-[0-9a-f]{{8}}(\.lock)?$")
 
@@ -502,9 +504,21 @@ class Registry:
             self._write(entries)
             return entry
 
-    def receive(self, src: IO[bytes], sha256: str) -> int:
+    def receive(self, src: IO[bytes], sha256: str, size: int | None = None) -> int:
         """Keep an uploaded file for a later add(), if its content has this SHA-256 (else nothing is
-        kept); its size. It is verified in a staging directory, then moved into place whole."""
+        kept); its size. It is verified in a staging directory, then moved into place whole. Uploads
+        never installed are dropped after UPLOAD_TTL; `size` (as announced) is refused up front when
+        the disk cannot take it."""
+        self._make_folders()
+        uploads = self.upload(sha256).parent
+        for old in uploads.glob("sha256-*") if uploads.is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - old.stat().st_mtime > UPLOAD_TTL:
+                    old.unlink()
+        free = shutil.disk_usage(self.root).free
+        if size is not None and size + DISK_MARGIN > free:
+            raise StoreError(f"the upload is {size / MiB:.0f} MiB but {free / MiB:.0f} MiB are free (keeping "
+                             f"{DISK_MARGIN / MiB:.0f} MiB spare)", status=507, code="insufficient_storage")
         with self.staging() as staging:
             tmp = staging / "upload"
             got, size = self.stage(src, tmp)
