@@ -70,7 +70,7 @@ def site(tmp_path_factory, models):
     }
     state = d / "state"
     registry = Registry(state).open()
-    for path in [*files.values(), models["embedding"]]:
+    for path in [*files.values(), models["embedding"], models["scripted"]]:  # scripted: " tick tock" forever
         registry.add(path)
     assert edgellm("keygen", "-o", str(d / "site")).returncode == 0
     (state / "trusted-keys").mkdir()
@@ -211,6 +211,29 @@ def test_open_webui_sequence(server, client, admin):
 
 
 # --- show, embed, generate ---------------------------------------------------------------
+
+def test_an_unload_asked_while_a_reply_streams_holds_when_it_ends(server, client):
+    """keep_alive 0 with nothing to generate, while the model has a request in flight: the model
+    stays for that request, and afterwards is kept no longer than the unload allows ([models]
+    min_keep_alive, 30 s here), however long the request in flight asked to keep it."""
+    client.generate(model="scripted", prompt=" tick", raw=True, keep_alive="1h", options={"num_predict": 1})
+    with httpx.stream("POST", server.url + "/api/generate", headers=server.headers(), timeout=60,
+                      json={"model": "scripted", "prompt": " tick", "raw": True, "keep_alive": "2h",
+                            "options": {"num_predict": 1500, "temperature": 0}}) as r:  # seconds of work
+        lines = r.iter_lines()
+        next(lines)  # generating now
+        assert client.generate(model="scripted", prompt="", keep_alive=0).done_reason == "unload"
+        assert json.loads(list(lines)[-1])["done"] is True
+
+    def in_flight() -> int:
+        models = server.get("/admin/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+        return next(m["in_flight"] for m in models if m["id"] == "scripted")
+
+    # Its lease ends as the response closes, a moment after the last line.
+    wait_until(lambda: in_flight() == 0, 10, message="the reply's lease to end")
+    expires = running(client)["scripted:latest"].expires_at
+    assert (expires - datetime.now(UTC)).total_seconds() <= 31
+
 
 def test_show_describes_each_model(client, site):
     caller = client.show("caller")

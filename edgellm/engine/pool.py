@@ -80,6 +80,7 @@ class ModelState:
         self.rss_delta: int | None = None  # measured when it loaded
         self.removed = False  # gone from the catalog: unload once idle, do not load again
         self.unload_requested = False  # by the admin API while requests were in flight
+        self.keep_at_most: float | None = None  # a client's "unload soon" while busy: caps the next keep_alive
         self.waiters = 0  # requests waiting for it to load: it is as good as busy
         self.waiting = ""  # why its load cannot start yet, while it waits for room
         self.failure = ""  # why it last failed to load or stopped working; "" once it loads again
@@ -255,6 +256,10 @@ class Pool:
 
     def _after_release(self, state: ModelState, keep_alive: float | None) -> None:
         state.last_used = time.time()
+        cap = state.keep_at_most
+        if cap is not None and state.loaded is not None and state.loaded.users == 0:
+            keep_alive = cap if keep_alive is None else min(keep_alive, cap)
+            state.keep_at_most = None
         state.keep_alive = keep_alive
         self._changed.set()
         if state.loaded is not None and state.loaded.users == 0 and (
@@ -411,6 +416,7 @@ class Pool:
 
     def _unloaded(self, state: ModelState) -> None:
         state.unloading = None
+        state.keep_at_most = None  # done: it is not loaded any more
         if state.phase == "unloading":
             state.phase = "failed" if state.failure else "unloaded"
         if state.removed:
@@ -541,17 +547,19 @@ class Pool:
 
     def expire(self, name: str, *, privileged: bool) -> float | None:
         """A client's "unload now" (Ollama's keep_alive 0 with nothing to generate): at once for an
-        admin key's or with [models] min_keep_alive 0, else once idle for min_keep_alive. The
-        seconds until then, or None when it is not loaded (or pinned)."""
+        admin key's or with [models] min_keep_alive 0, else once idle for min_keep_alive; a model
+        with requests in flight (or loading) once they end. The seconds it then stays, or None when
+        it is not loaded (or pinned)."""
         state = self.find(name)
-        if state.loaded is None or state.known.pinned:
+        if state.known.pinned or (state.loaded is None and state.loading is None):
             return None
         keep = 0.0 if privileged else self._bounded(0.0)
         assert keep is not None
-        state.keep_alive = keep
-        if keep == 0:
-            state.unload_requested = True  # now if idle, else once its requests end
-            if not state.busy:
+        if state.busy or state.loaded is None:  # requests in flight, or a load under way: once they end
+            state.keep_at_most = keep
+        else:
+            state.keep_alive = keep
+            if keep == 0:
                 self._begin_unload(state, "keep_alive")
         return keep
 
