@@ -58,6 +58,14 @@ def test_readme_python_example(server):
     assert len(result.stdout.strip()) > 10
 
 
+def test_readme_ollama_example(server):
+    code = readme_block("python", "from ollama").replace(README_URL, server.url)
+    code = "\n".join(line.removeprefix("  ") for line in code.splitlines())  # (indented in a list item)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\S.*\((\d+) tokens in \d+\.\d\d s\)$", result.stdout.strip(), re.S), result.stdout
+
+
 def test_readme_tools_example_prints_a_valid_call(server):
     code = readme_block("python", "tool_choice").replace(README_URL, server.url)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
