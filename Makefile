@@ -89,11 +89,13 @@ prerequisites:
 # signatures both ways, dosfstools and mtools build a FAT32 stick image, Avahi browses
 # for the service inside the tests' network namespaces, sfdisk grows a partition table, systemd-analyze
 # checks the units, shfmt parses the image scripts for the commands they run and qemu-system-aarch64
-# starts the boot test's VM paused (its device set, in seconds). Installed when running as root
+# starts the boot test's VM paused (its device set, in seconds), and Chromium with its ChromeDriver
+# drives the web console (tests/test_console.py). Installed when running as root
 # (CI), with policy-rc.d keeping the package's daemons from starting on the real network;
 # otherwise the command is printed and those tests skip.
 TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools avahi-daemon:avahi-daemon avahi-browse:avahi-utils \
-	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd shfmt:shfmt qemu-system-aarch64:qemu-system-arm
+	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd shfmt:shfmt qemu-system-aarch64:qemu-system-arm \
+	chromium:chromium chromedriver:chromium-driver
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \

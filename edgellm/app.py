@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.serving import admin, bundles, hardware, health, metrics, ollama, openai, openapi
+from edgellm.serving import admin, bundles, console, hardware, health, metrics, ollama, openai, openapi
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
@@ -91,7 +92,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
 
     app = Starlette(
         routes=[*health.routes, *metrics.routes, *openai.routes, *ollama.routes, *admin.routes, *hardware.routes,
-                *bundles.routes, *openapi.routes(__version__)],
+                *bundles.routes, *openapi.routes(__version__), *console.routes],
         middleware=[Middleware(ServedBy),
                     Middleware(OriginPolicy, names=BoxNames(config.server.allowed_hosts, config.discovery.name),
                                cors_origins=config.server.cors_origins),
@@ -108,6 +109,11 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     app.state.thermals = thermals
     app.state.hardware = (hardware_root, config.engine)
     app.state.metrics = stats
+    app.state.started = time.time()
+    app.state.version = __version__
+    app.state.ollama_port = ollama_port
+    app.state.memory_budget = parse_size(config.models.memory_budget) if config.models.memory_budget else 0
+    app.state.memory_reserve = parse_size(config.models.memory_reserve or "0")
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.body_timeout = parse_duration(config.server.body_timeout) or 60.0
     return app

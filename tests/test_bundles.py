@@ -48,9 +48,10 @@ def site(tmp_path, models):
 
 
 def snapshot(state: Path) -> dict[str, str]:
-    """Every file under the state dir, by content: 'byte-for-byte unchanged' is equality."""
+    """Every file under the state dir, by content: 'byte-for-byte unchanged' is equality. But for
+    the import history (imports.json), a record of what was tried, refusals too, as a log is."""
     return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(state.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(state.rglob("*")) if p.is_file() and p.name not in (".lock", "imports.json")}
 
 
 def do_import(path: Path, state: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:

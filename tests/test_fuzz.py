@@ -140,7 +140,7 @@ def test_every_documented_route_answers_as_documented(targets):
         for method in item:
             target = targets["embeddings" if "embed" in path else "chat"]
             concrete = path.replace("{model_id}", "no-such-model" if method == "delete" else target.model)
-            concrete = concrete.replace("{digest}", "sha256:" + "0" * 64)
+            concrete = concrete.replace("{digest}", "sha256:" + "0" * 64).replace("{name}", "console.js")
             body, status = OLLAMA_PROBES.get(path, (next((b for p, b in PROBES.values() if p == path), None),
                                                     404 if method == "delete" else 200))
             if body is not None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm import __version__
-from edgellm.bundles import signing
+from edgellm.bundles import history, signing
 from edgellm.bundles.manifest import (
     SIGNATURE,
     BundleFile,
@@ -51,6 +51,7 @@ from edgellm.bundles.manifest import (
 )
 from edgellm.bundles.reader import BundleError, DirectorySource, StreamSource, TarSource
 from edgellm.config import Config, EngineConfig
+from edgellm.errors import EdgeError
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
 from edgellm.store.registry import DISK_MARGIN, Entry, ModelFile, Registry, StoreError, copy_hashing, describe
@@ -119,7 +120,23 @@ def verify(source: Source, policy: Policy) -> tuple[Manifest, str]:
 
 def import_bundle(source: Source, registry: Registry, policy: Policy, *, engine: EngineConfig, memory_limit: int,
                   progress: Progress | None = None, allow_downgrade: bool = False) -> list[Outcome]:
-    """Verify and install; `allow_downgrade` lets a bundle replace a model installed from a newer one."""
+    """Verify and install; `allow_downgrade` lets a bundle replace a model installed from a newer one.
+    Either way, the import is recorded in the state dir's history (history.py)."""
+    state_dir = registry.root.parent
+    try:
+        outcomes = _import(source, registry, policy, engine=engine, memory_limit=memory_limit, progress=progress,
+                           allow_downgrade=allow_downgrade)
+    except (EdgeError, OSError) as e:
+        with registry.locked():
+            history.record(state_dir, source.name, f"refused: {e.message if isinstance(e, EdgeError) else e}", [])
+        raise
+    with registry.locked():
+        history.record(state_dir, source.name, "imported", [{"id": o.model, "status": o.status} for o in outcomes])
+    return outcomes
+
+
+def _import(source: Source, registry: Registry, policy: Policy, *, engine: EngineConfig, memory_limit: int,
+            progress: Progress | None, allow_downgrade: bool) -> list[Outcome]:
     manifest, key_id = verify(source, policy)
     unchanged = _check(source, manifest, key_id, registry.entries(), allow_downgrade)
     with registry.staging() as staging:

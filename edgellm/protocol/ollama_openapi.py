@@ -128,8 +128,11 @@ def paths(api_key: list[dict[str, list[str]]], admin_key: list[dict[str, list[st
                                  "application/x-ndjson": {"schema": _OBJECT}}}
     management = _errors("400", "401", "403", "404", "409")
     return {
-        "/": {"get": {"operationId": "ollamaRoot", "summary": "Public: 'Ollama is running'", "security": [],
-                      "responses": {"200": {"description": "the text", "content": {"text/plain": {"schema": _STR}}},
+        "/": {"get": {"operationId": "root", "security": [],
+                      "summary": "Public: the console to a browser (Accept: text/html), else 'Ollama is running'",
+                      "responses": {"200": {"description": "the page, or the text Ollama's clients look for",
+                                            "content": {"text/html": {"schema": _STR},
+                                                        "text/plain": {"schema": _STR}}},
                                     "default": _errors()["default"]}}},
         "/api/version": {"get": {"operationId": "ollamaVersion", "security": [],
                                  "summary": "Public: the Ollama release whose API this follows",

@@ -354,6 +354,19 @@ def document(version: str) -> dict[str, Any]:
                                                      "`done` {models: [{id, status}], warnings: [...]} or `error` "
                                                      "(an Error)",
                                       "content": _EVENTS}, **_ADMIN_ERRORS}}},
+            "/admin/imports": _admin("adminImports", "get", "The last imports (sticks and uploads) and their outcomes",
+                                     {"200": _json(obj({"object": {"const": "list"}, "data": {
+                                         "type": "array", "items": obj({"time": _STR, "source": _STR,
+                                                                        "outcome": _STR,
+                                                                        "models": {"type": "array"}})}}),
+                                         "newest first")}, model=False),
+            "/console/{name}": {"get": {
+                "operationId": "consoleFile", "summary": "Public: the console's files (no secrets in them)",
+                "security": [], "parameters": [{"name": "name", "in": "path", "required": True, "schema": _STR}],
+                "responses": {"200": {"description": "the file, with the console's Content-Security-Policy",
+                                      "content": {media: {"schema": _STR} for media in (
+                                          "text/html", "text/javascript", "text/css")}},
+                              "404": _ERRORS["404"], "default": _ERRORS["default"]}}},
             **ollama_openapi.paths(_API_KEY, _ADMIN_KEY),
         },
         "components": {

@@ -52,7 +52,7 @@ class APIKeyAuth:
             return
         presented = _presented_key(scope)
         digest = _digest(presented) if presented is not None else None
-        if scope["path"] in PUBLIC_PATHS:
+        if scope["path"] in PUBLIC_PATHS or scope["path"].startswith("/console/"):  # (the console's files)
             scope.setdefault("state", {})["authorized"] = not self._digests or _valid(digest, self._digests)
             await self.app(scope, receive, send)
             return

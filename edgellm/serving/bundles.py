@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgellm.errors import EdgeError, InvalidRequest
@@ -107,4 +108,12 @@ async def upload(request: Request) -> EventStream:
     return EventStream(stream(), watch_disconnect=False)
 
 
-routes = [Route("/admin/bundles", upload, methods=["POST"])]
+async def imports(request: Request) -> JSONResponse:
+    """The last imports, from sticks and uploads, newest first (bundles/history.py)."""
+    from edgellm.bundles import history
+
+    state_dir = request.app.state.registry.root.parent
+    return JSONResponse({"object": "list", "data": await asyncio.to_thread(history.read, state_dir)})
+
+
+routes = [Route("/admin/bundles", upload, methods=["POST"]), Route("/admin/imports", imports, methods=["GET"])]

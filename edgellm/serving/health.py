@@ -6,6 +6,9 @@ throttles; anyone else on the LAN gets only ok, loading or failed: a load error 
 
 from __future__ import annotations
 
+import time
+
+import psutil
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -22,8 +25,20 @@ async def health(request: Request) -> JSONResponse:
             raise
         return JSONResponse({"status": "loading" if e.retry_after else "failed"}, status_code=e.status,
                             headers=e.headers)
-    detail = request.app.state.thermals.health() if authorized else {}
+    detail = {**request.app.state.thermals.health(), **_box(request)} if authorized else {}
     return JSONResponse({"status": "ok", **detail})
+
+
+def _box(request: Request) -> dict[str, object]:
+    """What the console's status page shows besides: version, uptime, memory."""
+    state = request.app.state
+    memory = psutil.virtual_memory()
+    # The most models may ever take here: [models] memory_budget, or all the RAM but the reserve.
+    budget = state.memory_budget or memory.total - state.memory_reserve
+    return {"version": state.version, "uptime_seconds": round(time.time() - state.started, 1),
+            "memory": {"used": memory.total - memory.available, "available": memory.available,
+                       "total": memory.total, "budget": budget},
+            "ollama_port": state.ollama_port}
 
 
 routes = [Route("/health", health, methods=["GET"])]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -91,10 +91,6 @@ def _privileged(request: Request) -> bool:
 
 
 # --- what is here ------------------------------------------------------------------------
-
-async def root(request: Request) -> Response:
-    return PlainTextResponse("Ollama is running")  # what Ollama's clients look for
-
 
 async def version(request: Request) -> JSONResponse:
     return JSONResponse({"version": proto.VERSION})
@@ -528,7 +524,6 @@ async def _import(request: Request, path: Path, failed: list[EdgeError]) -> Asyn
 
 
 routes = [
-    Route("/", root, methods=["GET", "HEAD"]),
     Route("/api/version", version, methods=["GET"]),
     Route("/api/tags", tags, methods=["GET"]),
     Route("/api/ps", ps, methods=["GET"]),

@@ -1,0 +1,1 @@
+"""The console's static files (index.html, console.js, console.css): package data, no build step."""
