@@ -213,6 +213,7 @@ def test_a_wrong_key_says_so_and_keys_stay_out_of_urls_cookies_and_the_page(brow
     assert API_KEY not in page and ADMIN_KEY not in page and API_KEY not in browser.current_url
     assert browser.execute_script("return sessionStorage.getItem('edgellm.api-key')") == API_KEY
     shoot(browser, "connect")
+    assert errors(browser) == []
 
 
 def test_a_rebinding_name_and_a_page_elsewhere_cannot_drive_the_box(browser, server):

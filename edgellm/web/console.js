@@ -352,7 +352,8 @@ function stats(sent, first, tokens) {
 async function fillConnect() {
   const base = location.origin + "/v1";
   $("connect-url").textContent = base;
-  const open = (await fetch("/v1/models")).ok;
+  // /health tells its details to whoever could use the API: with none asked for, no key is needed.
+  const open = (await (await fetch("/health")).json()).version !== undefined;
   $("connect-key").textContent = open ? "not needed" : "needed: the API key (Authorization: Bearer KEY)";
   const keyArg = open ? '"unused"' : '"YOUR-API-KEY"';
   $("snippet-openai").textContent = 'from openai import OpenAI\n\nclient = OpenAI(base_url="' + base + '", api_key=' +
