@@ -200,6 +200,24 @@ def test_load_and_unload_change_the_state(browser, server):
     assert errors(browser) == []
 
 
+def test_the_pages_work_from_the_keyboard(browser, server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"{server.url}/#status")
+    for _ in range(10):  # Tab until the Chat link has the focus, then Enter
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        if browser.execute_script("return document.activeElement.getAttribute('href')") == "#chat":
+            break
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    wait_until(lambda: browser.execute_script("return location.hash") == "#chat", 5, message="the chat page")
+    assert browser.execute_script("return document.getElementById('page-chat').hidden") is False
+    labels = browser.execute_script("return [...document.querySelectorAll('input, select, textarea')]"
+                                    ".filter(e => !e.closest('label')).map(e => e.id)")
+    assert labels == []  # every control has its label
+    browser.get_log("browser")  # (no key given here: the status page's 401s are expected)
+
+
 def test_a_wrong_key_says_so_and_keys_stay_out_of_urls_cookies_and_the_page(browser, server):
     open_console(browser, server, "status", api_key="not-the-key", admin_key="")
     wait_until(lambda: "key was not accepted" in by_id(browser, "message").text, 10, message="the message")

@@ -175,7 +175,8 @@ async function refreshModels() {
       row.append(element("td", m.id + (m.aliases && m.aliases.length ? " (" + m.aliases.join(", ") + ")" : "")));
       row.append(element("td", bytes(m.size)));
       row.append(element("td", m.state + (m.failure ? ": " + m.failure : ""), { "data-state": m.state }));
-      const memory = element("td", bytes(m.rss_delta_bytes || m.estimate_bytes) + (m.rss_delta_bytes ? " measured" : " estimated"));
+      const memory = element("td", bytes(m.estimate_bytes) + " estimated" +
+                             (m.rss_delta_bytes ? ", " + bytes(m.rss_delta_bytes) + " measured" : ""));
       const bar = element("div", null, { class: "bar", role: "img", "aria-label": "memory against the budget" });
       const fill = element("span");
       fill.style.width = Math.min(100, Math.round(100 * (m.rss_delta_bytes || m.estimate_bytes || 0) / scale)) + "%";
