@@ -112,8 +112,6 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     app.state.started = time.time()
     app.state.version = __version__
     app.state.ollama_port = ollama_port
-    app.state.memory_budget = parse_size(config.models.memory_budget) if config.models.memory_budget else 0
-    app.state.memory_reserve = parse_size(config.models.memory_reserve or "0")
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.body_timeout = parse_duration(config.server.body_timeout) or 60.0
     return app

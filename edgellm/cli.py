@@ -320,7 +320,6 @@ def _bundle(args: argparse.Namespace) -> int:
     from edgellm.bundles.importer import (
         Policy,
         import_bundle,
-        memory_limit,
         signed_by,
         verify,
         verify_files,
@@ -352,7 +351,7 @@ def _bundle(args: argparse.Namespace) -> int:
                 print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signed_by(key_id)})")
             else:
                 outcomes = import_bundle(source, registry, policy, engine=config.engine,
-                                         memory_limit=memory_limit(config), progress=bar,
+                                         memory_limit=config.memory_limit, progress=bar,
                                          allow_downgrade=args.allow_downgrade)
                 for outcome in outcomes:
                     print(f"{outcome.status} {outcome.model} from {path}")

@@ -161,6 +161,15 @@ class Config:
     source: str = "defaults"
 
     @property
+    def memory_limit(self) -> int:
+        """The most memory models may ever have here: the budget, or all the RAM but the reserve."""
+        if self.models.memory_budget:
+            return parse_size(self.models.memory_budget)
+        # All the RAM (MemTotal, what psutil.virtual_memory().total says), without importing psutil.
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total - parse_size(self.models.memory_reserve or "0")
+
+    @property
     def trusted_keys_dir(self) -> str:
         return self.bundles.trusted_keys or str(Path(self.server.state_dir) / "trusted-keys")
 

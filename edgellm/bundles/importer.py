@@ -55,7 +55,7 @@ from edgellm.errors import EdgeError
 from edgellm.modelfile import gguf, memory
 from edgellm.progress import Progress
 from edgellm.store.registry import DISK_MARGIN, Entry, ModelFile, Registry, StoreError, copy_hashing, describe
-from edgellm.units import MiB, parse_size, timestamp
+from edgellm.units import MiB, timestamp
 
 Source = DirectorySource | TarSource | StreamSource
 
@@ -70,15 +70,6 @@ class Policy:
     def from_config(cls, config: Config) -> Policy:
         keys, skipped = signing.trusted_keys(config.trusted_keys_dir)
         return cls(keys, require_signature=config.bundles.policy == "require-signature", skipped=skipped)
-
-
-def memory_limit(config: Config) -> int:
-    """The most memory models may ever have here: the budget, or all the RAM but the reserve."""
-    if config.models.memory_budget:
-        return parse_size(config.models.memory_budget)
-    # All the RAM (MemTotal, what psutil.virtual_memory().total says), without importing psutil.
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total - parse_size(config.models.memory_reserve or "0")
 
 
 @dataclass

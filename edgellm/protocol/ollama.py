@@ -281,9 +281,7 @@ def tool_call(name: str, arguments: str, index: int) -> dict[str, object] | None
 
 def parameters_text(defaults: Mapping[str, object]) -> str:
     """A model's recommended settings as a Modelfile's PARAMETER lines ("temperature 0.7")."""
-    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-             "repeat_penalty": "repeat_penalty", "penalty_last_n": "repeat_last_n", "seed": "seed",
-             "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+    names = {knob: option for option, knob in _KNOBS.items()}  # the engine's names -> Ollama's
     return "\n".join(f"{names.get(k, k)} {v:.6g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
                      for k, v in sorted(defaults.items()))  # a header's f32 0.7 is 0.699999988
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -24,11 +23,13 @@ from starlette.routing import Route
 from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
+from edgellm.serving.importing import ImportJob
 from edgellm.serving.sse import EventStream
 from edgellm.serving.upload import Upload
 
 if TYPE_CHECKING:
     from edgellm.bundles.importer import Outcome
+    from edgellm.progress import Progress
 
 
 log = logging.getLogger("edgellm.bundles")
@@ -45,22 +46,12 @@ async def upload(request: Request) -> EventStream:
     allow_downgrade = _flag(request, "allow_downgrade")
     config = request.app.state.config
     registry = request.app.state.registry
-    loop = asyncio.get_running_loop()
-    body = Upload(loop)
-    events: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
+    body = Upload(asyncio.get_running_loop())
     warnings: list[str] = []
-    last = 0.0
 
-    def progress(stage: str, name: str, done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done >= total or now - last >= 0.2:  # a few events a second are plenty
-            last = now
-            loop.call_soon_threadsafe(events.put_nowait, ("progress", {"file": name, "done": done, "total": total}))
-
-    def work() -> list[Outcome]:
+    def work(progress: Progress) -> list[Outcome]:
         # The importer (signatures: cryptography; tarfile) is imported by the first upload, not at start.
-        from edgellm.bundles.importer import Policy, import_bundle, memory_limit
+        from edgellm.bundles.importer import Policy, import_bundle
         from edgellm.bundles.reader import StreamSource
 
         policy = Policy.from_config(config)
@@ -69,41 +60,28 @@ async def upload(request: Request) -> EventStream:
         warnings.extend(policy.skipped)
         source = StreamSource(body, "upload")
         try:
-            return import_bundle(source, registry, policy, engine=config.engine, memory_limit=memory_limit(config),
+            return import_bundle(source, registry, policy, engine=config.engine, memory_limit=config.memory_limit,
                                  progress=progress, allow_downgrade=allow_downgrade)
         finally:
             source.close()
 
     async def stream() -> AsyncIterator[bytes]:
         pump = asyncio.create_task(body.pump(request))
-        job = asyncio.ensure_future(asyncio.to_thread(work))
+        job = ImportJob(work)
         try:
-            while not job.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    name, data = getter.result()
-                    yield sse.event(data, name)
-                else:
-                    getter.cancel()
+            async for name, done, total in job.progress():
+                yield sse.event({"file": name, "done": done, "total": total}, "progress")
             try:
-                outcomes = job.result()
-            except EdgeError as e:  # a refused bundle (bundle_refused, bad_signature, ...), a busy store
+                outcomes = job.outcomes()
+            except EdgeError as e:
                 yield sse.event(error_body(e), "error")
-                return
-            except OSError as e:  # the box's own disk: full, read-only, gone
-                yield sse.event(error_body(EdgeError(f"the import failed: {e}", code="import_failed")), "error")
-                return
-            except Exception:
-                log.exception("bundle upload failed")
-                yield sse.event(error_body(EdgeError("internal error while importing (see the log)")), "error")
                 return
             await request.app.state.service.refresh()  # served at once, not within the next second
             yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes],
                              "warnings": warnings}, "done")
         finally:
             pump.cancel()  # and so the importer sees the end, if the client went away mid-import
-            await asyncio.wait({job})
+            await job.ended()
 
     return EventStream(stream(), watch_disconnect=False)
 

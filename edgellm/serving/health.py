@@ -33,11 +33,9 @@ def _box(request: Request) -> dict[str, object]:
     """What the console's status page shows besides: version, uptime, memory."""
     state = request.app.state
     memory = psutil.virtual_memory()
-    # The most models may ever take here: [models] memory_budget, or all the RAM but the reserve.
-    budget = state.memory_budget or memory.total - state.memory_reserve
     return {"version": state.version, "uptime_seconds": round(time.time() - state.started, 1),
             "memory": {"used": memory.total - memory.available, "available": memory.available,
-                       "total": memory.total, "budget": budget},
+                       "total": memory.total, "budget": state.config.memory_limit},
             "ollama_port": state.ollama_port}
 
 

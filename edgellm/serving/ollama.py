@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,9 +39,14 @@ from edgellm.errors import EdgeError, InvalidRequest, NotFound, Unsupported
 from edgellm.protocol import ollama as proto
 from edgellm.serving.body import read_json
 from edgellm.serving.disconnect import unless_disconnected
+from edgellm.serving.importing import ImportJob
 from edgellm.serving.openai import KEEPALIVE_AFTER, tool_use
 from edgellm.serving.sse import NDJSON, EventStream
 from edgellm.serving.upload import Upload
+
+if TYPE_CHECKING:
+    from edgellm.bundles.importer import Outcome
+    from edgellm.progress import Progress
 
 log = logging.getLogger("edgellm.ollama")
 DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
@@ -473,51 +478,31 @@ def _scan(directory: Path, wanted: set[str], offline: str) -> Path:
 async def _import(request: Request, path: Path, failed: list[EdgeError]) -> AsyncIterator[bytes]:
     """Import a bundle, as Ollama's pull-status stream: manifest, each file's progress, success;
     a failure is the last line, and goes into `failed`."""
-    from edgellm.bundles.importer import Policy, import_bundle, memory_limit
+    from edgellm.bundles.importer import Policy, import_bundle
     from edgellm.bundles.reader import open_source
 
     config, registry = request.app.state.config, request.app.state.registry
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    last = 0.0
 
-    def progress(stage: str, file: str, done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done >= total or now - last >= 0.2:
-            last = now
-            loop.call_soon_threadsafe(events.put_nowait, {"status": f"pulling {file}", "digest": file,
-                                                          "total": total, "completed": done})
-
-    def work() -> None:
+    def work(progress: Progress) -> list[Outcome]:
         source = open_source(path)
         try:
-            import_bundle(source, registry, Policy.from_config(config), engine=config.engine,
-                          memory_limit=memory_limit(config), progress=progress)
+            return import_bundle(source, registry, Policy.from_config(config), engine=config.engine,
+                                 memory_limit=config.memory_limit, progress=progress)
         finally:
             source.close()
 
     yield _line({"status": "pulling manifest"})
-    job = asyncio.ensure_future(asyncio.to_thread(work))
-    while not job.done() or not events.empty():
-        getter = asyncio.ensure_future(events.get())
-        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield _line(getter.result())
-        else:
-            getter.cancel()
+    job = ImportJob(work)
     try:
-        job.result()
-    except Exception as e:
-        if isinstance(e, EdgeError):  # a refused bundle (bundle_refused, bad_signature, ...), a busy store
-            failed.append(e)
-        elif isinstance(e, OSError):  # the box's own disk: full, read-only, gone
-            failed.append(EdgeError(f"the import failed: {e}", code="import_failed"))
-        else:
-            log.exception("pull of %s failed", path)
-            failed.append(EdgeError("internal error while importing (see the log)"))
-        yield _line(proto.error_body(failed[-1]))
+        async for file, done, total in job.progress():
+            yield _line({"status": f"pulling {file}", "digest": file, "total": total, "completed": done})
+        job.outcomes()
+    except EdgeError as e:
+        failed.append(e)
+        yield _line(proto.error_body(e))
         return
+    finally:
+        await job.ended()
     await _service(request).refresh()
     for status in ("verifying sha256 digest", "writing manifest", "success"):
         yield _line({"status": status})
