@@ -97,6 +97,11 @@ _FORMATS = {"date": (10, 10), "time": (9, 21), "date-time": (20, 32), "uuid": (3
 # JSON kinds by schema type; a number is an integer or a fraction.
 _KINDS = {"null": {"null"}, "boolean": {"boolean"}, "integer": {"integer"}, "number": {"integer", "fraction"},
           "string": {"string"}, "array": {"array"}, "object": {"object"}}
+# Keywords of one type, which say what a schema without 'type' is.
+_IMPLIES = {**dict.fromkeys(("properties", "additionalProperties", "required"), "object"),
+            **dict.fromkeys(("items", "prefixItems", "minItems", "maxItems"), "array"),
+            **dict.fromkeys(("minLength", "maxLength", "format"), "string"),
+            **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "number")}
 # Keywords that say nothing about which values match.
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id", "deprecated",
                 "readOnly", "writeOnly", "$defs", "definitions"}
@@ -282,11 +287,13 @@ class _Converter:
             if keyword in schema:
                 raise SchemaError(f"{where}: '{keyword}' is not supported in JSON schemas here")
         if "$ref" in schema:
+            _alone(schema, "$ref", where)
             return self._ref(schema["$ref"], where)
         if "const" in schema or "enum" in schema:
             return _choice(self._literal(v) for v in _values(schema, where))
         for keyword in ("anyOf", "oneOf"):
             if keyword in schema:
+                _alone(schema, keyword, where)
                 options = schema[keyword]
                 if not isinstance(options, list) or not options:
                     raise SchemaError(f"{where}: '{keyword}' must be a non-empty array")
@@ -304,12 +311,16 @@ class _Converter:
             # objects), so each subschema is compiled once, not once per repetition of a type.
             return _choice(self._typed(schema, k, where) for k in dict.fromkeys(kind))
         if kind is None:
-            if "properties" in schema or "additionalProperties" in schema or "required" in schema:
-                kind = "object"
-            elif "items" in schema or "prefixItems" in schema:
-                kind = "array"
-            else:
+            # Keywords of one type without a 'type': only that type is written (every value of it
+            # they allow validates; other types would too, but need not be written).
+            implied = {_IMPLIES[k]: k for k in schema if k in _IMPLIES}
+            if len(implied) > 1:
+                first, second = sorted(implied.values())[:2]
+                raise SchemaError(f"{where}: '{first}' and '{second}' constrain different types: "
+                                  "say which with 'type'")
+            if not implied:
                 return "value"
+            kind = next(iter(implied))
         return self._typed(schema, kind, where)
 
     def _symbol(self, expression: str, where: str) -> str:
@@ -413,7 +424,7 @@ class _Converter:
             tags = [b["properties"].get(name) for b in branches]
             if not all(isinstance(t, dict) and ("const" in t or "enum" in t) for t in tags):
                 continue
-            values = [{json.dumps(v, sort_keys=True) for v in _values(t, "#")} for t in tags]
+            values = [{json.dumps(_normal(v), sort_keys=True) for v in _values(t, "#")} for t in tags]
             if sum(map(len, values)) == len(set().union(*values)):  # no value in two branches
                 return True
         return False
@@ -645,6 +656,25 @@ def _kind_of(value: object) -> str:
         return "integer" if value.is_integer() else "fraction"
     kinds: dict[type, str] = {str: "string", list: "array", dict: "object"}
     return kinds.get(type(value), "unknown")
+
+
+def _alone(schema: dict, keyword: str, where: str) -> None:
+    """Refuse constraints beside `keyword` ($ref, anyOf, oneOf): its rule is written alone."""
+    others = sorted(set(schema) - _ANNOTATIONS - {keyword})
+    if others:
+        raise SchemaError(f"{where}: '{others[0]}' beside '{keyword}' is not supported "
+                          f"(move it into the schema that '{keyword}' names)")
+
+
+def _normal(value: object) -> object:
+    """A value as JSON Schema compares values: 1.0 is 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
 
 
 def _values(schema: dict, where: str) -> list:

@@ -16,6 +16,8 @@ from pathlib import Path
 import llama_cpp.llama_cpp as C
 
 from edgellm.engine.errors import ModelLoadError
+from edgellm.engine.grammar import MAX_KEY
+from edgellm.engine.json_keys import KeyIndex
 from edgellm.engine.llama_log import llama_errors, on_llama_log, reason
 
 log = logging.getLogger("edgellm.engine")
@@ -195,15 +197,15 @@ class Model:
     def json_enders(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """Tokens that end a JSON string (a quote, maybe with closing brackets after it), tokens that
         only close objects and arrays, and tokens with a comma (which start another item): what a
-        JSON reply running out of max_tokens needs, and needs to avoid. One walk over the vocabulary."""
+        JSON reply running out of max_tokens needs, and needs to avoid."""
         closing = frozenset(b'"}] ')
         quotes: list[int] = []
         brackets: list[int] = []
         commas: list[int] = []
-        buf = ctypes.create_string_buffer(64)
-        for t in range(self.n_vocab):  # not through piece(): its cache would keep the whole vocabulary
-            n = C.llama_token_to_piece(self.vocab, t, buf, 64, 0, False)
-            piece = buf.raw[:n] if n > 0 else b""
+        quoted: dict[int, bytes] = {}
+        for t, piece in enumerate(self._vocabulary()):
+            if b'"' in piece:
+                quoted[t] = piece
             if b"," in piece:
                 commas.append(t)
             elif piece.strip(b" ") and set(piece) <= closing:
@@ -211,7 +213,28 @@ class Model:
                     quotes.append(t)
                 elif b'"' not in piece:
                     brackets.append(t)
+        self._quoted = quoted
         return tuple(quotes), tuple(brackets), tuple(commas)
+
+    @functools.cached_property
+    def json_keys(self) -> KeyIndex:
+        """The tokens that could close a JSON key, for json_keys.KeyTracker (the same walk as json_enders)."""
+        _ = self.json_enders  # the walk that fills _quoted
+        return KeyIndex.build(self._quoted, MAX_KEY, self._vocabulary)
+
+    def _vocabulary(self) -> list[bytes]:
+        """Every token's bytes, in order; not through piece(): its cache would keep the whole vocabulary."""
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        for t in range(self.n_vocab):
+            n = C.llama_token_to_piece(self.vocab, t, buf, 256, 0, False)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = C.llama_token_to_piece(self.vocab, t, big, -n, 0, False)
+                pieces.append(big.raw[:n])
+            else:
+                pieces.append(buf.raw[:n])
+        return pieces
 
     def close(self) -> None:
         if self.ptr:

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgellm.engine.errors import SchemaError
 from edgellm.engine.grammar import to_gbnf
+from edgellm.engine.json_keys import BANNED, KeyTracker
 from edgellm.engine.llama_log import llama_errors, reason
 from edgellm.engine.model import Model
 from edgellm.engine.tools import CallGrammar, Watch
@@ -77,8 +78,7 @@ class Sampler:
             self._enders = (np.array(quotes, dtype=np.int64), np.array(brackets, dtype=np.int64),
                             np.array(commas, dtype=np.int64))
             self._piece = model.piece
-            self._in_string = False
-            self._escaped = False
+            self._keys = KeyTracker(model.json_keys)  # also knows whether the reply is inside a string
         bias = dict(params.logit_bias)
         # With a grammar, the end of the document must stay possible: once the JSON is
         # complete the grammar allows only end tokens, and forbidding those too makes
@@ -116,8 +116,12 @@ class Sampler:
                 return C.llama_sampler_sample(self.ptr, ctx, index)
             if remaining is not None and remaining <= CLOSING_WINDOW:
                 self._favour_closing(ctx, index, remaining)
+            banned = self._keys.banned()
+            if banned:
+                self._logits(ctx, index)[np.fromiter(banned, dtype=np.int64, count=len(banned))] += BANNED
             token = C.llama_sampler_sample(self.ptr, ctx, index)
-            self._follow(self._piece(token))
+            piece = self._piece(token)
+            self._keys.feed(piece)
             return token
         address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
         assert address is not None
@@ -140,26 +144,21 @@ class Sampler:
     def _favour_closing(self, ctx: C.llama_context_p, index: int, remaining: int) -> None:
         """Raise the logits of what ends the JSON, more as the budget runs out, and lower the commas:
         the grammar still decides what is allowed, this makes ending sooner likelier than going on."""
-        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
-        assert address is not None and self._enders is not None
-        logits = np.frombuffer(self._row.from_address(address), dtype=np.float32)  # type: ignore[call-overload]
+        assert self._enders is not None
+        logits = self._logits(ctx, index)
         quotes, brackets, commas = self._enders
         boost = CLOSING_BOOST * (CLOSING_WINDOW + 1 - remaining)
-        if self._in_string:
+        if self._keys.in_string:
             logits[quotes] += boost
         else:
             logits[brackets] += boost
             logits[commas] -= boost
 
-    def _follow(self, piece: bytes) -> None:
-        """Keep track of whether the JSON written so far is inside a string."""
-        for byte in piece:
-            if self._escaped:
-                self._escaped = False
-            elif byte == 0x5C and self._in_string:  # a backslash
-                self._escaped = True
-            elif byte == 0x22:  # a quote
-                self._in_string = not self._in_string
+    def _logits(self, ctx: C.llama_context_p, index: int) -> np.ndarray:
+        """The logits row of batch position `index`, in place: what is changed here the chain sees."""
+        address = ctypes.cast(C.llama_get_logits_ith(ctx, index), ctypes.c_void_p).value
+        assert address is not None
+        return np.frombuffer(self._row.from_address(address), dtype=np.float32)  # type: ignore[call-overload]
 
     def _add(self, sampler: C.llama_sampler_p) -> None:
         C.llama_sampler_chain_add(self.ptr, sampler)
