@@ -27,6 +27,7 @@ from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
 from edgellm.serving.relay import ServedBy
 from edgellm.store.registry import Entry, ModelFile, Registry, describe, model_id_for
+from edgellm.tls import Serving
 from edgellm.units import parse_duration, parse_size
 
 
@@ -42,10 +43,11 @@ def command_line_model(config: Config) -> Entry:
 
 def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
                admin_keys: frozenset[str] = frozenset(), *, hardware_root: str | Path = "/", port: int = 0,
-               ollama_port: int = 0) -> Starlette:
+               ollama_port: int = 0, certificate: Serving | None = None) -> Starlette:
     """`hardware_root`: where the hardware probe reads /proc, /sys, /dev and /etc (tests: a fixture).
     `port`: the port the API listens on, announced on the LAN (0: not announced); `ollama_port`:
-    the second one, for Ollama's clients ([ollama] port; 0: none)."""
+    the second one, for Ollama's clients ([ollama] port; 0: none); `certificate`: what the API
+    presents when it speaks TLS (its fingerprint is announced)."""
     stats = Metrics()
     plan = Planner(hardware_root, config.engine)  # made by the first load
     extra = [command_line_model(config)] if config.model.path else []
@@ -80,7 +82,10 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
             announcer = Announcer(name=config.discovery.name, port=port, host=config.server.host,
                                   interfaces=list(config.discovery.interfaces), key_required=bool(api_keys),
                                   device=device_id(config.server.state_dir),
-                                  models=lambda: [m.id for m in service.models()], ollama_port=ollama_port)
+                                  models=lambda: [m.id for m in service.models()], ollama_port=ollama_port,
+                                  fingerprints=(lambda: (certificate.presented.fingerprint,
+                                                         certificate.presented.next_fingerprint))
+                                  if certificate else None)
             await announcer.start()
         yield
         if announcer is not None:
@@ -112,6 +117,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
     app.state.started = time.time()
     app.state.version = __version__
     app.state.ollama_port = ollama_port
+    app.state.certificate = certificate
     app.state.max_body_bytes = config.server.max_body_bytes
     app.state.body_timeout = parse_duration(config.server.body_timeout) or 60.0
     return app

@@ -8,23 +8,34 @@ and a mistyped command answer in well under 0.15 s (tools/bench/startup.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgellm import __version__
-from edgellm.config import Config, ConfigError, credential, is_loopback, load, read_keys
+from edgellm.config import Config, ConfigError, TLSFiles, credential, is_loopback, load, read_keys
 from edgellm.errors import EdgeError
 from edgellm.modelfile import gguf
 from edgellm.progress import Bar
 from edgellm.units import parse_duration
 
+if TYPE_CHECKING:
+    import asyncio
+    import logging
+
+    from edgellm import tls
+    from edgellm.discovery import Box
+    from edgellm.tls import Serving
+
+APPLIANCE_TLS = "/etc/edgellm/tls"  # root's; the service gets it as credentials (systemd/edgellm.service)
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 
@@ -87,7 +98,26 @@ def _build_parser() -> argparse.ArgumentParser:
     discover = commands.add_parser("discover", help="find edgellm boxes on the LAN (mDNS/DNS-SD)")
     discover.add_argument("--timeout", type=float, default=3.0, metavar="S", help="seconds to listen (default 3)")
     discover.add_argument("--json", action="store_true", help="machine-readable output")
+    discover.add_argument("--fingerprint", metavar="FP",
+                          help="the TLS fingerprint from the box's key note: say which boxes present it")
     discover.set_defaults(func=_discover)
+
+    tls = commands.add_parser("tls", help="the box's own TLS certificate")
+    tls_steps = tls.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name, helptext in (("show", "the fingerprint clients pin, and a rotation that waits"),
+                           ("rotate", "make a new certificate; the old one is presented for the grace period")):
+        step = tls_steps.add_parser(name, help=helptext)
+        step.add_argument("--dir", metavar="DIR", help="the certificate directory (default: /etc/edgellm/tls on "
+                          "the appliance, else <state dir>/tls)")
+        step.add_argument("--config", metavar="FILE", help="TOML config file (for its [server] state_dir)")
+        step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
+        if name == "rotate":
+            step.add_argument("--grace", metavar="TIME", default="7d",
+                              help="how long clients pinned to the old certificate keep working (default 7d; "
+                              "0 after a key leaked)")
+            step.add_argument("--no-restart", action="store_true",
+                              help="on the appliance, do not restart edgellm.service to publish it")
+        step.set_defaults(func=_tls)
 
     keygen = commands.add_parser("keygen", help="make a key pair for signing bundles (minisign format)")
     keygen.add_argument("-o", "--output", metavar="PREFIX", default="edgellm",
@@ -180,6 +210,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    certificate = _certificate(config)
+    scheme = "https" if certificate else "http"
     sockets = []
     for listen_port in (port, *([config.ollama.port] if config.ollama.port else [])):
         try:
@@ -194,11 +226,15 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no API keys on %s (--insecure-no-auth): anyone on the network can use this service", host)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("edgellm %s listening on http://%s:%d (API keys: %s)", __version__, shown, bound_port,
+    log.info("edgellm %s listening on %s://%s:%d (API keys: %s)", __version__, scheme, shown, bound_port,
              "required" if keys else "not required")
+    if certificate:
+        log.info("TLS only, certificate %s (pin it: README, 'The appliance')", certificate.presented.fingerprint)
     ollama_port = sockets[1].getsockname()[1] if len(sockets) > 1 else 0
+    plain = sockets[1] if ollama_port and certificate and not config.ollama.tls else None
     if ollama_port:
-        log.info("and on http://%s:%d for Ollama's clients ([ollama] port)", shown, ollama_port)
+        log.info("and on %s://%s:%d for Ollama's clients ([ollama] port%s)", "http" if plain else scheme, shown,
+                 ollama_port, "; tls = false: plain HTTP" if plain else "")
 
     import asyncio  # only now: the socket listens (connections queue) while the server is imported and built
 
@@ -210,23 +246,36 @@ def _serve(args: argparse.Namespace) -> int:
 
     _give_back_freed_memory()
     app = create_app(config, keys, admin_keys, hardware_root=args.hardware_root, port=bound_port,
-                     ollama_port=ollama_port)
+                     ollama_port=ollama_port, certificate=certificate)
 
     notifier = Notifier()
-    where = f"http://{shown}:{bound_port}"
+    where = f"{scheme}://{shown}:{bound_port}"
+    s = config.server
 
     class Server(uvicorn.Server):
         supervising: asyncio.Task | None = None
+        watching: asyncio.Task | None = None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
+            loop = asyncio.get_running_loop()
+            if certificate:
+                loop.create_server = functools.partial(  # type: ignore[method-assign]
+                    _create_server, loop.create_server, plain=plain, handshake=seconds(s.header_timeout))
+            try:
+                await super().startup(sockets)
+            finally:
+                if certificate:
+                    del loop.create_server
             if not self.should_exit:  # READY and the watchdog, once start-up loads end
                 self.supervising = asyncio.create_task(supervise(notifier, app.state.service, where))
+                if certificate and self.config.ssl is not None:
+                    self.watching = asyncio.create_task(certificate.watch(self.config.ssl))
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             notifier.stopping()
-            if self.supervising is not None:
-                self.supervising.cancel()
+            for task in (self.supervising, self.watching):
+                if task is not None:
+                    task.cancel()
             await super().shutdown(sockets)
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -235,17 +284,108 @@ def _serve(args: argparse.Namespace) -> int:
             # so open streams finish with an error event instead of being cut off later.
             asyncio.get_event_loop().call_soon_threadsafe(app.state.pool.interrupt)
 
-    s = config.server
     limits = Limits(max_header_bytes=s.max_header_bytes, max_headers=s.max_headers, max_target_bytes=s.max_request_line,
                     header_timeout=seconds(s.header_timeout), body_timeout=seconds(s.body_timeout),
-                    max_connections=s.max_connections)
+                    max_connections=_connection_cap(s.max_connections, log))
+    presented = certificate.presented if certificate else None
     # proxy_headers off: uvicorn would take the client's address from X-Forwarded-For on loopback
     # connections, and [server] keyless_addresses trusts the address.
     server = Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, server_header=False,
                                    proxy_headers=False,
-                                   http=bounded(limits), timeout_keep_alive=math.ceil(seconds(s.keep_alive_timeout))))
+                                   http=bounded(limits), timeout_keep_alive=math.ceil(seconds(s.keep_alive_timeout)),
+                                   ssl_certfile=str(presented.file) if presented else None,
+                                   ssl_keyfile=str(presented.key) if presented and presented.key else None))
     server.run(sockets=sockets)
     return 0
+
+
+DESCRIPTOR_RESERVE = 64  # descriptors kept for model files, the mDNS sockets, the journal, state files
+
+
+def _connection_cap(wanted: int, log: logging.Logger) -> int:
+    """[server] max_connections, lowered to what the descriptor limit leaves: past the cap a client
+    gets a 503, while past the limit accept() would fail (EMFILE) for everyone, silently."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = max(soft - DESCRIPTOR_RESERVE, 1) if soft != resource.RLIM_INFINITY else wanted
+    if wanted > room:
+        log.warning("[server] max_connections %d is above what the descriptor limit (%d) allows: lowered to %d",
+                    wanted, soft, room)
+        return room
+    return wanted
+
+
+def _create_server(create_server: Callable[..., Any], factory: Callable[[], asyncio.Protocol], *,
+                   sock: socket.socket, ssl: object, plain: socket.socket | None, handshake: float,
+                   **options: Any) -> Any:
+    """uvicorn's call to loop.create_server for each listening socket, changed for TLS: a
+    handshake must end within the header timeout (asyncio waits 60 s by default, and the
+    connection's own limits start after it), and the socket of [ollama] tls = false speaks plain
+    HTTP. uvicorn has no option for either."""
+    if sock is plain:
+        return create_server(factory, sock=sock, ssl=None, **options)
+    return create_server(factory, sock=sock, ssl=ssl, ssl_handshake_timeout=handshake, **options)
+
+
+def _certificate(config: Config) -> Serving | None:
+    """What [server] tls says to present: None for plain HTTP (off, or auto on loopback)."""
+    setting = config.server.tls
+    if setting == "off" or (setting == "auto" and is_loopback(config.server.host)):
+        return None
+    from edgellm import tls
+
+    if isinstance(setting, TLSFiles):
+        return tls.Serving(cert=setting.cert, key=setting.key)
+    if credential("tls_device.pem"):  # the appliance's, handed over by systemd (LoadCredential=tls:...)
+        return tls.Serving(tls.Directory(os.environ["CREDENTIALS_DIRECTORY"], prefix="tls_"))
+    directory = tls.Directory(Path(config.server.state_dir) / "tls")
+    if not directory.exists():
+        fingerprint = directory.make(tls.box_names())
+        print(f"edgellm: made this box's TLS certificate in {directory.path}: {fingerprint}", file=sys.stderr)
+    return tls.Serving(directory)
+
+
+def _tls(args: argparse.Namespace) -> int:
+    from edgellm import tls
+
+    if args.dir:
+        directory = tls.Directory(args.dir)
+    elif Path(APPLIANCE_TLS).is_dir():
+        directory = tls.Directory(APPLIANCE_TLS)
+    else:
+        config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
+        directory = tls.Directory(Path(config.server.state_dir) / "tls")
+    if args.action == "show":
+        if not directory.exists():
+            raise ConfigError(f"{directory.path}: no certificate here (edgellm tls rotate makes one)")
+        _show_certificate(directory.presented())
+        return 0
+    try:
+        grace = parse_duration(args.grace)
+    except ValueError:
+        grace = None
+    if grace is None or grace < 0:
+        raise ConfigError(f"--grace: a time such as 7d, 12h or 0, got {args.grace!r}")
+    existed = directory.exists()
+    presented = directory.rotate(tls.box_names(), grace)
+    if not existed:
+        print(f"made the first certificate in {directory.path}")
+    _show_certificate(presented)
+    if directory.path == Path(APPLIANCE_TLS) and not args.no_restart and Path("/run/systemd/system").is_dir():
+        import subprocess
+
+        # The service reads its certificate as a credential: a copy made when it starts.
+        subprocess.run(["systemctl", "try-restart", "edgellm.service"], check=False)
+        print("edgellm.service restarted to publish it (the models load again on their first request)")
+    return 0
+
+
+def _show_certificate(presented: tls.Presented) -> None:
+    print(f"fingerprint: {presented.fingerprint}")
+    if presented.next_fingerprint:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(presented.next_after))
+        print(f"next:        {presented.next_fingerprint} (presented from {when})")
 
 
 def _firstboot(args: argparse.Namespace) -> int:
@@ -283,15 +423,46 @@ def _discover(args: argparse.Namespace) -> int:
     if not 0 < args.timeout <= 600:
         raise ConfigError("--timeout: expected seconds from 0 to 600")
     boxes = asyncio.run(discover(args.timeout))
+    presented = {id(b): _presented(b) for b in boxes}
     if args.json:
-        print(json.dumps([{**asdict(b), "base_url": b.base_url} for b in boxes], indent=2))
+        print(json.dumps([{**asdict(b), "base_url": b.base_url, "presented_fingerprint": presented[id(b)],
+                           "certificate": _verdict(b, presented[id(b)], args.fingerprint)} for b in boxes],
+                         indent=2))
     elif boxes:
-        _table(["NAME", "URL", "ADDRESSES", "KEY", "MODELS"],
+        _table(["NAME", "URL", "ADDRESSES", "KEY", "MODELS", "CERTIFICATE"],
                [[b.name, b.base_url, ",".join(b.addresses), "required" if b.key_required else "no",
-                 ",".join(b.models) + (f" (+{b.more_models})" if b.more_models else "") or "-"] for b in boxes])
+                 ",".join(b.models) + (f" (+{b.more_models})" if b.more_models else "") or "-",
+                 _verdict(b, presented[id(b)], args.fingerprint)] for b in boxes])
     else:
         print(f"no edgellm boxes answered within {args.timeout:g} s", file=sys.stderr)
+    if args.fingerprint and not any(presented[id(b)] == args.fingerprint for b in boxes):
+        print(f"edgellm: no box presents {args.fingerprint}", file=sys.stderr)
+        return EXIT_RUNTIME
     return 0
+
+
+def _presented(box: Box) -> str:
+    """The fingerprint of the certificate a TLS box presents ("" without TLS), or why none came."""
+    if not box.tls:
+        return ""
+    from edgellm import tls
+
+    try:
+        return tls.fingerprint(tls.fetch_certificate(box.host, box.port))
+    except tls.TLSError as e:
+        return f"error: {e}"
+
+
+def _verdict(box: Box, presented: str, pin: str | None) -> str:
+    if not box.tls:
+        return "none (plain HTTP)"
+    if presented.startswith("error"):
+        return presented
+    if pin:
+        return f"{presented} (pinned)" if presented == pin else f"{presented} (NOT {pin}: refuse it)"
+    if presented != box.fingerprint:
+        return f"{presented} (NOT the announced {box.fingerprint}: refuse it)"
+    return f"{presented} (as announced: check it against the key note)"
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -28,6 +28,14 @@ class ConfigError(EdgeError):
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """[server] tls = {cert = "...", key = "..."}: a certificate of the operator's own."""
+
+    cert: str
+    key: str = ""  # empty: the key is in the certificate's file
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -52,6 +60,9 @@ class ServerConfig:
     # Addresses or networks (192.168.1.20, 10.0.0.0/24) whose clients may use the API without a key,
     # never the admin API: apps that cannot send one (Home Assistant's Ollama integration).
     keyless_addresses: tuple[str, ...] = ()
+    # "auto": HTTPS with the box's own certificate (edgellm/tls.py) when the API listens beyond
+    # loopback, plain HTTP on loopback; "off": plain HTTP; {cert, key}: HTTPS with these files.
+    tls: str | TLSFiles = "auto"
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,9 @@ class OllamaConfig:
     port: int = 0  # a second listener for clients set up for Ollama (11434); 0: none
     pull_dir: str = ""  # bundles /api/pull installs from (a mounted stick); empty: pull finds nothing
     allow_unsigned_create: bool = False  # /api/create from uploaded blobs under policy require-signature
+    # false: that second port speaks plain HTTP though [server] tls is on, for apps that cannot pin
+    # a certificate (Home Assistant's Ollama integration); what crosses it is readable on the LAN.
+    tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("engine", "cache_type_v"): ("f16", "q8_0", "q4_0"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("bundles", "policy"): ("require-signature", "allow-unsigned"),
+    ("server", "tls"): ("auto", "off"),
 }
 
 _RANGES: dict[tuple[str, str], tuple[int, int]] = {
@@ -303,11 +318,14 @@ def from_dict(data: dict, source: str) -> Config:
 
 def _section(cls: type, name: str, table: dict, source: str) -> object:
     hints = typing.get_type_hints(cls)
-    values = {}
+    values: dict[str, object] = {}
     for key, value in table.items():
         if key not in hints:
             known = ", ".join(hints)
             raise ConfigError(f"{source}: [{name}] {key}: unknown key (known: {known})")
+        if (name, key) == ("server", "tls") and not isinstance(value, str):
+            values[key] = _tls_files(value, f"{source}: [server] tls")
+            continue
         values[key] = _check(hints[key], value, f"{source}: [{name}] {key}")
         if (name, key) in _CHOICES and value not in _CHOICES[name, key]:
             choices = ", ".join(_CHOICES[name, key])
@@ -326,13 +344,21 @@ def _section(cls: type, name: str, table: dict, source: str) -> object:
     return cls(**values)
 
 
+def _tls_files(table: object, where: str) -> TLSFiles:
+    if not isinstance(table, dict) or set(table) - {"cert", "key"} or not isinstance(table.get("cert"), str) \
+            or not isinstance(table.get("key", ""), str) or not table["cert"]:
+        raise ConfigError(f'{where}: must be "auto", "off" or a table {{cert = "FILE", key = "FILE"}}, '
+                          f"got {table!r}")
+    return TLSFiles(cert=table["cert"], key=table.get("key", ""))
+
+
 def _check(hint: object, value: object, where: str) -> object:
     """Check one value against its field type; TOML arrays become tuples."""
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is str:
+    elif hint is str or hint == str | TLSFiles:  # tls: _tls_files took the table form
         ok = isinstance(value, str)
     elif typing.get_origin(hint) is tuple:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)

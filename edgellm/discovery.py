@@ -10,7 +10,9 @@ status page, for generic browsers) with TXT records a client can act on:
     models    installed model ids, comma-separated, cut to fit one packet
     more      how many ids did not fit (absent when none)
     rev       changes whenever the installed models change
-    tls       "0" (edgellm serves plain HTTP)
+    tls       "1" when the API speaks TLS only (https), "0" for plain HTTP
+    fp        the fingerprint of the certificate it presents (tls.fingerprint: sha256//BASE64)
+    fpn       the next one, while a rotation waits (absent otherwise)
     ollama    the port of Ollama's API (/api): the API's own, or [ollama] port when it is set
 
 zeroconf sends its multicast only from the chosen interfaces' addresses: by
@@ -30,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -37,6 +40,11 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from edgellm import __version__
 from edgellm.files import write_atomic
+
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
 
 log = logging.getLogger("edgellm.discovery")
 
@@ -85,10 +93,15 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def txt_records(*, models: list[str], key_required: bool, device: str, ollama: int) -> dict[str, str]:
+def txt_records(*, models: list[str], key_required: bool, device: str, ollama: int,
+                fingerprint: str = "", next_fingerprint: str = "") -> dict[str, str]:
     records = {"version": __version__, "api": "/v1", "auth": "required" if key_required else "none",
-               "id": device, "tls": "0", "ollama": str(ollama),
+               "id": device, "tls": "1" if fingerprint else "0", "ollama": str(ollama),
                "rev": hashlib.sha256("\n".join(sorted(models)).encode()).hexdigest()[:8]}
+    if fingerprint:
+        records["fp"] = fingerprint
+    if next_fingerprint:
+        records["fpn"] = next_fingerprint
     used = sum(len(k) + len(v.encode()) + 2 for k, v in records.items())
     listed: list[str] = []
     for model in models:
@@ -107,7 +120,9 @@ class Announcer:
     re-announced when the addresses change, goodbye packets at shutdown."""
 
     def __init__(self, *, name: str, port: int, interfaces: list[str], host: str, key_required: bool,
-                 device: str, models: Callable[[], list[str]], ollama_port: int = 0) -> None:
+                 device: str, models: Callable[[], list[str]], ollama_port: int = 0,
+                 fingerprints: Callable[[], tuple[str, str]] | None = None) -> None:
+        """`fingerprints`: the certificate presented and the next one ("" when none), when TLS is on."""
         self.name = name or socket.gethostname().split(".")[0]
         self.port = port
         self.ollama_port = ollama_port or port
@@ -116,6 +131,7 @@ class Announcer:
         self.key_required = key_required
         self.device = device
         self.models = models
+        self.fingerprints = fingerprints
         self._zc: AsyncZeroconf | None = None
         self._infos: list[AsyncServiceInfo] = []
         self._addresses: list[str] = []
@@ -130,8 +146,9 @@ class Announcer:
         self._task = asyncio.create_task(self._watch())
 
     def _records(self) -> dict[str, str]:
+        fingerprint, upcoming = self.fingerprints() if self.fingerprints else ("", "")
         return txt_records(models=self.models(), key_required=self.key_required, device=self.device,
-                           ollama=self.ollama_port)
+                           ollama=self.ollama_port, fingerprint=fingerprint, next_fingerprint=upcoming)
 
     async def _announce(self) -> None:
         by_interface = interface_addresses(self.interfaces, self.host)
@@ -153,8 +170,17 @@ class Announcer:
         ]
         for info in self._infos:
             await self._zc.async_register_service(info, allow_name_change=True)
-        self._addresses = addresses  # only now: a failure above is retried by the watch
         final = self._infos[0].name.removesuffix("." + SERVICE)
+        if final != self.name:
+            # Another box has the name ("edge box-2" was given): its host name is taken too, and two
+            # boxes answering for one host name would mix their addresses. Take the new one for both.
+            await self._zc.async_unregister_all_services()
+            host = f"{final.replace(' ', '-')}.local."
+            self._infos = [AsyncServiceInfo(i.type, i.name, port=i.port, properties=i.properties, server=host,
+                                            addresses=packed) for i in self._infos]
+            for info in self._infos:
+                await self._zc.async_register_service(info, allow_name_change=True)
+        self._addresses = addresses  # only now: a failure above is retried by the watch
         log.info("announced as %r (%s) on %s", final, SERVICE, ", ".join(sorted(by_interface)))
 
     async def _watch(self) -> None:
@@ -174,7 +200,7 @@ class Announcer:
                         self._infos[0] = AsyncServiceInfo(SERVICE, old.name, port=self.port, properties=txt,
                                                           server=old.server, addresses=old.addresses)
                         await self._zc.async_update_service(self._infos[0])
-                        log.info("models changed: TXT records updated")
+                        log.info("TXT records updated (models or certificate changed)")
             except Exception:
                 log.exception("keeping the announcement up to date failed")
 
@@ -205,13 +231,19 @@ class Box:
     version: str
     more_models: int = 0
     ollama_port: int = 0  # where Ollama's API (/api) answers; 0: an older box that does not say
+    tls: bool = False
+    fingerprint: str = ""  # announced: what it says it presents (anyone on the LAN can announce)
+    next_fingerprint: str = ""
     txt: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.addresses[0] if self.addresses else "localhost"
 
     @property
     def base_url(self) -> str:
         """Ready for the openai SDK: OpenAI(base_url=box.base_url, api_key=...)."""
-        host = self.addresses[0] if self.addresses else "localhost"
-        return f"http://{host}:{self.port}{self.api}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{self.api}"
 
 
 def _box(info: AsyncServiceInfo) -> Box:
@@ -221,7 +253,8 @@ def _box(info: AsyncServiceInfo) -> Box:
                port=info.port or 0, api=txt.get("api", "/v1"), models=models,
                key_required=txt.get("auth") == "required", device=txt.get("id", ""),
                version=txt.get("version", ""), more_models=int(txt.get("more", "0") or 0),
-               ollama_port=int(txt.get("ollama", "0") or 0), txt=txt)
+               ollama_port=int(txt.get("ollama", "0") or 0), tls=txt.get("tls") == "1",
+               fingerprint=txt.get("fp", ""), next_fingerprint=txt.get("fpn", ""), txt=txt)
 
 
 async def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[Box]:
@@ -254,16 +287,62 @@ def _all_ipv4() -> list[str]:
     return [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
 
 
-def find_base_url(model: str | None = None, timeout: float = 3.0) -> str:
-    """The base_url of an edgellm box on the LAN (one serving `model`, if given), for the openai SDK:
+@dataclass
+class Found:
+    """A box to talk to: its base_url and how to verify it (the pinned certificate, when it has TLS)."""
+
+    base_url: str
+    verify: ssl.SSLContext | bool
+    box: Box
+
+    def http_client(self, **options: Any) -> httpx.Client:
+        """For the openai SDK: OpenAI(base_url=found.base_url, api_key=KEY, http_client=found.http_client())."""
+        import httpx
+
+        return httpx.Client(verify=self.verify, **options)
+
+    def async_http_client(self, **options: Any) -> httpx.AsyncClient:
+        """For AsyncOpenAI, the ollama client (ollama.AsyncClient(host=..., verify=found.verify)) and the like."""
+        import httpx
+
+        return httpx.AsyncClient(verify=self.verify, **options)
+
+
+def find_base_url(model: str | None = None, timeout: float = 3.0, fingerprint: str | None = None) -> Found:
+    """An edgellm box on the LAN (one serving `model`, if given), ready for the openai SDK:
 
         from openai import OpenAI
         from edgellm.discovery import find_base_url
-        client = OpenAI(base_url=find_base_url(), api_key="...")
-    """
-    boxes = asyncio.run(discover(timeout))
+        box = find_base_url(fingerprint="sha256//...")  # from the box's key note
+        client = OpenAI(base_url=box.base_url, api_key="...", http_client=box.http_client())
+
+    With `fingerprint`, only a box presenting that certificate is taken: another that announces
+    the same name (or the same fingerprint) is refused, with what it presents. Without it, a
+    TLS box is pinned to the fingerprint it announces, which is only as good as the LAN."""
+    from edgellm.tls import TLSError, pinned_context
+
+    boxes = [b for b in asyncio.run(discover(timeout)) if model is None or model in b.models]
+    refused = []
     for box in boxes:
-        if model is None or model in box.models:
-            return box.base_url
+        if not box.tls:
+            if fingerprint:
+                refused.append(f"{box.name} at {box.host}:{box.port} speaks plain HTTP, so it has no certificate "
+                               f"{fingerprint}")
+                continue
+            return Found(box.base_url, True, box)
+        # Every address it announces: two boxes that share a name share its address records too.
+        for host in box.addresses or [box.host]:
+            try:
+                context = pinned_context(host, box.port, fingerprint or box.fingerprint)
+            except TLSError as e:
+                refused.append(f"{box.name}: {e}")
+                continue
+            return Found(f"https://{host}:{box.port}{box.api}", context, box)
+    if refused:
+        raise PinError("; ".join(refused))
     wanted = f" serving {model}" if model else ""
     raise LookupError(f"no edgellm box{wanted} answered on the LAN within {timeout:g} s")
+
+
+class PinError(LookupError):
+    """Boxes answered, but none presents the certificate asked for."""

@@ -7,9 +7,10 @@ the last step writes the stamp that keeps it from ever running after that:
 1. a device id and a host name made from it (edgellm-XXXX, unique on the LAN);
 2. edgellm.toml, API keys and trusted bundle keys the operator pre-seeded on the
    boot partition (in its edgellm/ folder) are checked and installed;
-3. API keys that were neither pre-seeded nor made before are generated;
-4. the host name, address and keys go to the boot partition (EDGELLM-API-KEY.txt,
-   readable on any laptop) and to the console; never to the journal;
+3. API keys that were neither pre-seeded nor made before are generated, and so is the
+   box's TLS certificate (/etc/edgellm/tls, root's: the service gets it as a credential);
+4. the host name, address, keys and the certificate's fingerprint go to the boot partition
+   (EDGELLM-API-KEY.txt, readable on any laptop) and to the console; never to the journal;
 5. the root partition, which holds the models, grows to fill the card.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -24,8 +26,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm import tls
 from edgellm.bundles.signing import SignatureError, read_public_key
-from edgellm.config import ConfigError, ServerConfig, load, read_keys
+from edgellm.config import ConfigError, ServerConfig, TLSFiles, from_dict, is_loopback, load, read_keys
 from edgellm.discovery import device_id
 from edgellm.errors import EdgeError
 from edgellm.files import write_atomic
@@ -33,6 +36,7 @@ from edgellm.files import write_atomic
 KEY_FILE = "EDGELLM-API-KEY.txt"  # on the boot partition
 SEED_DIR = "edgellm"  # on the boot partition: edgellm.toml, api-keys, admin-keys, trusted-keys/*.pub
 STAMP = "firstboot-done"  # in the state dir
+TRUSTED_KEYS = "/etc/edgellm/trusted-keys"  # where the service reads the keys bundles are checked against
 
 
 class FirstBootError(EdgeError):
@@ -89,14 +93,19 @@ def run(layout: Layout) -> list[str]:
     done += _install_trusted_keys(layout, seed, problems)
 
     config_file = layout.config_dir / "edgellm.toml"
-    port = load(config_file).server.port if config_file.exists() else ServerConfig.port
-    note = _key_note(hostname, port, keys, problems)
+    server = load(config_file).server if config_file.exists() else ServerConfig()
+    fingerprint, line = _certificate(layout, server, hostname, problems)
+    done.append(line)
+    note = _key_note(hostname, server.port, keys, fingerprint, problems)
     write_atomic(layout.boot / KEY_FILE, note, mode=0o600)
-    done.append(f"host name, address and keys written to the boot partition as {KEY_FILE}")
+    done.append(f"host name, address, keys and fingerprint written to the boot partition as {KEY_FILE}")
     _to_console(layout.console, note)
     layout.etc("issue.d").mkdir(parents=True, exist_ok=True)  # shown above the console's login prompt
+    scheme = "https" if fingerprint else "http"
+    pinned = f"\nTLS fingerprint: {fingerprint}" if fingerprint else ""
     write_atomic(layout.etc("issue.d/edgellm.issue"),
-                 f"edgellm: http://{hostname}.local:{port}/v1 (API key: {KEY_FILE} on the boot partition)\n\n")
+                 f"edgellm: {scheme}://{hostname}.local:{server.port}/v1 (API key: {KEY_FILE} on the boot partition)"
+                 f"{pinned}\n\n")
     if layout.live:
         done.append(grow_root())
     write_atomic(layout.state_dir / STAMP, f"{hostname}\n")
@@ -125,14 +134,39 @@ def _install_config(layout: Layout, seed: Path, problems: list[str]) -> list[str
     if not source.exists():
         return []
     try:
-        load(source)
+        seeded = load(source)
         text = source.read_text()
+        if not seeded.bundles.trusted_keys:
+            # Else the service would trust keys in its own state dir, which it can write: the keys
+            # that decide what installs stay root's, whatever the operator's file says.
+            text = _with_trusted_keys(text)
+            load_text(text, str(source))
     except (ConfigError, OSError, UnicodeDecodeError) as e:
         problems.append(f"the pre-seeded edgellm.toml was not installed, the image's own is used: {e}")
         return []
     layout.config_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(layout.config_dir / "edgellm.toml", text, mode=0o600)  # it may hold keys: root's alone
     return ["edgellm.toml installed from the boot partition"]
+
+
+def load_text(text: str, source: str) -> None:
+    """Check a config's text as load() checks a file."""
+    import tomllib
+
+    try:
+        from_dict(tomllib.loads(text), source)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def _with_trusted_keys(text: str) -> str:
+    """The config with [bundles] trusted_keys set to the root-owned directory."""
+    line = f'trusted_keys = "{TRUSTED_KEYS}"  # added at first boot: root\'s directory'
+    lines = text.splitlines()
+    for i, current in enumerate(lines):
+        if re.fullmatch(r"\s*\[\s*bundles\s*\]\s*(#.*)?", current):
+            return "\n".join([*lines[:i + 1], line, *lines[i + 1:]]) + "\n"
+    return text.rstrip("\n") + f"\n\n[bundles]\n{line}\n"
 
 
 def _install_keys(layout: Layout, seed: Path, name: str, problems: list[str]) -> tuple[list[str], str]:
@@ -179,6 +213,24 @@ def _install_trusted_keys(layout: Layout, seed: Path, problems: list[str]) -> li
     return done
 
 
+def _certificate(layout: Layout, server: ServerConfig, hostname: str, problems: list[str]) -> tuple[str, str]:
+    """The box's TLS certificate, made once (kept across a re-run after a power cut); returns
+    its fingerprint ("" when the API speaks plain HTTP) and what was done."""
+    directory = tls.Directory(layout.config_dir / "tls")
+    directory.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # the service's unit loads it, even empty
+    if isinstance(server.tls, TLSFiles):
+        try:
+            return tls.fingerprint(Path(server.tls.cert).read_bytes()), f"TLS with {server.tls.cert}"
+        except (OSError, tls.TLSError) as e:
+            problems.append(f"[server] tls cert {server.tls.cert}: {e}")
+            return "", "no TLS fingerprint: the configured certificate cannot be read"
+    if server.tls == "off" or is_loopback(server.host):
+        return "", "no TLS certificate: the API speaks plain HTTP ([server] tls, host)"
+    if directory.exists():
+        return directory.presented().fingerprint, "TLS certificate kept"
+    return directory.make(tls.box_names(hostname)), "TLS certificate generated"
+
+
 def _own(path: Path) -> None:
     """State files belong to the service's user, where there is one (on the box)."""
     try:
@@ -191,13 +243,25 @@ def _own(path: Path) -> None:
 # --- telling the operator -------------------------------------------------------------------
 
 
-def _key_note(hostname: str, port: int, keys: dict[str, list[str]], problems: list[str]) -> str:
+def _key_note(hostname: str, port: int, keys: dict[str, list[str]], fingerprint: str, problems: list[str]) -> str:
+    url = f"{'https' if fingerprint else 'http'}://{hostname}.local:{port}/v1"
     lines = [
         "edgellm on this card",
         "",
         f"Host name: {hostname} (on the LAN: {hostname}.local)",
-        f"API:       http://{hostname}.local:{port}/v1",
+        f"API:       {url}",
         "",
+    ]
+    if fingerprint:
+        lines += [
+            "TLS fingerprint (the box's own certificate: no authority signs it, so pin this; a box",
+            "that presents another is not this one, whatever its name):",
+            f"  {fingerprint}",
+            f"  curl:   curl -k --pinnedpubkey '{fingerprint}' {url}/models -H 'Authorization: Bearer KEY'",
+            f"  Python: edgellm.discovery.find_base_url(fingerprint='{fingerprint}')",
+            "",
+        ]
+    lines += [
         "API key (Authorization: Bearer KEY; OpenAI SDKs: api_key=KEY):",
         *[f"  {k}" for k in keys["api-keys"]],
         "",

@@ -108,7 +108,7 @@ power_off() {  # the power button (systemd-logind shuts down cleanly), pressed a
     wait "$qemu_pid" || true
     qemu_pid=""
 }
-api() { PYTHONPATH="$repo/tests" "$python" "$here/check_api.py" "http://127.0.0.1:$port" "$@"; }
+api() { PYTHONPATH="$repo/tests" "$python" "$here/check_api.py" "https://127.0.0.1:$port" "$fingerprint" "$@"; }
 
 say "first boot"
 boot 1
@@ -117,6 +117,9 @@ ready=$(( $(date +%s) - started ))
 say "edgellm.service READY"
 key="$(grep -aoE 'sk-edgellm-[A-Za-z0-9_-]{32}' "$console" | head -1)"
 [ -n "$key" ] || die "no API key on the console"
+fingerprint="$(grep -aoE 'sha256//[A-Za-z0-9+/]{43}=' "$console" | head -1)"
+[ -n "$fingerprint" ] || die "no TLS fingerprint on the console"
+say "the console shows the key and the TLS fingerprint $fingerprint"
 grep -aq "edgellm-firstboot.*Finished\|Finished.*edgellm-firstboot" "$console" || die "first boot did not finish"
 api health || die "/health"
 wait_for 600 "the USB import of the tiny model" api has-model "$key" tiny
@@ -125,6 +128,7 @@ api chat "$key" tiny || die "chat completion"
 say "chat completion answered"
 power_off
 mtype -i "$boot_at" ::EDGELLM-API-KEY.txt | grep -q -- "$key" || die "no key file on the boot partition"
+mtype -i "$boot_at" ::EDGELLM-API-KEY.txt | grep -qF -- "$fingerprint" || die "no fingerprint in the key file"
 [ "$(( $(part 1 start) + $(part 1 size) ))" = "$(( $(stat -c %s "$work/card.img") / 512 ))" ] \
     || die "the root partition was not grown to the end of the card"
 say "powered off: key file on the boot partition, root partition grown"

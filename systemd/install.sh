@@ -30,6 +30,7 @@ install -D -m 644 "$here/sysusers.d/edgellm.conf" "$root/usr/lib/sysusers.d/edge
 install -D -m 644 -t "$root/opt/edgellm/share/doc" "$here/../README.md" "$here/../docs/bundle-format.md"
 [ -e "$root/etc/edgellm/edgellm.toml" ] || install -D -m 600 "$here/edgellm.toml" "$root/etc/edgellm/edgellm.toml"
 install -d -m 755 "$root/etc/edgellm/trusted-keys"  # root's; the public keys bundles are checked against
+install -d -m 700 "$root/etc/edgellm/tls"  # root's; the box's TLS certificate (the unit loads it as credentials)
 [ -z "$gpu" ] || install -D -m 644 "$here/gpu/$gpu.conf" "$root/etc/systemd/system/edgellm.service.d/gpu.conf"
 
 systemd-sysusers --root="$root" "$root/usr/lib/sysusers.d/edgellm.conf"
@@ -48,6 +49,14 @@ for name in api-keys admin-keys; do
     (umask 077 && printf '# one key per line\n%s\n' "$key" > "$file.tmp" && mv "$file.tmp" "$file")
     echo "edgellm $name: $key  (kept in /etc/edgellm/$name, root only)"
 done
+if [ ! -e "$root/etc/edgellm/tls/device.pem" ]; then
+    # The box's own TLS certificate; its fingerprint is what clients pin (README, "The appliance").
+    if [ -x "$root/opt/edgellm/bin/edgellm" ]; then
+        "$root/opt/edgellm/bin/edgellm" tls rotate --dir "$root/etc/edgellm/tls" --no-restart
+    else
+        echo "install.sh: /opt/edgellm is not installed yet: run 'edgellm tls rotate' before starting the service" >&2
+    fi
+fi
 # The stamp firstboot checks: a vendor OS keeps its own host name and partitions.
 echo "installed by install.sh" > "$root/var/lib/edgellm/firstboot-done"
 systemctl --root="$root" enable edgellm.service >/dev/null 2>&1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,8 @@ class Server:
 
     def __init__(self, model: Path | None, tmp: Path, *, config: str = "", args: tuple[str, ...] = (),
                  api_key: str | None = None, wait_ready: bool = True, state_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: list[str] | None = None) -> None:
+        """`wrap`: a command to run the server under (prlimit ...)."""
         self.log_path = tmp / "server.log"
         self.state_dir = state_dir or tmp / "state"
         cmd = [sys.executable, "-m", "edgellm", "serve", "--port", "0", "--state-dir", str(self.state_dir),
@@ -59,10 +61,17 @@ class Server:
             cmd += ["--config", str(tmp / "edgellm.toml")]
         self.api_key = api_key
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp,
+        self.proc = subprocess.Popen([*(wrap or []), *cmd, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp,
                                      env={**os.environ, **(env or {})})
+        self.verify: object = True  # for httpx: the pinned certificate when the server speaks TLS
         try:
             self.url = wait_until(self._listening_url, 30, message="the server to listen")
+            if self.url.startswith("https://"):
+                from edgellm.tls import pinned_context
+
+                fingerprint = wait_until(self._fingerprint, 10, message="the certificate's fingerprint")
+                host, port = self.url.removeprefix("https://").rsplit(":", 1)
+                self.verify = pinned_context(host, int(port), fingerprint)
             if wait_ready:
                 wait_until(self._healthy, 60, message="the model to load")
         except BaseException:
@@ -77,10 +86,14 @@ class Server:
                 return line.split("listening on ")[1].split()[0]
         return None
 
+    def _fingerprint(self) -> str | None:
+        found = re.search(r"TLS only, certificate (sha256//\S+)", self.log())
+        return found[1] if found else None
+
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"server exited early:\n{self.log()}")
-        return httpx.get(self.url + "/health").status_code == 200
+        return httpx.get(self.url + "/health", verify=self.verify).status_code == 200
 
     @property
     def base_url(self) -> str:
@@ -91,11 +104,12 @@ class Server:
 
     def post(self, path: str, body: dict | None = None, **kwargs) -> httpx.Response:
         headers = {**self.headers(), **kwargs.pop("headers", {})}
-        return httpx.post(self.url + path, json=body, headers=headers, **{"timeout": 60, **kwargs})
+        return httpx.post(self.url + path, json=body, headers=headers,
+                          **{"timeout": 60, "verify": self.verify, **kwargs})
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         headers = {**self.headers(), **kwargs.pop("headers", {})}
-        return httpx.get(self.url + path, headers=headers, timeout=60, **kwargs)
+        return httpx.get(self.url + path, headers=headers, **{"timeout": 60, "verify": self.verify, **kwargs})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -185,7 +185,7 @@ def test_lan_bind_with_insecure_no_auth_starts_and_warns(netns, models):
                 break
         log = "".join(lines)
         assert "anyone on the network can use this service" in log
-        assert "listening on http://0.0.0.0:" in log
+        assert "listening on https://0.0.0.0:" in log  # TLS on the LAN ([server] tls = "auto")
     finally:
         proc.terminate()
         proc.wait(15)

@@ -18,6 +18,7 @@ import pytest
 from conftest import wait_until
 from test_cli import edgellm
 
+from edgellm import tls
 from edgellm.discovery import TXT_BUDGET, interface_addresses, txt_records
 
 
@@ -118,9 +119,13 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
         assert time.monotonic() - started < 2 + 1  # 1.5 s of listening and the interpreter's start
         assert box["name"] == "edge box" and box["addresses"] == ["10.77.0.1"]
         assert box["key_required"] is True and box["models"] == [] and box["version"]
-        assert box["base_url"] == f"http://10.77.0.1:{box['port']}/v1"
+        # On the LAN it speaks TLS only ([server] tls = "auto"), with a certificate of its own.
+        assert box["base_url"] == f"https://10.77.0.1:{box['port']}/v1"
         assert len(box["device"]) == 32 and box["device"] == (state / "device-id").read_text().strip()
-        assert box["txt"]["tls"] == "0" and "secret-key" not in json.dumps(box)
+        fingerprint = tls.Directory(state / "tls").presented().fingerprint
+        assert box["txt"]["tls"] == "1" and box["fingerprint"] == box["txt"]["fp"] == fingerprint
+        assert box["presented_fingerprint"] == fingerprint and "as announced" in box["certificate"]
+        assert "secret-key" not in json.dumps(box)
         assert box["ollama_port"] == box["port"]  # Ollama's API at /api on the same port ([ollama] port unset)
         assert f"on {lan['box_dev']}" in server.log()
 
@@ -130,15 +135,16 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
                    message="the TXT update")
         assert "TXT records updated" in server.log()
 
-        # The SDK helper gives a base_url that answers.
-        probe = textwrap.dedent("""
-            import httpx
+        # The SDK helper gives a base_url and a client pinned to the certificate, for the openai SDK.
+        probe = textwrap.dedent(f"""
+            import openai
             from edgellm.discovery import find_base_url
-            url = find_base_url("scripted", timeout=1.5)
-            print(url, httpx.get(url + "/models", headers={"Authorization": "Bearer secret-key"}).status_code)
+            box = find_base_url("scripted", timeout=1.5, fingerprint="{fingerprint}")
+            client = openai.OpenAI(base_url=box.base_url, api_key="secret-key", http_client=box.http_client())
+            print(box.base_url, [m.id for m in client.models.list()])
         """)
         out = ns(lan["client"], sys.executable, "-c", probe, timeout=30)
-        assert out.returncode == 0 and out.stdout.split()[1] == "200", out.stderr
+        assert out.returncode == 0 and out.stdout.split(" ", 1)[1].strip() == "['scripted']", out.stderr
 
         # A second box on the LAN with the same name: one of them takes another.
         second_tmp = tmp_path / "second"
@@ -151,8 +157,41 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
 
             names = wait_until(two, 15, message=f"two boxes\n{second.log()}")
             assert names[0] == "edge box" and names[1].startswith("edge box") and names[1] != "edge box"
+            # It has another certificate: pinning tells the boxes apart, whatever they are named.
+            other = tls.Directory(second_tmp / "state" / "tls").presented().fingerprint
+            assert other != fingerprint
+            assert pinned_address(lan, fingerprint) == "10.77.0.1"
+            assert pinned_address(lan, other) == "10.77.0.4"
+            wrong = tls.fingerprint(tls.make(["x"])[0])
+            refused = pinned_address(lan, wrong)
+            assert "PinError" in refused and f"presents certificate {fingerprint}, not {wrong}" in refused
+            assert f"presents certificate {other}, not {wrong}" in refused
+            def listing() -> str | None:
+                out = ns(lan["client"], sys.executable, "-m", "edgellm", "discover", "--timeout", "1.5",
+                         "--fingerprint", fingerprint, timeout=30)
+                return out.stdout if out.returncode == 0 and out.stdout.count("\n") == 3 else None
+
+            listed = wait_until(listing, 15, message="both boxes listed")
+            assert f"{fingerprint} (pinned)" in listed and f"{other} (NOT {fingerprint}: refuse it)" in listed
+            assert "10.77.0.1,10.77.0.4" not in listed  # each box its own address
+            nobody = ns(lan["client"], sys.executable, "-m", "edgellm", "discover", "--timeout", "1.5",
+                        "--fingerprint", wrong, timeout=30)
+            assert nobody.returncode == 1 and f"no box presents {wrong}" in nobody.stderr
         finally:
             second.stop()
+
+        # A rotation: the old certificate is presented for the grace period while the new one is
+        # announced, then the new one, without a restart.
+        rotated = edgellm("tls", "rotate", "--state-dir", str(state), "--grace", "4s")
+        assert rotated.returncode == 0, rotated.stderr
+        upcoming = rotated.stdout.split("next:")[1].split()[0]
+        [box] = wait_until(lambda: [b for b in discover(lan, 1.0) if b["next_fingerprint"] == upcoming] or None, 15,
+                           message="the next fingerprint in the TXT records")
+        assert box["presented_fingerprint"] == fingerprint
+        wait_until(lambda: presented(lan, box["port"]) == upcoming, 20, message="the new certificate")
+        assert "TLS certificate rotated" in server.log()
+        wait_until(lambda: [b["fingerprint"] for b in discover(lan, 1.0)] == [upcoming], 15,
+                   message="the TXT records after the rotation")
 
         # A new address on the interface is announced.
         subprocess.run(["ip", "-n", lan["box"], "addr", "add", "10.77.0.3/24", "dev", lan["box_dev"]], check=True)
@@ -170,6 +209,27 @@ def test_discovery_across_a_veth_pair(lan, models, tmp_path):
         assert float(removed[0].split()[1]) - stopped_at < 2
     finally:
         server.stop()
+
+
+def pinned_address(lan: dict, fingerprint: str) -> str:
+    """Where find_base_url(fingerprint=...) goes from the client namespace, or the error it raises."""
+    probe = textwrap.dedent(f"""
+        from edgellm.discovery import find_base_url
+        try:
+            print(find_base_url(timeout=1.5, fingerprint="{fingerprint}").base_url.split("/")[2].split(":")[0])
+        except LookupError as e:
+            print(type(e).__name__, e)
+    """)
+    out = ns(lan["client"], sys.executable, "-c", probe, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def presented(lan: dict, port: int) -> str:
+    out = ns(lan["client"], sys.executable, "-c", "from edgellm import tls; "
+             f"print(tls.fingerprint(tls.fetch_certificate('10.77.0.1', {port})))", timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def _watch_removal(lan: dict) -> subprocess.Popen:

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_tls import openssl_fingerprint
 
+import edgellm.firstboot as firstboot_module
+from edgellm.config import load
 from edgellm.firstboot import grow_partition
 
 
@@ -60,12 +63,12 @@ def test_first_boot_makes_the_box_itself_and_tells_the_operator(tree):
         assert stat.S_IMODE((root / "etc/edgellm" / name).stat().st_mode) == 0o600
 
     note = (boot / "EDGELLM-API-KEY.txt").read_text()
-    assert f"http://{hostname}.local:8080/v1" in note and api[0] in note and admin[0] in note
+    assert f"https://{hostname}.local:8080/v1" in note and api[0] in note and admin[0] in note
     assert note in tree["console"].read_text()
     # The journal gets what was done, never a key.
     assert api[0] not in result.stdout + result.stderr and admin[0] not in result.stdout + result.stderr
     assert "api-keys generated" in result.stdout and hostname in result.stdout
-    assert f"http://{hostname}.local:8080/v1" in (root / "etc/issue.d/edgellm.issue").read_text()
+    assert f"https://{hostname}.local:8080/v1" in (root / "etc/issue.d/edgellm.issue").read_text()
     assert (root / "var/lib/edgellm/firstboot-done").exists()
 
 
@@ -108,7 +111,12 @@ def test_pre_seeded_config_keys_and_trusted_keys_are_installed(tree, tmp_path):
     result = firstboot(tree)
     assert result.returncode == 0, result.stderr
     root = tree["root"]
-    assert (root / "etc/edgellm/edgellm.toml").read_text() == (seed / "edgellm.toml").read_text()
+    # Its [bundles] trusted_keys is the root-owned directory (found by review: without the line the
+    # service read keys from its own state dir, which it may write).
+    installed = load(root / "etc/edgellm/edgellm.toml")
+    assert installed.bundles.trusted_keys == "/etc/edgellm/trusted-keys"
+    assert installed.server.port == 9090 and installed.discovery.name == "Shed"
+    assert (root / "etc/edgellm/edgellm.toml").read_text().startswith((seed / "edgellm.toml").read_text())
     assert keys(root / "etc/edgellm/api-keys") == ["sk-site-laptops-0123456789", "sk-site-phones-0123456789"]
     assert keys(root / "etc/edgellm/admin-keys") == ["sk-site-admin-0123456789"]
     # Root's alone: the config may hold keys; the trusted keys decide what a stick may install.
@@ -120,7 +128,30 @@ def test_pre_seeded_config_keys_and_trusted_keys_are_installed(tree, tmp_path):
     assert trusted.stat().st_uid == 0 and (trusted / "site.pub").stat().st_uid == 0
     assert not (root / "var/lib/edgellm/trusted-keys").exists()
     note = (tree["boot"] / "EDGELLM-API-KEY.txt").read_text()
-    assert ".local:9090/v1" in note and "sk-site-phones-0123456789" in note and "Problems" not in note
+    assert "https://edgellm-" in note and ".local:9090/v1" in note and "sk-site-phones-0123456789" in note
+    assert "Problems" not in note
+    # The box's own TLS certificate, root's alone, its fingerprint (as openssl computes it) on the note.
+    cert = root / "etc/edgellm/tls/device.pem"
+    assert (cert.stat().st_uid, stat.S_IMODE(cert.stat().st_mode)) == (0, 0o600)
+    assert stat.S_IMODE(cert.parent.stat().st_mode) == 0o700
+    fingerprint = openssl_fingerprint(cert.read_bytes())
+    assert f"  {fingerprint}\n" in note and f"--pinnedpubkey '{fingerprint}'" in note
+    assert fingerprint in (root / "etc/issue.d/edgellm.issue").read_text()
+    assert "DNS:edgellm-" in subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"],
+                                            input=cert.read_bytes(), capture_output=True).stdout.decode()
+    # A bracketed [bundles] of the operator's keeps its own keys and gains the line.
+    assert firstboot_module._with_trusted_keys('[bundles]\npolicy = "require-signature"\n') == \
+        '[bundles]\ntrusted_keys = "/etc/edgellm/trusted-keys"  # added at first boot: root\'s directory\n' \
+        'policy = "require-signature"\n'
+
+
+def test_a_rerun_after_a_power_cut_keeps_the_certificate(tree):
+    assert firstboot(tree).returncode == 0
+    cert = tree["root"] / "etc/edgellm/tls/device.pem"
+    first = cert.read_bytes()
+    (tree["root"] / "var/lib/edgellm/firstboot-done").unlink()  # as if cut before the stamp
+    assert firstboot(tree).returncode == 0
+    assert cert.read_bytes() == first
 
 
 def test_bad_pre_seeds_are_refused_plainly_and_the_box_still_comes_up(tree):

@@ -186,3 +186,73 @@ def test_an_idle_keep_alive_connection_is_closed(server):
         while chunk := sock.recv(65536):  # the server ends it after the keep-alive timeout
             rest += chunk
     assert rest == b""
+
+
+def test_a_huge_chunked_trailer_is_refused_before_it_is_read(server):
+    """Found by review: past the head nothing counted, and httptools buffers a trailer line whole
+    (64 MiB of it took the server from 30 to 155 MiB)."""
+    before = peak_rss_mib(server)
+    with socket.create_connection(address(server), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer sk-test-key-0123456789\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\nX-Trailer: ")
+        chunk, sent = b"a" * (1 << 20), 0
+        try:
+            while sent < 64 << 20:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    grown = peak_rss_mib(server) - before
+    print(f"\npeak RSS during a 64 MiB trailer: +{grown:.1f} MiB, {sent >> 20} MiB sent before the close")
+    assert grown < 16 and sent < 16 << 20
+    assert server.get("/v1/models").status_code == 200
+
+
+def test_a_body_nobody_reads_does_not_keep_the_connection(server):
+    """Found by review: after a 401 the body was never read, and a byte a second kept re-arming
+    the body timeout, so 512 such sockets held the cap. Now the connection closes with the answer."""
+    with socket.create_connection(address(server), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer wrong-key\r\nContent-Length: 100000\r\n\r\n{")
+        sock.setblocking(False)
+        reply, closed, started = b"", False, time.monotonic()
+        while time.monotonic() - started < 8 and not closed:  # trickle: one byte every 0.5 s
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                closed = True
+                break
+            try:
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                closed = True  # recv returned b"": the server closed it
+            except BlockingIOError:
+                time.sleep(0.5)
+            except ConnectionResetError:
+                closed = True
+        elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 401 ") and closed and elapsed < 3, (elapsed, reply[:80])
+
+
+def test_the_cap_holds_below_a_real_descriptor_limit(models, tmp_path):
+    """With the process allowed 128 descriptors and a cap set above that, the cap is lowered at
+    start, and a flood of connections gets 503s, never EMFILE: the box answers again after it."""
+    from conftest import Server
+
+    server = Server(models["scripted"], tmp_path, config='[server]\nmax_connections = 512\nheader_timeout = "5s"\n',
+                    wrap=["prlimit", "--nofile=128:128"])
+    try:
+        assert "max_connections 512 is above what the descriptor limit (128) allows: lowered to 64" in server.log()
+        held = [socket.create_connection(address(server)) for _ in range(150)]
+        try:
+            refused = httpx.get(server.url + "/health", timeout=5)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_connections"
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, 15,
+                   message="the server to take connections again")
+        assert "Too many open files" not in server.log()
+    finally:
+        server.stop()

@@ -229,21 +229,21 @@ def test_the_boot_test_client_passes_a_good_box_and_fails_a_bad_one(tmp_path):
     key = "sk-edgellm-" + "k" * 32
     server = Server(model, tmp_path, config=f'[server]\napi_keys = ["{key}"]\n')
     try:
-        assert check(server.url, "health").returncode == 0
-        assert check(server.url, "has-model", key, "tiny").returncode == 0
-        good = check(server.url, "chat", key, "tiny")
+        assert check(server.url, "-", "health").returncode == 0
+        assert check(server.url, "-", "has-model", key, "tiny").returncode == 0
+        good = check(server.url, "-", "chat", key, "tiny")
         assert good.returncode == 0 and "Once upon a time" in good.stdout, good.stderr
-        missing = check(server.url, "has-model", key, "gemma")
+        missing = check(server.url, "-", "has-model", key, "gemma")
         assert missing.returncode == 1 and missing.stderr.startswith("check_api: gemma not among")
-        wrong_key = check(server.url, "has-model", "sk-wrong", "tiny")
+        wrong_key = check(server.url, "-", "has-model", "sk-wrong", "tiny")
         assert wrong_key.returncode == 1 and "Traceback" not in wrong_key.stderr
     finally:
         server.stop()
     (tmp_path / "other").mkdir()
     other = Server(random, tmp_path / "other", config=f'[server]\napi_keys = ["{key}"]\n')
     try:
-        wrong_answer = check(other.url, "chat", key, "random")
+        wrong_answer = check(other.url, "-", "chat", key, "random")
         assert wrong_answer.returncode == 1 and "unexpected answer" in wrong_answer.stderr
     finally:
         other.stop()
-    assert check(server.url, "health").returncode == 1  # nobody listening any more
+    assert check(server.url, "-", "health").returncode == 1  # nobody listening any more

@@ -71,6 +71,15 @@ class Faulty:
                 elif mode == "vllm-400":
                     await self._send(writer, 400, {"object": "error", "message": "bad temperature",
                                                    "type": "BadRequestError", "param": None, "code": 400})
+                elif mode == "split-error":  # one error body in two writes: a read must not stop at the first
+                    body = json.dumps({"object": "error", "message": "bad temperature " + "x" * 3000,
+                                       "type": "BadRequestError", "param": None, "code": 400}).encode()
+                    writer.write(b"HTTP/1.1 400 X\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    writer.write(body[100:])
+                    await writer.drain()
                 elif mode == "500":
                     await self._send(writer, 500, {"object": "error", "message": "CUDA error",
                                                    "type": "InternalServerError", "param": None, "code": 500})
@@ -273,6 +282,15 @@ def test_a_redirecting_upstream_gets_nothing_more(server_factory, models, faulty
     reply = complete(server)
     assert_error(reply, 502, code="upstream_redirect", says="a redirect to http://198.51.100.7/v1/completions")
     assert len(upstream.bodies) == 1  # it asked once; nobody else was asked
+
+
+def test_an_upstream_error_body_in_pieces_is_read_whole(server_factory, models, faulty):
+    """Found by review: aiohttp's read(n) gives what has arrived, so the error was cut at 100 bytes."""
+    upstream = faulty("split-error")
+    server = server_factory(models["random"], config=relay_config(upstream.url))
+    reply = complete(server)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"].startswith("upstream: bad temperature xxx"), reply.text
 
 
 def test_a_huge_upstream_error_body_is_read_only_in_part(server_factory, models, faulty):

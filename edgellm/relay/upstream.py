@@ -26,6 +26,20 @@ log = logging.getLogger("edgellm.relay")
 
 RETRY_AFTER_LIMIT = 5.0  # seconds: a longer Retry-After goes back to the client instead
 MAX_SMALL_BODY = 1 << 20  # bytes of a listing, a metrics page or an error body read from the upstream
+
+
+async def read_small(response: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first MAX_SMALL_BODY bytes: a hostile upstream's may be any size.
+    (aiohttp's read(n) gives what has arrived so far, up to n: a body in pieces needs a loop.)"""
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_SMALL_BODY:
+        part = await response.content.read(MAX_SMALL_BODY - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 _METRIC_RE = re.compile(rb"^(vllm:num_requests_waiting|vllm:kv_cache_usage_perc|vllm:gpu_cache_usage_perc)"
                         rb"(?:\{[^}]*\})? ([0-9.eE+-]+)", re.M)
 
@@ -113,7 +127,7 @@ class Upstream:
                 async with self.session.get(self.base + "/models", timeout=aiohttp.ClientTimeout(total=10),
                                             allow_redirects=False) as r:
                     if r.status == 200:
-                        data = json.loads(await r.content.read(MAX_SMALL_BODY))
+                        data = json.loads(await read_small(r))
                         self.models = {m["id"] for m in data.get("data", []) if isinstance(m.get("id"), str)}
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError,
                     RecursionError) as e:
@@ -122,7 +136,7 @@ class Upstream:
             try:
                 async with self.session.get(self.root + "/metrics", timeout=aiohttp.ClientTimeout(total=5),
                                             allow_redirects=False) as r:
-                    text = await r.content.read(MAX_SMALL_BODY)
+                    text = await read_small(r)
                 values = {name: float(v) for name, v in _METRIC_RE.findall(text)}
                 self.waiting = values.get(b"vllm:num_requests_waiting")
                 self.kv_usage = values.get(b"vllm:kv_cache_usage_perc", values.get(b"vllm:gpu_cache_usage_perc"))

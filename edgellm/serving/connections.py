@@ -7,7 +7,11 @@ whole before the 401) and never times out a connection that has not finished its
 its httptools protocol, given to uvicorn as its `http` class, adds:
 
 - a cap on the head: the request target (414) and the whole head in bytes and in header
-  lines (431), counted as bytes arrive, before the parser can buffer more;
+  lines (431), counted as bytes arrive, before the parser can buffer more; and the same cap
+  on what a chunked body sends besides its data (chunk lines and trailers: httptools
+  buffers a trailer line whole, as it would a header);
+- a connection whose response is complete while its request body still arrives (a 401 to
+  an upload) is closed: nothing would read the body, and each byte would keep it open;
 - a time limit from connect (and from the first byte of each further request) to the end
   of the head (408), and the longest silence allowed while a body arrives;
 - a cap on open connections below the descriptor limit: one more is answered 503 at once.
@@ -80,6 +84,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_begins(self) -> None:
         self._in_head = True
+        self._message_done = False
         self._head_bytes = 0
         self._header_lines = 0
         self._arm(self.limits.header_timeout)
@@ -88,7 +93,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused is not None:
             return
         if not self._in_head:
+            self._after_head += len(data)
             self._feed(data)
+            # What is not body data: chunk lines (a few bytes each) and trailers. Checked once per
+            # read, so at most one read more than the cap is ever buffered.
+            framing = self._after_head - self._body_bytes - 16 * self._chunks
+            if not self._message_done and not self._in_head and framing > self.limits.max_header_bytes:
+                self._refuse(EdgeError(f"the request body's chunk lines and trailers are larger than "
+                                       f"{self.limits.max_header_bytes} bytes", status=431, code="headers_too_large"))
             return
         room = self.limits.max_header_bytes - self._head_bytes
         self._head_bytes += min(len(data), room)
@@ -118,6 +130,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._message_done = False
         if not self._in_head:  # the next request on this connection
             self._head_begins()
 
@@ -136,6 +149,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._after_head = self._body_bytes = self._chunks = 0
         self._arm(self.limits.body_timeout)
         super().on_headers_complete()
 
@@ -143,11 +157,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._arm(self.limits.body_timeout)
+        self._body_bytes += len(body)
         super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self._message_done = True
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._message_done and not self.transport.is_closing():
+            self.transport.close()  # after the response it has written: the unread body is not waited for
 
     # --- timers and refusals ------------------------------------------------------------------
 
@@ -181,7 +205,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = error
         self._disarm()
         if not self.transport.is_closing():
-            self.transport.write(refusal(error))
+            if self.cycle is None or not self.cycle.response_started:  # else the app's answer is under way
+                self.transport.write(refusal(error))
             self.transport.close()
 
 

@@ -7,6 +7,7 @@ throttles; anyone else on the LAN gets only ok, loading or failed: a load error 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import psutil
 from starlette.requests import Request
@@ -14,6 +15,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgellm.errors import EdgeError
+
+if TYPE_CHECKING:
+    from edgellm.tls import Serving
 
 
 async def health(request: Request) -> JSONResponse:
@@ -36,7 +40,17 @@ def _box(request: Request) -> dict[str, object]:
     return {"version": state.version, "uptime_seconds": round(time.time() - state.started, 1),
             "memory": {"used": memory.total - memory.available, "available": memory.available,
                        "total": memory.total, "budget": state.config.memory_limit},
-            "ollama_port": state.ollama_port}
+            "ollama_port": state.ollama_port, "tls": _tls(state.certificate)}
+
+
+def _tls(certificate: Serving | None) -> dict[str, object] | None:
+    """The fingerprint presented, and a rotation's next one: a client pinned to the old certificate
+    learns the new one here, over a connection the old one secures."""
+    if certificate is None:
+        return None
+    presented = certificate.presented
+    return {"fingerprint": presented.fingerprint, "next_fingerprint": presented.next_fingerprint or None,
+            "next_after": presented.next_after or None}
 
 
 routes = [Route("/health", health, methods=["GET"])]

@@ -18,7 +18,7 @@ from edgellm.errors import Unsupported
 from edgellm.metrics import Metrics
 from edgellm.protocol import sse
 from edgellm.protocol.openai import error_body
-from edgellm.relay.upstream import MAX_SMALL_BODY, Upstream, UpstreamError
+from edgellm.relay.upstream import Upstream, UpstreamError, read_small
 from edgellm.relay.vllm import translate_guided, upstream_error
 from edgellm.serving.disconnect import unless_disconnected, until_disconnect
 from edgellm.serving.relay import SERVED_BY
@@ -57,7 +57,7 @@ class Passthrough:
         response = self.response
         try:
             if response.status >= 400:
-                answer = await response.content.read(MAX_SMALL_BODY)  # a hostile one may be any size
+                answer = await read_small(response)  # a hostile one may be any size
                 body = json.dumps(error_body(upstream_error(response.status, answer))).encode()
                 headers = [(b"content-type", b"application/json"), (SERVED_BY, b"upstream")]
                 if "Retry-After" in response.headers:
