@@ -77,7 +77,7 @@ def schemas(model_id: str) -> fuzzing.Schemas:
     examples = st.sampled_from([{}, {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
                                 {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
                                 {"enum": ["x", 1, None]}, {"type": "string", "maxLength": 4}])
-    return fuzzing.Schemas(DOCUMENT, {"max_tokens": short, "max_completion_tokens": short,
+    return fuzzing.Schemas(DOCUMENT, {"max_tokens": short, "max_completion_tokens": short, "num_predict": short,
                                       "model": st.sampled_from([model_id, None]) | st.text(max_size=8),
                                       "schema": examples | fuzzing.json_values(), "keep_alive": staying})
 
@@ -88,8 +88,10 @@ def targets(server_factory, models, tmp_path_factory) -> Iterator[dict[str, Targ
     chat, embed = server_factory(chat_model, config=CONFIG), server_factory(models["embedding"], config=CONFIG)
     with httpx.Client(base_url=chat.url, timeout=60) as c, httpx.Client(base_url=embed.url, timeout=60) as e:
         chat_target = Target(chat, c, "fuzz-chat", schemas("fuzz-chat"))
-        yield {"chat": chat_target, "completions": chat_target,
-               "embeddings": Target(embed, e, "embedding", schemas("embedding"))}
+        embed_target = Target(embed, e, "embedding", schemas("embedding"))
+        yield {"chat": chat_target, "completions": chat_target, "embeddings": embed_target,
+               "ollama_chat": chat_target, "ollama_generate": chat_target, "ollama_show": chat_target,
+               "ollama_embed": embed_target}
 
 
 def fuzz(target: Target, cases: st.SearchStrategy, examples: int) -> None:

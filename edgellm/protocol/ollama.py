@@ -137,7 +137,8 @@ def _format(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _no_images(message: dict[str, Any], where: str) -> None:
-    if message.get("images"):
+    images = get(message, "images", "array", [], param=f"{where}.images")
+    if images:
         raise Unsupported("images are not supported: this box has no vision models yet", param=f"{where}.images")
 
 
@@ -151,8 +152,9 @@ def _message(message: object, i: int) -> dict[str, Any]:
     _no_images(message, where)
     entry: dict[str, Any] = {"role": role, "content": get(message, "content", "string", "", param=f"{where}.content")}
     calls = get(message, "tool_calls", "array", [], param=f"{where}.tool_calls")
-    if calls and role == "assistant":
-        entry["tool_calls"] = [_history_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls)]
+    checked = [_history_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls)]  # any role's
+    if checked and role == "assistant":
+        entry["tool_calls"] = checked
     name = get(message, "tool_name", "string", param=f"{where}.tool_name")
     if role == "tool" and name:
         entry["name"] = name

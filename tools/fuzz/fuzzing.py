@@ -40,7 +40,11 @@ CAPS = ("max_tokens", "max_completion_tokens")
 # The JSON routes: their request schemas in the document, and a plain request each answers with 200.
 ROUTES = {"chat": ("/v1/chat/completions", "ChatCompletionRequest"),
           "completions": ("/v1/completions", "CompletionRequest"),
-          "embeddings": ("/v1/embeddings", "EmbeddingRequest")}
+          "embeddings": ("/v1/embeddings", "EmbeddingRequest"),
+          "ollama_chat": ("/api/chat", "OllamaChatRequest"),
+          "ollama_generate": ("/api/generate", "OllamaGenerateRequest"),
+          "ollama_embed": ("/api/embed", "OllamaEmbedRequest"),
+          "ollama_show": ("/api/show", "OllamaModelRequest")}
 PROBES = {"chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
           "completions": ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
           "embeddings": ("/v1/embeddings", {"input": "the cat"})}
@@ -289,7 +293,10 @@ class JsonRoute:
         headers = (("content-type", content_type),) if content_type is not None else ()
         valid: bool | None = None
         media = (content_type or "").split(";")[0].strip().lower()
-        if media not in JSON_TYPES:
+        # Ollama's routes read JSON without a Content-Type or as a form too (curl -d), from a
+        # request no web page made (serving/policy.py).
+        read_as_json = JSON_TYPES + (("", "application/x-www-form-urlencoded") if self.path.startswith("/api/") else ())
+        if media not in read_as_json:
             valid = False
         elif len(content) > self.max_body:
             valid = False
