@@ -36,6 +36,8 @@ class Metrics:
                                    ["model"], registry=r)
         self.kv_cells_cached = Gauge("edgellm_kv_cells_cached", "KV cache cells kept by idle slots for "
                                      "prefix reuse", ["model"], registry=r)
+        self.kv_cells_untracked = Gauge("edgellm_kv_cells_untracked", "KV cache cells llama.cpp holds beyond what "
+                                        "the slots account for (a leak: always 0)", ["model"], registry=r)
         self.prompt_tokens = Counter("edgellm_prompt_tokens", "Prompt tokens of admitted requests",
                                      ["model"], registry=r)
         self.cached_tokens = Counter("edgellm_cached_prompt_tokens", "Prompt tokens reused from the KV cache",
@@ -95,6 +97,7 @@ class ModelMetrics:
         self.running = m.running.labels(model)
         self.kv_cells_used = m.kv_cells_used.labels(model)
         self.kv_cells_cached = m.kv_cells_cached.labels(model)
+        self.kv_cells_untracked = m.kv_cells_untracked.labels(model)
         self.prompt_tokens = m.prompt_tokens.labels(model)
         self.cached_tokens = m.cached_tokens.labels(model)
         self.restored_tokens = m.restored_tokens.labels(model)

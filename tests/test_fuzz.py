@@ -211,7 +211,8 @@ def test_a_tiny_temperature_with_a_grammar_does_not_end_the_server(server_factor
 def test_nothing_is_left_running_after_the_fuzz(targets):
     for target in (targets["chat"], targets["embeddings"]):
         wait_until(lambda t=target: all(metric(t.server, name, model=t.model) == 0 for name in (
-            "edgellm_kv_cells_used", "edgellm_running_sequences", "edgellm_queue_depth")), 10,
+            "edgellm_kv_cells_used", "edgellm_kv_cells_untracked", "edgellm_running_sequences",
+            "edgellm_queue_depth")), 10,
             message="the KV cells, sequences and queue to empty")
         assert target.server.proc.poll() is None
 

@@ -37,7 +37,8 @@ def test_every_kind_of_load_ran(soak):
 def test_no_errors_and_nothing_left_running(soak):
     _, summary = soak
     assert summary["errors"] == {}, summary["error_examples"]
-    assert summary["gauges_at_end"] == {"edgellm_kv_cells_used": 0, "edgellm_running_sequences": 0,
+    assert summary["gauges_at_end"] == {"edgellm_kv_cells_used": 0, "edgellm_kv_cells_untracked": 0,
+                                        "edgellm_running_sequences": 0,
                                         "edgellm_queue_depth": 0}
     assert summary["fd_growth"] <= 8, summary
 

@@ -359,5 +359,6 @@ class Runner:
         if not ptr:
             raise EngineError("the model produced no pooled embedding")
         vector = ptr[:C.llama_model_n_embd_out(self.model.ptr)]
+        C.llama_memory_clear(C.llama_get_memory(ctx), True)  # no cells outlive the request (none is reused)
         norm = math.sqrt(sum(v * v for v in vector)) or 1.0
         return [v / norm for v in vector]

@@ -490,3 +490,7 @@ class Scheduler:
         m.running.set(len(self.running))
         m.kv_cells_used.set(sum(len(s.slot.tokens) for s in self.running if s.slot is not None))
         m.kv_cells_cached.set(sum(len(s.tokens) for s in self.slots if s.sequence is None))
+        # Asked of llama.cpp itself, not of the bookkeeping above: a slot whose cells outlive its
+        # tokens (a sequence ended without its cells removed) shows here.
+        m.kv_cells_untracked.set(sum(max(0, C.llama_memory_seq_pos_max(self.mem, s.seq_id) + 1 - len(s.tokens))
+                                     for s in self.slots))

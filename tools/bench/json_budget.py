@@ -6,7 +6,8 @@
 Serves the model (Gemma 3 270M by default) with `edgellm serve`, then asks each of the
 prompts below for `response_format: json_object` at max_tokens 40, 60, 80 and 128, with
 temperature 0.8 and --seeds seeds each, and the same for a two-field object schema; a
-reply counts when json.loads parses it (and, for the schema, jsonschema validates it).
+reply counts when json.loads parses it with no key twice in an object (and, for the
+schema, jsonschema validates it).
 Prints a table of parse rates. Not timing-sensitive.
 """
 
@@ -46,8 +47,8 @@ def ask(client: httpx.Client, prompt: str, max_tokens: int, seed: int, response_
     r.raise_for_status()
     text = r.json()["choices"][0]["message"]["content"]
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = json.loads(text, object_pairs_hook=_no_key_twice)
+    except ValueError:  # JSONDecodeError, or a key twice
         if SHOW_FAILURES:
             print(f"  does not parse ({r.json()['choices'][0]['finish_reason']}): {text!r}")
         return False
@@ -59,12 +60,21 @@ def ask(client: httpx.Client, prompt: str, max_tokens: int, seed: int, response_
     return True
 
 
+def _no_key_twice(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"a key twice in {keys}")
+    return dict(pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / ".edgellm" / "demo" / "gemma-3-270m-q4_k_m.gguf")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--port", type=int, default=18432)
     parser.add_argument("--show-failures", action="store_true", help="print the replies that do not parse")
+    parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS, metavar="N",
+                        help="max_tokens values (default 40 60 80 128)")
     args = parser.parse_args()
     formats = {"json_object": {"type": "json_object"},
                "json_schema (name, age)": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
@@ -75,18 +85,18 @@ def main() -> None:
         try:
             with httpx.Client(base_url=server.url, timeout=300) as client:
                 for label, response_format in formats.items():
-                    for budget in BUDGETS:
+                    for budget in args.budgets:
                         ok = sum(ask(client, p, budget, seed, response_format)
                                  for p in PROMPTS for seed in range(args.seeds))
                         rows[label, budget] = (ok, len(PROMPTS) * args.seeds)
                         print(f"{label} at {budget}: {ok}/{len(PROMPTS) * args.seeds}", flush=True)
         finally:
             server.stop()
-    print(f"\n| reply | {' | '.join(f'max_tokens {b}' for b in BUDGETS)} |")
-    print("| --- |" + " ---: |" * len(BUDGETS))
+    print(f"\n| reply | {' | '.join(f'max_tokens {b}' for b in args.budgets)} |")
+    print("| --- |" + " ---: |" * len(args.budgets))
     for label in formats:
         cells = [f"{rows[label, b][0]}/{rows[label, b][1]} ({rows[label, b][0] / rows[label, b][1]:.0%})"
-                 for b in BUDGETS]
+                 for b in args.budgets]
         print(f"| {label} | {' | '.join(cells)} |")
 
 

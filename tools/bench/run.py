@@ -85,9 +85,11 @@ def llama_bench(bin_dir: Path, model: Path, threads: int, n_gen: int) -> dict:
 # --- servers ---------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, log: Path, verify: object = None) -> None:
+        """`verify`: for a server that speaks TLS, what httpx verifies it with (tls.py's bench)."""
         self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
+        self.verify = True if verify is None else verify
+        self.url = f"{'http' if verify is None else 'https'}://127.0.0.1:{port}"
         with socket.socket() as probe:  # a leftover server on the port would answer in our place
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 raise SystemExit(f"port {port} is already in use; stop whatever listens there first")
@@ -101,7 +103,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{name} exited early; see {log}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -139,7 +141,7 @@ def server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
 
 def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: Path, log: Path, *,
           state_dir: Path | None = None, engine_lines: Sequence[str] = (), extra_args: Sequence[str] = (),
-          extra_toml: str = "") -> Server:
+          extra_toml: str = "", verify: object = None) -> Server:
     """Start one server with the shared settings and wait until it is ready.
 
     edgellm: `engine_lines` are more TOML lines for its [engine] section, `extra_toml` more
@@ -156,7 +158,7 @@ def start(name: str, model: Path, port: int, args: argparse.Namespace, bin_dir: 
         cmd = [*os.environ.get("BENCH_WRAP", "").split(), str(bin_dir / "llama-server"), "-m", str(model),
                "--port", str(port), "-c", str(args.ctx), "-t", str(args.threads), "-tb", str(args.threads),
                "-np", str(args.slots), "--kv-unified", "--no-webui", *extra_args]
-    return Server(name, cmd, port, log)
+    return Server(name, cmd, port, log, verify)
 
 
 # --- load ------------------------------------------------------------------------------------

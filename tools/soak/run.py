@@ -46,7 +46,7 @@ REQUEST_TIMEOUT = 120.0  # seconds one request may take, queueing and a model lo
 # Idle connections are not reused after this: below the server's keep_alive_timeout (5 s), so that
 # no request races the server closing the connection it was sent on (a client's problem, not the server's).
 KEEPALIVE = httpx.Limits(keepalive_expiry=1.0)
-GAUGES = ("edgellm_kv_cells_used", "edgellm_running_sequences", "edgellm_queue_depth")
+GAUGES = ("edgellm_kv_cells_used", "edgellm_kv_cells_untracked", "edgellm_running_sequences", "edgellm_queue_depth")
 WORDS = ("the cat sat on the mat once upon a time hello world tick tock yes no true false name age user "
          "assistant euro").split()
 SYSTEM = " ".join(WORDS * 12)  # a shared prefix of a few hundred tokens: the prompt cache keeps it
