@@ -118,6 +118,9 @@ def test_a_template_that_does_not_compile_falls_back_to_a_builtin(server_factory
     broken = write_model(tmp_path / "broken-template.gguf", script=SCRIPT, chat_template="{% for m in %}")
     server = server_factory(broken)
     assert in_use(server) == "built-in chatml"  # its own does not compile; its tokens say chatml
+    # Said at load, with the error, never a silent change of format.
+    warning = next(line for line in server.log().splitlines() if "WARNING" in line and "template" in line)
+    assert "does not compile: Expected an expression" in warning and "built-in 'chatml' template instead" in warning
     r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert r.status_code == 200
 

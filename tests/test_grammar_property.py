@@ -73,6 +73,11 @@ def schemas() -> st.SearchStrategy[dict]:
                       st.none() | st.just(False) | integer()),
             st.builds(lambda opts: {"anyOf": opts}, st.lists(children, min_size=1, max_size=3)),
             st.builds(lambda a, b: {"oneOf": [a, b]}, integer(), string()),
+            # Keywords of one type without a 'type', and annotations beside anyOf (found by review).
+            st.builds(lambda lo, extra: {"minLength": lo, "maxLength": lo + extra}, st.integers(0, 3),
+                      st.integers(0, 3)),
+            st.builds(lambda opts: {"anyOf": opts, "title": "T", "description": "d"},
+                      st.lists(children, min_size=1, max_size=2)),
         )
 
     return st.recursive(scalar(), extend, max_leaves=8)
@@ -113,3 +118,15 @@ def test_every_finished_reply_validates(engine, schema, seed):
         return
     event("validated")
     jsonschema.validate(value, schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    VALIDATED.append(schema)
+
+
+VALIDATED: list[dict] = []
+
+
+def test_enough_replies_were_checked():
+    """Refusals and replies cut by max_tokens pass the test above without checking anything: at
+    least a third of the examples must have been validated (run with the test above)."""
+    if not VALIDATED:
+        pytest.skip("run with test_every_finished_reply_validates")
+    assert len(VALIDATED) >= EXAMPLES // 3, f"only {len(VALIDATED)} of {EXAMPLES} replies were validated"

@@ -177,7 +177,9 @@ class ChatTemplate:
             return template
         if model.chat_template:
             try:
-                return JinjaTemplate(model.chat_template, "from the GGUF file", bos_token=bos, eos_token=eos)
+                template = JinjaTemplate(model.chat_template, "from the GGUF file", bos_token=bos, eos_token=eos)
+                log.info("chat template: %s", template.name)
+                return template
             except TemplateError as e:
                 name = builtin_for(model)
                 log.warning("%s; using llama.cpp's built-in '%s' template instead", e, name)
