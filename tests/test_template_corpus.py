@@ -71,7 +71,8 @@ def oracle(source: str, messages, tools, add_generation_prompt: bool, bos: str, 
 
 def test_the_corpus_has_the_widely_used_small_models():
     names = " ".join(p.stem for p in TEMPLATES)
-    for family in ("Qwen2.5", "Qwen3", "Llama-3.2", "gemma-3", "Phi-3.5", "SmolLM3", "Mistral"):
+    for family in ("Qwen2.5", "Qwen3", "Llama-3.2", "gemma-3", "Phi-3.5", "Phi-4-mini", "SmolLM2", "SmolLM3",
+                   "Mistral"):
         assert family in names
 
 
