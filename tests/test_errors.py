@@ -279,3 +279,17 @@ def test_reranking_models_are_refused_at_load(server_factory, tmp_path):
     r = wait_until(lambda: (r := server.get("/health")).status_code == 503 and "rerank" in r.text and r, 30,
                    message="the load to fail")
     assert_error(r, 503, says="reranking model")
+
+
+@pytest.mark.parametrize("status,kind", [(400, "invalid_request_error"), (401, "authentication_error"),
+                                         (403, "permission_error"), (404, "invalid_request_error"),
+                                         (409, "invalid_request_error"), (413, "invalid_request_error"),
+                                         (429, "rate_limit_error"), (500, "server_error"), (503, "server_error")])
+def test_the_one_status_to_type_table(status, kind):
+    """OpenAI's types by status, as its API answers them (404 included: invalid_request_error)."""
+    from edgellm.errors import EdgeError, error_type
+    from edgellm.protocol.openai import error_body
+
+    assert error_type(status) == kind
+    body = error_body(EdgeError("x", status=status, code="c"))
+    assert body == {"error": {"message": "x", "type": kind, "param": None, "code": "c"}}

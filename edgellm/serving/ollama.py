@@ -289,7 +289,7 @@ async def _lines(generation: Generation, first: object, reply: proto.Reply, cloc
                     yield _line(reply.piece("", done))
             event = await anext(events)
     except StopAsyncIteration:
-        yield _line({"error": "the generation ended without a result"})
+        yield _line(proto.error_body(EdgeError("the generation ended without a result")))
     except EdgeError as e:
         yield _line(proto.error_body(e))
 
