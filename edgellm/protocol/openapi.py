@@ -228,7 +228,12 @@ SCHEMAS: dict[str, Schema] = {
     "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}),
     "Health": obj({"status": {"const": "ok"}},
                    {"throttled": {"type": "boolean"}, "temperature_celsius": {"type": "number"},
-                    "throttle_flags": {"type": "array", "items": _STR}}),
+                    "throttle_flags": {"type": "array", "items": _STR},
+                    # The certificate presented (null: plain HTTP), and a rotation's next one: a client
+                    # pinned to the old learns the new one here (README, "Pinning the box").
+                    "tls": {"anyOf": [{"type": "null"}, obj({"fingerprint": _STR}, {
+                        "next_fingerprint": {"type": ["string", "null"]},
+                        "next_after": {"type": ["number", "null"]}})]}}),
     "HealthBrief": obj({"status": {"type": "string", "enum": ["loading", "failed"]}}),
     "AdminModel": _ADMIN_MODEL,
     "AdminModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("AdminModel")}}),
