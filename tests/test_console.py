@@ -211,7 +211,9 @@ def test_the_pages_work_from_the_keyboard(browser, server):
             break
     ActionChains(browser).send_keys(Keys.ENTER).perform()
     wait_until(lambda: browser.execute_script("return location.hash") == "#chat", 5, message="the chat page")
-    assert browser.execute_script("return document.getElementById('page-chat').hidden") is False
+    # The page shows once the hashchange handler has run (after the hash itself changes).
+    wait_until(lambda: browser.execute_script("return document.getElementById('page-chat').hidden") is False, 5,
+               message="the chat page shown")
     labels = browser.execute_script("return [...document.querySelectorAll('input, select, textarea')]"
                                     ".filter(e => !e.closest('label')).map(e => e.id)")
     assert labels == []  # every control has its label

@@ -122,9 +122,9 @@ def test_the_openai_sdk_works_through_the_pinned_client_and_a_wrong_pin_is_refus
     assert tls_server.url.startswith("https://127.0.0.1:")
     port = int(tls_server.url.rsplit(":", 1)[1])
     context = tls.pinned_context("127.0.0.1", port, fingerprint)
-    client = openai.OpenAI(base_url=tls_server.base_url, api_key=KEY, max_retries=0,
-                           http_client=httpx.Client(verify=context))
-    reply = client.completions.create(model="scripted", prompt="Hello", max_tokens=4, temperature=0)
+    with httpx.Client(verify=context) as http:
+        client = openai.OpenAI(base_url=tls_server.base_url, api_key=KEY, max_retries=0, http_client=http)
+        reply = client.completions.create(model="scripted", prompt="Hello", max_tokens=4, temperature=0)
     assert reply.choices[0].text
     other = tls.make(["localhost"])[0]
     with pytest.raises(tls.PinMismatch, match=re.escape(f"presents certificate {fingerprint}, not ")):
