@@ -219,10 +219,28 @@ class Serving:
         else:
             self.presented = Presented(Path(cert), _fingerprint_of(Path(cert)), key=Path(key) if key else None)
         self._failing = False
+        self._seen = self._files()
+
+    def _files(self) -> tuple[tuple[int, int] | None, ...]:
+        """The directory's files as stat sees them: what refresh() looks at before parsing anything."""
+        if self.directory is None:
+            return ()
+        found: list[tuple[int, int] | None] = []
+        for name in ("device.pem", "next.pem", NEXT_AFTER):
+            try:
+                st = self.directory.file(name).stat()
+                found.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                found.append(None)
+        return tuple(found)
 
     def refresh(self, context: ssl.SSLContext) -> None:
         if self.directory is None:
             return
+        files = self._files()
+        due = bool(self.presented.next_after) and time.time() >= self.presented.next_after
+        if files == self._seen and not due:
+            return  # nothing changed on disk and no rotation's time came: no certificate parsed
         now = self.directory.presented()
         if now.fingerprint != self.presented.fingerprint:
             context.load_cert_chain(now.file, now.key)
@@ -231,6 +249,7 @@ class Serving:
             log.info("TLS certificate %s waits: presented from %s", now.next_fingerprint,
                      time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now.next_after)))
         self.presented = now
+        self._seen = files
 
     async def watch(self, context: ssl.SSLContext) -> None:
         while True:

@@ -14,9 +14,7 @@ Run on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
-from run import PROMPT, ROOT  # noqa: E402
+from run import PROMPT  # noqa: E402
 
 
 def timed(client: httpx.Client, url: str, path: str, body: dict, text: str) -> dict:
@@ -51,17 +49,7 @@ def timed(client: httpx.Client, url: str, path: str, body: dict, text: str) -> d
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / ".edgellm" / "demo" / "gemma-3-270m-q4_k_m.gguf")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--requests", type=int, default=10, help="per server and round")
-    parser.add_argument("--tokens", type=int, default=128)
-    run.server_arguments(parser, 18496)
-    args = parser.parse_args()
-    load = run.print_load_average()
-    bin_dir = run.build_llama_cpp(os.cpu_count() or 1)
-    out = run.results_dir(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, load, bin_dir, out = run.streaming_setup(__doc__, 18496, rounds=2)
     rows: dict[str, list[dict]] = {"api": [], "v1": [], "llama-server": []}
 
     def ask(i: int) -> tuple[dict, dict]:

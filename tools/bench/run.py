@@ -130,6 +130,25 @@ class Server:
         self._log.close()
 
 
+def streaming_setup(doc: str, port: int, rounds: int) -> tuple[argparse.Namespace, tuple[float, float, float], Path,
+                                                                 Path]:
+    """What the streaming comparisons (ollama.py, tls.py) start with: their arguments (--model,
+    --rounds, --requests, --tokens and the server's), the load average, llama-server, the results
+    directory."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / ".edgellm" / "demo" / "gemma-3-270m-q4_k_m.gguf")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--requests", type=int, default=10, help="per server and round")
+    parser.add_argument("--tokens", type=int, default=128)
+    server_arguments(parser, port)
+    args = parser.parse_args()
+    load = print_load_average()
+    bin_dir = build_llama_cpp(os.cpu_count() or 1)
+    out = results_dir(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, load, bin_dir, out
+
+
 def server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
     """The settings start() reads (--ctx, --threads, --slots, --port), and --out for the results."""
     parser.add_argument("--ctx", type=int, default=4096)

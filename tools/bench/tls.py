@@ -14,9 +14,7 @@ time between text pieces (1000 / that = streaming tokens/s). Run on a quiet mach
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import socket
 import statistics
 import sys
@@ -29,7 +27,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 from ollama import timed  # noqa: E402  (one streamed request, timed at the client)
-from run import PROMPT, ROOT  # noqa: E402
+from run import PROMPT  # noqa: E402
 
 from edgellm import tls  # noqa: E402
 
@@ -48,17 +46,7 @@ def handshakes(port: int, context: object, n: int = 50) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / ".edgellm" / "demo" / "gemma-3-270m-q4_k_m.gguf")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=10, help="per server and round")
-    parser.add_argument("--tokens", type=int, default=128)
-    run.server_arguments(parser, 18497)
-    args = parser.parse_args()
-    load = run.print_load_average()
-    bin_dir = run.build_llama_cpp(os.cpu_count() or 1)
-    out = run.results_dir(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, load, bin_dir, out = run.streaming_setup(__doc__, 18497, rounds=3)
     certificate = tls.Directory(Path(tempfile.mkdtemp()) / "tls")
     fingerprint = certificate.make(["localhost"])
     rows: dict[str, list[dict]] = {"https": [], "http": [], "llama-server": []}
