@@ -95,7 +95,7 @@ prerequisites:
 # otherwise the command is printed and those tests skip.
 TEST_TOOLS := minisign:minisign mkfs.vfat:dosfstools mcopy:mtools avahi-daemon:avahi-daemon avahi-browse:avahi-utils \
 	dbus-daemon:dbus sfdisk:fdisk systemd-analyze:systemd shfmt:shfmt qemu-system-aarch64:qemu-system-arm \
-	chromium:chromium chromedriver:chromium-driver
+	chromium:chromium chromedriver:chromium-driver openssl:openssl curl:curl
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 \
