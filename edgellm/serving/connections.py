@@ -171,7 +171,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self._message_done and not self.transport.is_closing():
-            self.transport.close()  # after the response it has written: the unread body is not waited for
+            # The unread body is not waited for. A close with unread bytes would reset the
+            # connection and could lose the answer, so: end our side, drop what still comes,
+            # and close a second later.
+            self._refused = EdgeError("the response was sent before the body arrived")
+            self._disarm()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(1.0, self.transport.close)
 
     # --- timers and refusals ------------------------------------------------------------------
 
