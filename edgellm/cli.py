@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from edgellm.discovery import Box
     from edgellm.tls import Serving
 
+APPLIANCE_CONFIG = "/etc/edgellm/edgellm.toml"
 APPLIANCE_TLS = "/etc/edgellm/tls"  # root's; the service gets it as credentials (systemd/edgellm.service)
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
@@ -143,6 +144,33 @@ def _build_parser() -> argparse.ArgumentParser:
         step.add_argument("--config", metavar="FILE", help="TOML config file ([server] state_dir, [bundles])")
         step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state (default ./.edgellm)")
         step.set_defaults(func=_bundle)
+
+    update = commands.add_parser("update", help="signed software updates for air-gapped sites")
+    update_steps = update.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    make = update_steps.add_parser("create", help="make an update bundle from a directory of wheels")
+    make.add_argument("wheels", metavar="WHEEL_DIR",
+                      help="the edgellm wheel and every wheel it needs, for the board's Python and CPU")
+    make.add_argument("-o", "--output", metavar="OUT", required=True,
+                      help="a directory to create (for USB sticks), or a .tar file (for uploads)")
+    make.add_argument("--key", metavar="KEY", required=True,
+                      help="secret key to sign with; boxes trust its public key as NAME.update.pub")
+    make.add_argument("--min-from", metavar="VERSION", default="0.1.0",
+                      help="the oldest edgellm version this update may replace (default 0.1.0)")
+    for name, helptext in (("verify", "check an update's signature, versions and every file's SHA-256"),
+                           ("apply", "install an update beside the running version and switch to it (root)")):
+        step = update_steps.add_parser(name, help=helptext)
+        step.add_argument("path", metavar="PATH", nargs="?" if name == "apply" else None)
+        step.add_argument("--allow-downgrade", action="store_true", help="accept a version older than the running one")
+        if name == "apply":
+            step.add_argument("--pending", action="store_true",
+                              help="apply the update staged by an upload or a USB stick (edgellm-update.service)")
+    resume = update_steps.add_parser("resume", help="settle an update cut off before it was confirmed (at boot)")
+    status = update_steps.add_parser("status", help="the running version and the last update's outcome")
+    for step in (make, *[update_steps.choices[n] for n in ("verify", "apply")], resume, status):
+        step.add_argument("--config", metavar="FILE",
+                          help=f"TOML config file (default: the service's, {APPLIANCE_CONFIG} on the appliance)")
+        step.add_argument("--state-dir", metavar="DIR", help="where edgellm keeps its state")
+        step.set_defaults(func=_update)
 
     firstboot = commands.add_parser("firstboot", help="make a freshly flashed appliance card this box "
                                     "(run once by edgellm-firstboot.service)")
@@ -495,8 +523,10 @@ def _bundle(args: argparse.Namespace) -> int:
         verify,
         verify_files,
     )
-    from edgellm.bundles.reader import find_bundles, open_source
+    from edgellm.bundles.reader import BundleError, find_bundles, open_source
     from edgellm.store.registry import Registry
+    from edgellm.update.apply import running_here, stage
+    from edgellm.update.bundle import is_update
 
     config = load(args.config).with_overrides(server={"state_dir": args.state_dir})
     registry = Registry(config.server.state_dir)
@@ -516,7 +546,15 @@ def _bundle(args: argparse.Namespace) -> int:
         source = None
         try:
             source = open_source(path)
-            if args.action == "verify":
+            if is_update(source):  # a software update on the stick: staged for edgellm-update.service
+                if args.action == "verify":
+                    raise BundleError(f"{path}: a software update: check it with `edgellm update verify`")
+                running = running_here(config)
+                verified = stage(source, config, running=running)
+                print(f"staged edgellm {verified.manifest.edgellm_version} from {path}: edgellm-update.service "
+                      "installs it and restarts the service" if verified else
+                      f"unchanged: {path} is edgellm {running}, which runs here already")
+            elif args.action == "verify":
                 manifest, key_id = verify(source, policy)
                 verify_files(source, manifest, bar)
                 print(f"ok {path}: {', '.join(m.id for m in manifest.models)} ({signed_by(key_id)})")
@@ -533,6 +571,51 @@ def _bundle(args: argparse.Namespace) -> int:
             if source is not None:
                 source.close()
     return EXIT_RUNTIME if failed else 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from edgellm.bundles import signing
+    from edgellm.bundles.importer import verify_files
+    from edgellm.bundles.reader import open_source
+    from edgellm.update import UpdateError, apply, bundle
+    from edgellm.update.layout import Layout
+
+    default = credential("edgellm.toml") or (APPLIANCE_CONFIG if Path(APPLIANCE_CONFIG).is_file() else None)
+    config = load(args.config or default).with_overrides(server={"state_dir": args.state_dir})
+    layout = Layout(config.update.root)
+    if args.action == "create":
+        manifest = bundle.create(Path(args.wheels), Path(args.output), key=signing.read_secret_key(args.key),
+                                 min_from=args.min_from, progress=Bar())
+        print(f"created {args.output}: edgellm {manifest.edgellm_version} for Python {manifest.python} on "
+              f"{manifest.machine}, {len(manifest.wheels)} wheels, updates {manifest.min_from_version} or newer")
+        return 0
+    if args.action == "status":
+        print(json.dumps({"current": layout.current(), "trial": layout.trial(), "last": layout.status()}, indent=2))
+        return 0
+    if args.action == "resume":
+        apply.resume(config)
+        return 0
+    if args.action == "apply" and args.pending:
+        apply.apply_pending(config)
+        return 0
+    if not args.path:
+        raise UpdateError("give the update bundle's PATH, or --pending")
+    source = open_source(Path(args.path))
+    try:
+        if args.action == "verify":
+            running = apply.running_here(config)
+            trusted, skipped = bundle.keys(config)
+            for warning in skipped:
+                print(f"edgellm: warning: {warning}", file=sys.stderr)
+            verified = bundle.verify(source, trusted, running=running, allow_downgrade=args.allow_downgrade)
+            verify_files(source, verified.manifest, Bar())
+            print(f"ok {args.path}: edgellm {verified.manifest.edgellm_version} for Python {verified.manifest.python} "
+                  f"on {verified.manifest.machine} (key {verified.key_id}); this box runs {running}")
+            return 0
+        apply.apply(source, config, allow_downgrade=args.allow_downgrade, progress=Bar())
+    finally:
+        source.close()
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -156,6 +156,20 @@ class OllamaConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """Software updates (edgellm/update/, docs/update-format.md)."""
+
+    root: str = "/opt/edgellm"  # versions/ side by side, the current and trial links, status.json
+    service: str = "edgellm.service"  # the systemd unit restarted on the new version
+    # A command that controls the service instead of systemctl, for a box without systemd: run with
+    # "stop" (returning once it has stopped), "start" or "restart" appended. Empty: systemctl.
+    control: tuple[str, ...] = ()
+    health_timeout: str = "15m"  # from the restart until /health answers ok on the new version
+    settle: str = "30s"  # how long it must then stay up and healthy; or it is rolled back
+    model_keys: bool = False  # true: keys trusted for model bundles may sign software updates too
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     prompts: bool = False
@@ -171,6 +185,7 @@ class Config:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "defaults"
 
@@ -205,6 +220,7 @@ _SECTIONS: dict[str, type] = {
     "discovery": DiscoveryConfig,
     "relay": RelayConfig,
     "ollama": OllamaConfig,
+    "update": UpdateConfig,
     "log": LogConfig,
 }
 
@@ -238,7 +254,8 @@ _RANGES: dict[tuple[str, str], tuple[int, int]] = {
 
 
 # Durations that must be a positive number of seconds (a time limit that is never reached is none).
-_TIME_LIMITS = {("server", "header_timeout"), ("server", "body_timeout"), ("server", "keep_alive_timeout")}
+_TIME_LIMITS = {("server", "header_timeout"), ("server", "body_timeout"), ("server", "keep_alive_timeout"),
+                ("update", "health_timeout"), ("update", "settle")}
 _PARSED = {
     ("server", "header_timeout"): parse_duration,
     ("server", "body_timeout"): parse_duration,
@@ -257,6 +274,8 @@ _PARSED = {
     ("relay", "refresh"): parse_duration,
     ("relay", "ttft_budget"): parse_duration,
     ("relay", "breaker_cooldown"): parse_duration,
+    ("update", "health_timeout"): parse_duration,
+    ("update", "settle"): parse_duration,
 }
 
 

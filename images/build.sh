@@ -58,6 +58,9 @@ for v in 17 24 27 28 31 34 35 36; do platforms="$platforms --platform manylinux_
     --platform linux_aarch64 --python-version 3.11 --implementation cp -c "$work/constraints.txt" \
     -d "$work/wheels" "$work"/wheels/edgellm-*.whl "$wheel" 2>&1 | grep -v "is ignored" || true
 ls "$work"/wheels/uvloop-* >/dev/null || die "pip download failed"
+# Kept beside the image: the wheels an update bundle for this board is made from (README,
+# "Updating the box"; images/test-boot.sh makes its updates from them).
+rm -rf "$out/wheels" && cp -r "$work/wheels" "$out/wheels"
 
 # 2. The root filesystem.
 say "mmdebstrap $suite arm64"
@@ -73,10 +76,10 @@ mmdebstrap --mode=root --arch=arm64 --variant=minbase --components="main non-fre
     --essential-hook='chroot "$1" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs' \
     --essential-hook='printf "#!/bin/sh\nexit 0\n" > "$1/usr/sbin/update-initramfs"; chmod 755 "$1/usr/sbin/update-initramfs"' \
     --customize-hook="cp -r '$work/wheels' \"\$1/tmp/wheels\"" \
-    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin python3 -m venv /opt/edgellm' \
-    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/edgellm/bin/pip install -q --no-index --find-links /tmp/wheels edgellm "llama_cpp_python==0.3.36+armv8.0"' \
+    --customize-hook="chroot \"\$1\" env -i PATH=/usr/bin:/bin python3 -m venv /opt/edgellm/versions/$version" \
+    --customize-hook="chroot \"\$1\" env -i PATH=/usr/bin:/bin /opt/edgellm/versions/$version/bin/pip install -q --no-index --find-links /tmp/wheels edgellm 'llama_cpp_python==0.3.36+armv8.0'" \
     --customize-hook='rm -rf "$1/tmp/wheels"' \
-    --customize-hook='chroot "$1" env -i PATH=/usr/bin:/bin /opt/edgellm/bin/python -c "import llama_cpp.llama_cpp"' \
+    --customize-hook="chroot \"\$1\" env -i PATH=/usr/bin:/bin /opt/edgellm/versions/$version/bin/python -c 'import llama_cpp.llama_cpp'" \
     --customize-hook="'$repo/systemd/install.sh' --image \"\$1\"" \
     --customize-hook="'$here/configure-rootfs.sh' \"\$1\"" \
     --customize-hook="cp -a \"\$1/boot/firmware/.\" '$work/boot/' && rm -rf \"\$1\"/boot/firmware/*" \

@@ -3,6 +3,7 @@
     check_api.py URL FINGERPRINT health
     check_api.py URL FINGERPRINT has-model KEY MODEL
     check_api.py URL FINGERPRINT chat KEY MODEL
+    check_api.py URL FINGERPRINT update KEY VERSION STATE   the version that serves, the last update's state
 
 An https URL is reached only through the certificate whose FINGERPRINT the box's key note
 gives ("-" for a plain http URL), as a client that pins it would. Exit status 0 when the
@@ -26,6 +27,15 @@ def main(url: str, fingerprint: str, command: str, *args: str) -> str:
         response = httpx.get(f"{url}/health", timeout=10, verify=verify)
         assert response.status_code == 200, f"/health: {response.status_code} {response.text}"
         return response.text
+    if command == "update":
+        key, version, state = args
+        response = httpx.get(f"{url}/health", timeout=10, verify=verify, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, f"/health: {response.status_code} {response.text}"
+        health = response.json()
+        update = health.get("update") or {}
+        assert health.get("version") == version and update.get("state") == state, \
+            f"version {health.get('version')}, update {update}; expected {version} and {state}"
+        return f"version {version}, update: {update.get('message')}"
     key, model = args
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120,
                            http_client=httpx.Client(verify=verify))

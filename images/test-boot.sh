@@ -9,6 +9,11 @@
 #   and one without it is refused; after power-off the boot partition holds the key file and
 #   the root partition fills the card.
 #   second boot: no first boot again (same key), the imported model still served.
+# The stick also holds a signed software update (a build of this tree one version up, made
+# from the image's own aarch64 wheels): the first boot applies it, and the second boot serves
+# from the new version. Then a second stick, with a deliberately broken update (a version
+# whose service cannot start), is plugged in: the box installs it, sees it fail and rolls back
+# by itself, still serving the first update's version.
 # The guest's network is qemu's user-mode one with restrict=on: nothing leaves the machine;
 # only the forwarded port on 127.0.0.1 reaches in.
 #
@@ -65,10 +70,34 @@ mcopy -n -i "$boot_at" "::$(mdir -b -i "$boot_at" :: | grep -o 'initrd.img-[^ ]*
 # the getty there mutes systemd's status lines, and a failure must be readable in this log.
 cmdline="$(mtype -i "$boot_at" ::cmdline.txt | tr -d '\r' | sed 's/console=[^ ]*//g') console=ttyAMA0 systemd.journald.forward_to_console=1"
 
-# What the operator pre-seeds on the boot partition: the site's bundle-signing key.
+# What the operator pre-seeds on the boot partition: the site's bundle-signing key, and the
+# key software updates are signed with (its own usage: NAME.update.pub).
 "$python" -m edgellm keygen -o "$work/site" >/dev/null
+"$python" -m edgellm keygen -o "$work/vendor" >/dev/null
 mmd -i "$boot_at" ::edgellm ::edgellm/trusted-keys
 mcopy -i "$boot_at" "$work/site.pub" ::edgellm/trusted-keys/site.pub
+mcopy -i "$boot_at" "$work/vendor.pub" ::edgellm/trusted-keys/vendor.update.pub
+
+# The updates: this tree as the next version, and as the one after it broken, each with the
+# image's aarch64 wheels (images/build.sh keeps them beside the image).
+wheels="$(dirname "$image")/wheels"
+[ -d "$wheels" ] || die "no $wheels beside the image (make image keeps them)"
+version="$("$python" -c 'import edgellm; print(edgellm.__version__)')"
+bump() { "$python" -c 'import sys; v = sys.argv[1].split("."); print(".".join([*v[:2], str(int(v[2]) + int(sys.argv[2]))]))' "$1" "$2"; }
+next="$(bump "$version" 1)"
+broken="$(bump "$version" 2)"
+for v in "$next" "$broken"; do
+    mkdir -p "$work/wheels-$v"
+    find "$wheels" -name '*.whl' ! -name 'edgellm-*' -exec cp {} "$work/wheels-$v/" \;
+    PYTHONPATH="$repo/tests" "$python" -c "
+import sys
+from pathlib import Path
+from builds import edgellm_wheel
+edgellm_wheel(sys.argv[1], Path(sys.argv[2]), broken=sys.argv[1] == sys.argv[3])" "$v" "$work/wheels-$v" "$broken"
+    "$python" -m edgellm update create "$work/wheels-$v" -o "$work/update-$v" --key "$work/vendor.key" \
+        --min-from "$version" >/dev/null
+done
+say "made the updates: $next, and $broken (broken)"
 
 # The USB stick: a FAT filesystem with a signed bundle of a tiny scripted chat model.
 PYTHONPATH="$repo/tests" "$python" -c "
@@ -77,8 +106,11 @@ from conftest import SCRIPT
 from tiny_models import CHATML, write_model
 write_model(Path('$work/tiny.gguf'), script=SCRIPT, chat_template=CHATML)"
 "$python" -m edgellm bundle create "$work/tiny.gguf" -o "$work/stick/tiny" --key "$work/site.key" >/dev/null
-mkfs.vfat -n MODELS -C "$work/stick.img" 65536 >/dev/null
+mkfs.vfat -n MODELS -C "$work/stick.img" 262144 >/dev/null
 mcopy -s -i "$work/stick.img" "$work/stick/tiny" ::/
+mcopy -s -i "$work/stick.img" "$work/update-$next" ::/
+mkfs.vfat -n BROKEN -C "$work/stick2.img" 262144 >/dev/null
+mcopy -s -i "$work/stick2.img" "$work/update-$broken" ::/
 
 port="$(free_port)"
 boot() {  # boot N: start the VM, console in $work/console-N.log
@@ -124,6 +156,8 @@ grep -aq "edgellm-firstboot.*Finished\|Finished.*edgellm-firstboot" "$console" |
 api health || die "/health"
 wait_for 600 "the USB import of the tiny model" api has-model "$key" tiny
 say "the USB stick's bundle is imported"
+wait_for 1800 "the USB update to $next" api update "$key" "$next" updated
+say "the stick's update is applied: $next serves"
 api chat "$key" tiny || die "chat completion"
 say "chat completion answered"
 power_off
@@ -137,7 +171,14 @@ say "second boot"
 boot 2
 wait_for "$boot_timeout" "edgellm.service to report READY" grep -aq "systemd\[1\]: Started edgellm.service" "$console"
 ! grep -aq "edgellm on this card" "$console" || die "first boot ran again"
+api update "$key" "$next" updated || die "the second boot does not serve $next"
 api chat "$key" tiny || die "chat completion after a reboot"
+say "second boot: same key, $next serving the model still, no first boot"
+monitor "drive_add 0 if=none,id=stick2,format=raw,file=$work/stick2.img"
+monitor "device_add usb-storage,bus=usb.0,drive=stick2,id=stick2"
+wait_for 1800 "the broken update $broken to be rolled back" api update "$key" "$next" rolled-back
+grep -aq "rolled back to $next" "$console" || die "the rollback is not in the journal"
+api chat "$key" tiny || die "chat completion after the rollback"
+say "the broken update was rolled back: $next serves"
 power_off
-say "second boot: same key, the model still served, no first boot"
 echo "test-boot: PASSED in $(( $(date +%s) - started )) s (first boot to READY: $ready s)"

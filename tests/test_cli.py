@@ -146,7 +146,7 @@ def test_example_config_documents_every_key_with_its_default():
     example = ROOT / "docs" / "edgellm.example.toml"
     data = tomllib.loads(example.read_text())
     defaults = Config()
-    for section in ("server", "model", "engine", "log"):
+    for section in ("server", "model", "engine", "update", "log"):
         documented = set(data[section])
         fields = {f.name for f in dataclasses.fields(getattr(defaults, section))}
         assert documented == fields, section

@@ -6,6 +6,7 @@ phone width, go to tests/artifacts/console/."""
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import shutil
 import threading
@@ -46,12 +47,17 @@ def site(tmp_path_factory, models) -> dict:
     at = data.find(b'"from-the-stick"')
     data[at + 1:at + 5] = b"FROM"  # the manifest no longer matches its signature
     tampered.write_bytes(bytes(data))
-    return {"state": state, "good": good, "tampered": tampered}
+    (d / "opt").mkdir()  # the last software update's outcome, as edgellm/update/layout.py records it
+    (d / "opt" / "status.json").write_text(json.dumps({
+        "state": "rolled-back", "from": "0.1.0", "to": "0.2.0", "at": "2026-12-02T05:00:00Z",
+        "message": "rolled back to 0.1.0: 0.2.0 <b>did not answer /health</b>"}))
+    return {"state": state, "good": good, "tampered": tampered, "update_root": d / "opt"}
 
 
 @pytest.fixture(scope="module")
 def server(server_factory, site):
-    config = f'[server]\napi_keys = ["{API_KEY}"]\nadmin_keys = ["{ADMIN_KEY}"]\n'
+    config = (f'[server]\napi_keys = ["{API_KEY}"]\nadmin_keys = ["{ADMIN_KEY}"]\n'
+              f'[update]\nroot = "{site["update_root"]}"\n')
     return server_factory(None, state_dir=site["state"], config=config, api_key=API_KEY)
 
 
@@ -133,6 +139,9 @@ def test_status_shows_live_figures(browser, server):
     wait_until(lambda: int(figure(browser, "Tokens generated") or 0) >= before + 50, 10, message="a live update")
     assert "used" in figure(browser, "Memory") and figure(browser, "Backend").startswith("cpu")
     assert figure(browser, "GPU") == "none" and figure(browser, "CPU")
+    # The last update, as text (its message is the box's own, never markup).
+    assert figure(browser, "Last update") == ("rolled-back: rolled back to 0.1.0: 0.2.0 <b>did not answer /health</b> "
+                                              "(2026-12-02T05:00:00Z)")
     shoot(browser, "status")
     assert errors(browser) == []
 

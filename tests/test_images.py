@@ -18,6 +18,8 @@ import pytest
 from conftest import ROOT, SCRIPT, Server
 from tiny_models import CHATML, write_model
 
+from edgellm import __version__
+
 IMAGES = ROOT / "images"
 
 
@@ -227,7 +229,10 @@ def test_the_boot_test_client_passes_a_good_box_and_fails_a_bad_one(tmp_path):
     model = write_model(tmp_path / "tiny.gguf", script=SCRIPT, chat_template=CHATML)
     random = write_model(tmp_path / "random.gguf", seed=3, chat_template=CHATML)
     key = "sk-edgellm-" + "k" * 32
-    server = Server(model, tmp_path, config=f'[server]\napi_keys = ["{key}"]\n')
+    (tmp_path / "opt").mkdir()  # the last update, as edgellm/update/layout.py records it
+    (tmp_path / "opt" / "status.json").write_text('{"state": "updated", "from": "0.0.9", "to": "0.1.0", '
+                                                  '"message": "updated from 0.0.9 to 0.1.0", "at": "2026-12-02"}')
+    server = Server(model, tmp_path, config=f'[server]\napi_keys = ["{key}"]\n[update]\nroot = "{tmp_path / "opt"}"\n')
     try:
         assert check(server.url, "-", "health").returncode == 0
         assert check(server.url, "-", "has-model", key, "tiny").returncode == 0
@@ -237,6 +242,10 @@ def test_the_boot_test_client_passes_a_good_box_and_fails_a_bad_one(tmp_path):
         assert missing.returncode == 1 and missing.stderr.startswith("check_api: gemma not among")
         wrong_key = check(server.url, "-", "has-model", "sk-wrong", "tiny")
         assert wrong_key.returncode == 1 and "Traceback" not in wrong_key.stderr
+        updated = check(server.url, "-", "update", key, __version__, "updated")
+        assert updated.returncode == 0 and "updated from 0.0.9" in updated.stdout, updated.stderr
+        rolled_back = check(server.url, "-", "update", key, __version__, "rolled-back")
+        assert rolled_back.returncode == 1 and "expected" in rolled_back.stderr
     finally:
         server.stop()
     (tmp_path / "other").mkdir()

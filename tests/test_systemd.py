@@ -14,7 +14,8 @@ import pytest
 from conftest import ROOT
 
 SYSTEMD = ROOT / "systemd"
-UNITS = ["edgellm.service", "edgellm-firstboot.service", "edgellm-usb-import@sda1.service"]
+UNITS = ["edgellm.service", "edgellm-firstboot.service", "edgellm-usb-import@sda1.service", "edgellm-update.service",
+         "edgellm-update.path"]
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 

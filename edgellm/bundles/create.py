@@ -34,7 +34,7 @@ from edgellm.store.registry import Registry, copy_hashing, describe, model_id_fo
 
 
 @dataclass
-class _Part:
+class Part:
     name: str  # in the bundle
     path: Path  # where it is read from
     size: int
@@ -52,6 +52,20 @@ def create(names: list[str], out: Path, *, registry: Registry, key: signing.Secr
         if part.name.lower() in seen:
             raise BundleError(f"two files are called {part.name}: bundle them separately")
         seen.add(part.name.lower())
+    hash_parts(parts, progress)
+    for model, model_parts in resolved:  # now that every hash is known
+        model.files = [BundleFile(p.name, p.size, p.sha256) for p in model_parts]
+    manifest = Manifest(creator=f"edgellm {__version__} on {socket.gethostname()}",
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        models=[model for model, _ in resolved])
+    data = manifest.dumps()
+    signature = key.sign(data, f"edgellm bundle {out.name}, {manifest.created}") if key else None
+    write(out, data, signature, parts, progress)
+    return manifest
+
+
+def hash_parts(parts: list[Part], progress: Progress | None) -> None:
+    """The SHA-256 of each part not known yet, read from its file."""
     total = sum(p.size for p in parts if not p.sha256)
     done = 0
     for part in parts:
@@ -63,23 +77,20 @@ def create(names: list[str], out: Path, *, registry: Registry, key: signing.Secr
                     if progress:
                         progress("hashing", name, done, total)
                 part.sha256, _ = copy_hashing(f, None, step)
-    for model, model_parts in resolved:  # now that every hash is known
-        model.files = [BundleFile(p.name, p.size, p.sha256) for p in model_parts]
-    manifest = Manifest(creator=f"edgellm {__version__} on {socket.gethostname()}",
-                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        models=[model for model, _ in resolved])
-    data = manifest.dumps()
-    signature = key.sign(data, f"edgellm bundle {out.name}, {manifest.created}") if key else None
+
+
+def write(out: Path, manifest: bytes, signature: str | None, parts: list[Part], progress: Progress | None) -> None:
+    """The bundle at `out`, a directory or (OUT.tar) a tar, made beside it and renamed into place:
+    a cut-off write never leaves what looks like a whole bundle."""
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     writer = _write_tar if out.name.endswith(".tar") else _write_dir
-    writer(partial, data, signature, parts, progress)
+    writer(partial, manifest, signature, parts, progress)
     os.replace(partial, out)
-    return manifest
 
 
-def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, list[_Part]]:
+def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, list[Part]]:
     """An installed model (by id or alias) or a GGUF file, as a manifest entry and its files."""
     entry = registry.find(name)
     if entry is not None:
@@ -107,7 +118,7 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
                               "the first part")
         if not FILE_RE.fullmatch(file_name):
             raise BundleError(f"{file_name}: a bundle's file names are letters, digits and . _ - ending in .gguf")
-        parts.append(_Part(file_name, path, size, sha))
+        parts.append(Part(file_name, path, size, sha))
     template = entry.chat_template if not entry.has_chat_template and entry.chat_template else None
     # The entry's files: create() lists them once every hash is known.
     model = BundleModel(id=entry.id, files=[], aliases=list(entry.aliases), architecture=entry.architecture,
@@ -120,7 +131,7 @@ def _resolve(name: str, registry: Registry, license: str) -> tuple[BundleModel, 
 class _Hashing(io.RawIOBase):
     """Reads a file for the copy and checks, in the same pass, that it still has its hash."""
 
-    def __init__(self, f: BinaryIO, part: _Part, step: Callable[[int], None]) -> None:
+    def __init__(self, f: BinaryIO, part: Part, step: Callable[[int], None]) -> None:
         self.f, self.part, self.step = f, part, step
         self.digest = hashlib.sha256()
 
@@ -138,7 +149,7 @@ class _Hashing(io.RawIOBase):
             raise BundleError(f"{self.part.path}: changed while it was being bundled (its SHA-256 differs)")
 
 
-def _copy_parts(parts: list[_Part], progress: Progress | None, write: Callable[[_Part, _Hashing], None]) -> None:
+def _copy_parts(parts: list[Part], progress: Progress | None, write: Callable[[Part, _Hashing], None]) -> None:
     total = sum(p.size for p in parts)
     done = 0
 
@@ -155,11 +166,11 @@ def _copy_parts(parts: list[_Part], progress: Progress | None, write: Callable[[
             reader.check()
 
 
-def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[_Part],
+def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[Part],
                progress: Progress | None) -> None:
     (out / FILES).mkdir(parents=True)
 
-    def write(part: _Part, reader: _Hashing) -> None:
+    def write(part: Part, reader: _Hashing) -> None:
         with open(out / FILES / part.name, "wb") as dst:
             shutil.copyfileobj(reader, dst, 1 << 20)
             dst.flush()
@@ -171,7 +182,7 @@ def _write_dir(out: Path, manifest: bytes, signature: str | None, parts: list[_P
         (out / SIGNATURE).write_text(signature)
 
 
-def _write_tar(out: Path, manifest: bytes, signature: str | None, parts: list[_Part],
+def _write_tar(out: Path, manifest: bytes, signature: str | None, parts: list[Part],
                progress: Progress | None) -> None:
     """The manifest first, its signature next, then the files in the manifest's order: a reader
     of the stream can check each file before it reads it."""

@@ -44,6 +44,7 @@ from edgellm.bundles.manifest import (
     SIGNATURE,
     BundleFile,
     BundleModel,
+    Listing,
     Manifest,
     ManifestError,
     parse,
@@ -285,7 +286,7 @@ def _entry(model: BundleModel, manifest: Manifest, registry: Registry, source: S
     return entry
 
 
-def verify_files(source: DirectorySource | TarSource, manifest: Manifest, progress: Progress | None = None) -> None:
+def verify_files(source: DirectorySource | TarSource, manifest: Listing, progress: Progress | None = None) -> None:
     """Hash every file against the manifest (`edgellm bundle verify`); BundleError names the first bad one."""
     total = sum(f.size for f in manifest.files())
     done = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from edgellm.errors import InvalidRequest
 from edgellm.modelfile import defaults as sampling_defaults
@@ -57,6 +58,22 @@ class BundleModel:
     min_edgellm_version: str = "0.1.0"
 
 
+class Listing(Protocol):
+    """What a bundle's reader checks its files against: a model bundle's manifest, or an update's."""
+
+    def files(self) -> list[BundleFile]: ...
+
+
+def kind(data: bytes) -> str:
+    """The `format` a manifest claims ("edgellm-bundle", "edgellm-update"), or "" if it names
+    none: which parser to check it with."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return ""
+    return doc["format"] if isinstance(doc, dict) and isinstance(doc.get("format"), str) else ""
+
+
 @dataclass
 class Manifest:
     creator: str
@@ -98,7 +115,7 @@ def parse(data: bytes, source: str) -> Manifest:
     unknown = set(doc) - {"format", "version", "creator", "created", "models"}
     need(not unknown, f"unknown keys {sorted(unknown)}")
     need(isinstance(doc.get("creator"), str) and len(doc["creator"]) <= 256, "'creator' must be a short string")
-    need(isinstance(doc.get("created"), str) and len(doc["created"]) <= 64 and _is_time(doc["created"]),
+    need(isinstance(doc.get("created"), str) and len(doc["created"]) <= 64 and is_time(doc["created"]),
          "'created' must be an ISO 8601 time such as 2026-11-22T06:00:00Z (it orders the bundles of a model)")
     models = doc.get("models")
     need(isinstance(models, list) and 0 < len(models) <= MAX_MODELS, f"'models' must list 1 to {MAX_MODELS} models")
@@ -156,7 +173,7 @@ def parse(data: bytes, source: str) -> Manifest:
     return Manifest(creator=doc["creator"], created=doc["created"], models=parsed, version=doc["version"])
 
 
-def _is_time(text: str) -> bool:
+def is_time(text: str) -> bool:
     try:
         timestamp(text)
     except ValueError:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal, Protocol
 
-from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Manifest
+from edgellm.bundles.manifest import FILES, MANIFEST, MAX_MANIFEST, SIGNATURE, Listing
 from edgellm.errors import InvalidRequest
 
 # Left on sticks by macOS and Windows; never part of a bundle.
@@ -140,7 +140,7 @@ class DirectorySource:
         signature = self._read(SIGNATURE, MAX_SIGNATURE, "too large for a minisign signature")
         return data, signature.decode(errors="replace") if signature is not None else None
 
-    def check(self, manifest: Manifest) -> None:
+    def check(self, manifest: Listing) -> None:
         expected = {f.name: f for f in manifest.files()}
         top = {e.name for e in os.scandir(self._dir) if not _ignored(e.name)}
         extra = top - {MANIFEST, SIGNATURE, FILES}
@@ -278,7 +278,7 @@ class TarSource:
             raise BundleError(f"{self.path}: {SIGNATURE} is too large for a minisign signature")
         return data, _data(self.tar, sig).read().decode(errors="replace") if sig is not None else None
 
-    def check(self, manifest: Manifest) -> None:
+    def check(self, manifest: Listing) -> None:
         expected = {f"{FILES}/{f.name}": f for f in manifest.files()}
         for name, member in self.members.items():
             if name in (MANIFEST, SIGNATURE) or _ignored(name.rsplit("/", 1)[-1]):
@@ -355,10 +355,10 @@ class StreamSource:
             self._pending_name, self._pending = second
         return data, signature
 
-    def check(self, manifest: Manifest) -> None:
+    def check(self, manifest: Listing) -> None:
         """Nothing can be checked ahead in a stream: files() checks each as it comes."""
 
-    def files(self, manifest: Manifest) -> Iterator[tuple[str, IO[bytes]]]:
+    def files(self, manifest: Listing) -> Iterator[tuple[str, IO[bytes]]]:
         """Each file of the manifest, in order, with its header checked before its data is read."""
         for f in manifest.files():
             if self._pending is not None:

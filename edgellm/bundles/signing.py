@@ -182,10 +182,19 @@ def verify(message: bytes, signature_text: str, keys: list[PublicKey], *, source
     return key, sig.trusted_comment
 
 
-def trusted_keys(directory: str | Path) -> tuple[list[PublicKey], list[str]]:
+UPDATE_KEY = ".update.pub"  # a key that signs software updates (docs/update-format.md), never models
+
+
+def trusted_keys(directory: str | Path, *, updates: bool = False, model_keys: bool = False) -> \
+        tuple[list[PublicKey], list[str]]:
     """Every key among the *.pub in the trusted-keys directory (none if it does not exist), and
     for each file that is not one, why: it is skipped, so that one damaged file does not stop
     the imports signed by the other keys. The callers show the reasons as warnings.
+
+    A key's usage is in its file's name: NAME.update.pub signs software updates and nothing
+    else, any other NAME.pub signs model bundles. With `updates`, the update keys are returned,
+    and with `model_keys` as well the model keys ([update] model_keys = true): a key that only
+    ever signed models cannot put code on the box unless the operator said so.
 
     Different keys that claim the same key id are all skipped: an id is any 8 bytes its key's
     maker chose, and installed models are pinned to the id of the key that signed them, so an
@@ -194,6 +203,8 @@ def trusted_keys(directory: str | Path) -> tuple[list[PublicKey], list[str]]:
     by_id: dict[bytes, list[PublicKey]] = {}
     skipped = []
     for path in sorted(directory.glob("*.pub")) if directory.is_dir() else []:
+        if path.name.endswith(UPDATE_KEY) != updates and not (updates and model_keys):
+            continue
         try:
             key = read_public_key(path)
         except SignatureError as e:

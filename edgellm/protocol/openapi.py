@@ -233,7 +233,11 @@ SCHEMAS: dict[str, Schema] = {
                     # pinned to the old learns the new one here (README, "Pinning the box").
                     "tls": {"anyOf": [{"type": "null"}, obj({"fingerprint": _STR}, {
                         "next_fingerprint": {"type": ["string", "null"]},
-                        "next_after": {"type": ["number", "null"]}})]}}),
+                        "next_after": {"type": ["number", "null"]}})]},
+                    # The last software update (docs/update-format.md), null when there was none.
+                    "update": {"anyOf": [{"type": "null"}, obj({"state": {"type": "string", "enum": [
+                        "installing", "trying", "updated", "rolled-back", "refused"]}, "from": _STR, "to": _STR,
+                        "message": _STR, "at": _STR})]}}),
     "HealthBrief": obj({"status": {"type": "string", "enum": ["loading", "failed"]}}),
     "AdminModel": _ADMIN_MODEL,
     "AdminModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("AdminModel")}}),
@@ -358,6 +362,17 @@ def document(version: str) -> dict[str, Any]:
                 "responses": {"200": {"description": "server-sent events: `progress` {file, done, total}, then "
                                                      "`done` {models: [{id, status}], warnings: [...]} or `error` "
                                                      "(an Error)",
+                                      "content": _EVENTS}, **_ADMIN_ERRORS}}},
+            "/admin/update": {"post": {
+                "operationId": "adminUploadUpdate", "summary": "Stage a signed software update", "security": _ADMIN_KEY,
+                "parameters": [{"name": "allow_downgrade", "in": "query", "required": False,
+                                "schema": {"type": "string", "pattern": FLAG_PATTERN},
+                                "description": "true: an older version than the running one is accepted"}],
+                "requestBody": {"required": True, "content": {"application/x-tar": {
+                    "schema": {"type": "string", "contentMediaType": "application/x-tar"}}}},
+                "responses": {"200": {"description": "server-sent events: `progress` {file, done, total}, then "
+                                                     "`done` {version, staged, message} or `error` (an Error); "
+                                                     "GET /health's `update` then tells the outcome",
                                       "content": _EVENTS}, **_ADMIN_ERRORS}}},
             "/admin/imports": _admin("adminImports", "get", "The last imports (sticks and uploads) and their outcomes",
                                      {"200": _json(obj({"object": {"const": "list"}, "data": {

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from edgellm.errors import EdgeError, InvalidRequest
-from edgellm.protocol import sse
-from edgellm.protocol.openai import error_body
-from edgellm.serving.importing import ImportJob
+from edgellm.errors import InvalidRequest
+from edgellm.serving.importing import upload_events
 from edgellm.serving.sse import EventStream
 from edgellm.serving.upload import Upload
 
@@ -35,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgellm.bundles")
 
 
-def _flag(request: Request, name: str) -> bool:
+def flag(request: Request, name: str) -> bool:
     value = request.query_params.get(name, "false").lower()
     if value not in ("true", "1", "false", "0"):
         raise InvalidRequest(f"{name} must be true or false, got {value!r}", param=name)
@@ -43,7 +40,7 @@ def _flag(request: Request, name: str) -> bool:
 
 
 async def upload(request: Request) -> EventStream:
-    allow_downgrade = _flag(request, "allow_downgrade")
+    allow_downgrade = flag(request, "allow_downgrade")
     config = request.app.state.config
     registry = request.app.state.registry
     body = Upload(asyncio.get_running_loop())
@@ -65,25 +62,11 @@ async def upload(request: Request) -> EventStream:
         finally:
             source.close()
 
-    async def stream() -> AsyncIterator[bytes]:
-        pump = asyncio.create_task(body.pump(request))
-        job = ImportJob(work)
-        try:
-            async for name, done, total in job.progress():
-                yield sse.event({"file": name, "done": done, "total": total}, "progress")
-            try:
-                outcomes = job.outcomes()
-            except EdgeError as e:
-                yield sse.event(error_body(e), "error")
-                return
-            await request.app.state.service.refresh()  # served at once, not within the next second
-            yield sse.event({"models": [{"id": o.model, "status": o.status} for o in outcomes],
-                             "warnings": warnings}, "done")
-        finally:
-            pump.cancel()  # and so the importer sees the end, if the client went away mid-import
-            await job.ended()
+    async def finish(outcomes: list[Outcome]) -> dict[str, object]:
+        await request.app.state.service.refresh()  # served at once, not within the next second
+        return {"models": [{"id": o.model, "status": o.status} for o in outcomes], "warnings": warnings}
 
-    return EventStream(stream(), watch_disconnect=False)
+    return EventStream(upload_events(request, body, work, finish), watch_disconnect=False)
 
 
 async def imports(request: Request) -> JSONResponse:

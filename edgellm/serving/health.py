@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgellm.errors import EdgeError
+from edgellm.update.layout import Layout
 
 if TYPE_CHECKING:
     from edgellm.tls import Serving
@@ -34,13 +35,15 @@ async def health(request: Request) -> JSONResponse:
 
 
 def _box(request: Request) -> dict[str, object]:
-    """What the console's status page shows besides: version, uptime, memory."""
+    """What the console's status page shows besides: version, uptime, memory, and the last
+    software update's outcome (update/layout.py: state, from, to, message, at), or null."""
     state = request.app.state
     memory = psutil.virtual_memory()
     return {"version": state.version, "uptime_seconds": round(time.time() - state.started, 1),
             "memory": {"used": memory.total - memory.available, "available": memory.available,
                        "total": memory.total, "budget": state.config.memory_limit},
-            "ollama_port": state.ollama_port, "tls": _tls(state.certificate)}
+            "ollama_port": state.ollama_port, "tls": _tls(state.certificate),
+            "update": Layout(state.config.update.root).status()}
 
 
 def _tls(certificate: Serving | None) -> dict[str, object] | None:

@@ -6,21 +6,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from starlette.requests import Request
 
 from edgellm.errors import EdgeError
+from edgellm.protocol import sse
+from edgellm.protocol.openai import error_body
+from edgellm.serving.upload import Upload
 
 if TYPE_CHECKING:
-    from edgellm.bundles.importer import Outcome
     from edgellm.progress import Progress
 
 log = logging.getLogger("edgellm.bundles")
 EVERY = 0.2  # seconds between progress reports of one file: a few a second are plenty
+T = TypeVar("T")
 
 
-class ImportJob:
-    def __init__(self, work: Callable[[Progress], list[Outcome]]) -> None:
+class ImportJob(Generic[T]):
+    def __init__(self, work: Callable[[Progress], T]) -> None:
         """Start `work` in a worker thread; it gets the callback to report its progress to."""
         loop = asyncio.get_running_loop()
         self._reports: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
@@ -45,7 +50,7 @@ class ImportJob:
             else:
                 getter.cancel()
 
-    def outcomes(self) -> list[Outcome]:
+    def outcomes(self) -> T:
         """What the ended work installed; an EdgeError when it failed, whatever the failure."""
         try:
             return self._job.result()
@@ -59,3 +64,23 @@ class ImportJob:
 
     async def ended(self) -> None:
         await asyncio.wait({self._job})
+
+
+async def upload_events(request: Request, body: Upload, work: Callable[[Progress], T],
+                        finish: Callable[[T], Awaitable[dict[str, object]]]) -> AsyncIterator[bytes]:
+    """The server-sent events of an upload that `work` reads in a worker thread: `progress`
+    ({"file", "done", "total"}), then `done` (what `finish` makes of the result) or `error`."""
+    pump = asyncio.create_task(body.pump(request))
+    job = ImportJob(work)
+    try:
+        async for name, done, total in job.progress():
+            yield sse.event({"file": name, "done": done, "total": total}, "progress")
+        try:
+            result = job.outcomes()
+        except EdgeError as e:
+            yield sse.event(error_body(e), "error")
+            return
+        yield sse.event(await finish(result), "done")
+    finally:
+        pump.cancel()  # and so the work sees the end, if the client went away mid-upload
+        await job.ended()

@@ -118,6 +118,7 @@ async function pollStatus() {
     }
     if (health.uptime_seconds !== undefined) pairs.push(["Up", Math.round(health.uptime_seconds) + " s"]);
     if (health.version) pairs.push(["Version", health.version]);
+    if (health.update) pairs.push(["Last update", health.update.state + ": " + health.update.message + " (" + health.update.at + ")"]);
     if (health.memory) pairs.push(["Memory", bytes(health.memory.used) + " used, " + bytes(health.memory.available) + " available"]);
     if (health.temperature_celsius !== undefined) pairs.push(["Temperature", health.temperature_celsius.toFixed(1) + " °C"]);
     if (health.throttled !== undefined) pairs.push(["Throttling", health.throttled ? "yes: " + (health.throttle_flags || []).join(", ") : "no"]);

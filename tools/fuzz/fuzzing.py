@@ -431,15 +431,17 @@ _ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST
 
 
 def bundle_cases() -> Strategy:
-    """Uploads that are no bundle: random bytes, a tar header's worth of junk, an empty body."""
+    """Uploads that are no bundle (of models, or a software update): random bytes, a tar header's
+    worth of junk, an empty body."""
     def tar_junk(name: bytes) -> bytes:
         header = name.ljust(100, b"\0") + b"0000644\0" * 3 + b"00000000010\0" + b"0" * 12 + b" " * 8 + b"0"
         return header.ljust(512, b"\0") + b"x" * 8 + b"\0" * 504 + b"\0" * 1024
 
     contents = st.one_of(st.binary(max_size=2048), st.just(b""),
                          st.sampled_from([b"manifest.json", b"../x", b"/abs", b"a" * 99]).map(tar_junk))
-    paths = st.sampled_from(["/admin/bundles"] + [f"/admin/bundles?allow_downgrade={v}"
-                                                  for v in ("true", "0", "TRUE", "maybe", "%ff", "")])
+    paths = st.sampled_from([f"{route}{query}" for route in ("/admin/bundles", "/admin/update")
+                             for query in ("", *(f"?allow_downgrade={v}" for v in ("true", "0", "TRUE", "maybe", "%ff",
+                                                                                      "")))])
     return st.tuples(paths, contents).map(
         lambda t: Case("POST", t[0], t[1], (("content-type", "application/x-tar"),), kind="bundle"))
 
@@ -518,7 +520,7 @@ def _check_events(schemas: Schemas, case: Case, text: str, fail: Callable[[str],
     events = [(line.split(":", 1)[0], line.split(":", 1)[1].strip()) for line in text.splitlines() if ":" in line
               and not line.startswith(":")]
     data = [value for name, value in events if name == "data"]
-    if case.path.startswith("/admin/bundles"):
+    if case.path.startswith(("/admin/bundles", "/admin/update")):  # uploads: progress, then done or error
         names = [value for name, value in events if name == "event"]
         if not names or names[-1] not in ("done", "error"):
             fail("an upload's events do not end with done or error")
