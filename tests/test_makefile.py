@@ -27,3 +27,11 @@ def test_prerequisites_pass_on_this_machine():
     result = subprocess.run(["make", "-s", "prerequisites", f"PYTHON={sys.executable}"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_make_test_collects_the_wheelhouse_the_update_tests_need():
+    """Without it tests/test_update.py skips: make test must build it before pytest runs (it was
+    once named before its variable was set, so the prerequisite was empty and CI skipped them)."""
+    database = subprocess.run(["make", "-pn", "test"], cwd=ROOT, capture_output=True, text=True).stdout
+    rule = next(line for line in database.splitlines() if line.startswith("test:"))
+    assert ".venv/wheelhouse" in rule.split()
