@@ -39,7 +39,7 @@ from edgellm.bundles.reader import DirectorySource
 from edgellm.config import Config, credential, is_loopback, read_keys
 from edgellm.files import fsync_dir, write_atomic
 from edgellm.progress import Progress
-from edgellm.store.registry import CATALOG_VERSION, Registry
+from edgellm.store.registry import CATALOG_VERSION, TIME_FORMAT, Registry
 from edgellm.units import parse_duration
 from edgellm.update import UpdateError
 from edgellm.update.bundle import Source, Verified, copy, keys, verify
@@ -55,7 +55,7 @@ def say_to_stderr(message: str) -> None:
 
 
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime(TIME_FORMAT, time.gmtime())
 
 
 def running_version(layout: Layout) -> str:
@@ -107,13 +107,13 @@ def apply(source: Source, config: Config, *, allow_downgrade: bool = False, say:
         return _settle(layout, config, running, new, say, restart=True)
 
 
-def resume(config: Config, *, say: Say = say_to_stderr, restart: bool = False) -> str | None:
+def resume(config: Config, *, say: Say = say_to_stderr) -> str | None:
     """Settle an update that was cut off after the switch (at boot: the service is starting on
     the new version already, so no restart), and delete what a cut-off install left. Returns the
     version kept, or None if none was on trial."""
     layout = Layout(config.update.root)
     with layout.locked():
-        kept = _settle_trial(layout, config, say, restart=restart)
+        kept = _settle_trial(layout, config, say, restart=False)
         for version in layout.clean():
             say(f"deleted {layout.version_dir(version)}: an install that was cut off")
         return kept

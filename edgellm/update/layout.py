@@ -71,16 +71,6 @@ class Layout:
             os.unlink(self.root / name)
         fsync_dir(self.root)
 
-    def ensure_bin(self) -> None:
-        """ROOT/bin -> current/bin, the path every unit and the docs use."""
-        if not (self.root / "bin").is_symlink():
-            tmp = self.root / ".bin.new"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            os.symlink("current/bin", tmp)
-            os.replace(tmp, self.root / "bin")
-            fsync_dir(self.root)
-
     def mark_installed(self, version: str, record: dict[str, object]) -> None:
         write_atomic(self.version_dir(version) / INSTALLED, json.dumps(record, indent=2) + "\n")
 
